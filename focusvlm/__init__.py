@@ -1,15 +1,39 @@
-"""focusvlm: reduce image redundancy in LLaVA-style models (VMTC + CMAI).
+"""focusvlm: reduce image redundancy in vision-language models (VMTC + CMAI).
 
     from focusvlm import FocusConfig, CMAIConfig, VMTCConfig, patch, unpatch, patched, load
     patch(model, FocusConfig(cmai=CMAIConfig(gamma_max=0.6)), processor=processor)
+
+Names are imported on first use, so ``import focusvlm`` (and ``focusvlm --help``)
+does not pay for torch or transformers.
 """
 
-from .api import FocusHandle, load, patch, patched, unpatch
-from .config import CMAIConfig, ConfigError, FocusConfig, PruMergeConfig, SPDConfig, VMTCConfig
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "CMAIConfig", "ConfigError", "FocusConfig", "FocusHandle", "PruMergeConfig", "SPDConfig", "VMTCConfig",
-    "load", "patch", "patched", "unpatch", "__version__",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "FocusHandle": "focusvlm.api", "load": "focusvlm.api", "patch": "focusvlm.api", "patched": "focusvlm.api",
+    "unpatch": "focusvlm.api",
+    "ConfigError": "focusvlm.config", "FocusConfig": "focusvlm.config",
+    "CMAIConfig": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",
+    "SPDConfig": "focusvlm.compress.spd", "PruMergeConfig": "focusvlm.compress.prumerge_method",
+    "UnsupportedModelError": "focusvlm.models.base",
+    "list_methods": "focusvlm.methods", "list_families": "focusvlm.models",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'focusvlm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

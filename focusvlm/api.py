@@ -8,27 +8,50 @@ from typing import Any, Iterator
 import torch
 
 from .config import ConfigError, FocusConfig
-from .models import llava
 
 
 class FocusHandle:
-    """What ``patch`` switched on; attached to the model as ``model._focusvlm``."""
+    """What ``patch`` switched on; attached to the model as ``model._focusvlm``.
 
-    def __init__(self, model: torch.nn.Module, config: FocusConfig, processor: Any | None):
+    ``methods`` maps each switched-on method's name to its bound ``Method``;
+    ``vision`` / ``cmai`` are shortcuts to the vision-side method and to CMAI.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: FocusConfig, processor: Any | None, adapter: Any):
         self.model = model
         self.config = config
         self.processor = processor
-        self.cmai: llava.CMAIBinding | None = None
-        self.vision: Any | None = None
+        self.adapter = adapter
+        self.methods: dict[str, Any] = {}
+        self._undo_processor = None
+
+    @property
+    def vision(self) -> Any | None:
+        return next((m for m in self.methods.values() if m.side == "vision"), None)
+
+    @property
+    def llm(self) -> Any | None:
+        return next((m for m in self.methods.values() if m.side == "llm"), None)
+
+    @property
+    def cmai(self) -> Any | None:
+        return self.methods.get("cmai")
+
+    def image_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens per image the LLM receives (the placeholders a processor must emit)."""
+        if self.vision is not None:
+            return self.vision.image_tokens(grid)
+        geometry = self.adapter.tower_geometry(self.model)
+        grid = grid or geometry.grid
+        return grid[0] * grid[1] + (1 if geometry.keeps_cls else 0)
 
     def remove(self, processor: Any | None = None) -> None:
-        if self.cmai is not None:
-            self.cmai.remove()
-            self.cmai = None
-        if self.vision is not None:
-            self.vision.remove(processor or self.processor)
-            self.vision = None
-        llava.unguard_generate(self.model)
+        if self._undo_processor is not None:
+            self._undo_processor()
+            self._undo_processor = None
+        for method in reversed(list(self.methods.values())):
+            method.remove(processor or self.processor)
+        self.methods = {}
 
     def __repr__(self) -> str:
         return f"FocusHandle({type(self.model).__name__}, {self.config})"
@@ -39,22 +62,26 @@ def patch(model: torch.nn.Module, config: FocusConfig | None = None, processor: 
 
     ``processor`` (optional) is adjusted too when the vision side changes the
     number of image tokens, so it emits the matching number of placeholders.
+    Without it, build inputs with the reduced count yourself
+    (``handle.image_tokens()`` per image).
     """
+    from .methods import get_method
+    from .models import adapter_for
+
     config = FocusConfig() if config is None else config
     if not isinstance(config, FocusConfig):
         raise ConfigError(f"patch() needs a FocusConfig, got {type(config).__name__}")
-    llava.llava_core(model)  # fail early, with the supported families named
+    adapter = adapter_for(model)  # fail early, with the supported families named
     if getattr(model, "_focusvlm", None) is not None:
         raise RuntimeError("this model is already patched by focusvlm; call unpatch(model) first")
-    handle = FocusHandle(model, config, processor)
+    handle = FocusHandle(model, config, processor, adapter)
     try:
-        if config.vision is not None:
-            from .models.llava_vision import VisionBinding
-
-            handle.vision = VisionBinding(model, config, processor)
-        if config.cmai is not None:
-            handle.cmai = llava.CMAIBinding(model, config)
-        llava.guard_generate(model)
+        # vision first: it decides the token count the LLM side then sees
+        for name, section in sorted(config.sections.items(), key=lambda kv: get_method(kv[0]).side != "vision"):
+            handle.methods[name] = get_method(name)(model, adapter, section, processor)
+        vision = handle.vision
+        if vision is not None and processor is not None:
+            handle._undo_processor = adapter.patch_processor(model, processor, vision.output_patches)
     except Exception:
         handle.remove(processor)
         raise
@@ -83,20 +110,15 @@ def patched(model: torch.nn.Module, config: FocusConfig | None = None, processor
 
 def load(model_id: str, config: FocusConfig | None = None, *, torch_dtype: Any = None, device_map: Any = None,
          attn_implementation: str | None = None, **kwargs: Any):
-    """Load a LLaVA checkpoint and its processor from the hub or a folder, then patch both."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load a checkpoint of any supported family and its processor, then patch both with ``config``.
 
-    if isinstance(torch_dtype, str) and torch_dtype != "auto":
-        torch_dtype = getattr(torch, torch_dtype)
-    model_kwargs = dict(kwargs)
-    if torch_dtype is not None:
-        model_kwargs["dtype"] = torch_dtype
-    if device_map is not None:
-        model_kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        model_kwargs["attn_implementation"] = attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(model_id, **model_kwargs)
-    processor = AutoProcessor.from_pretrained(model_id)
-    model.eval()
-    patch(model, config, processor)
+    ``model_id``: a hub id, a local folder, or ``"demo"`` (the embedded model). Without a
+    config the model comes back unpatched (stock); ``patch`` it yourself later.
+    """
+    from .runtime import load_model
+
+    model, processor = load_model(model_id, dtype=torch_dtype, device_map=device_map,
+                                  attn_implementation=attn_implementation, **kwargs)
+    if config is not None and not config.is_stock:
+        patch(model, config, processor)
     return model, processor

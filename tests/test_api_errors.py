@@ -18,7 +18,7 @@ def model():
 
 
 def test_unknown_model_family_is_rejected():
-    with pytest.raises(UnsupportedModelError, match="LLaVA-1.5-style"):
+    with pytest.raises(UnsupportedModelError, match="no adapter for Linear.*supported: LLaVA-1.5"):
         patch(torch.nn.Linear(2, 2), CMAI)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from focusvlm import CMAIConfig, ConfigError, FocusConfig, PruMergeConfig, SPDConfig, patch, unpatch
-from focusvlm.compress import baselines
+from focusvlm.compress import baselines, spd
 from focusvlm.models.factory import random_llava
 from reference import baselines_reference as ref
 from test_vmtc_model import IMAGE_ID, image_features, inputs, run, tiny_processor
@@ -13,17 +13,17 @@ from test_vmtc_model import IMAGE_ID, image_features, inputs, run, tiny_processo
 @pytest.mark.parametrize("h,w,f", [(8, 8, 2), (6, 4, 2), (5, 7, 2), (24, 24, 5), (3, 3, 3)])
 def test_spd_matches_reference(h, w, f):
     x = torch.randn(2, h * w, 3, generator=torch.Generator().manual_seed(h * w + f))
-    got = baselines.spd_pool(x, (h, w), f)
+    got = spd.spd_pool(x, (h, w), f)
     for b in range(2):
         torch.testing.assert_close(got[b], torch.tensor(ref.spd(x[b].tolist(), h, w, f)), rtol=1e-5, atol=1e-6)
-    assert baselines.spd_grid(24, 24, 2) == (12, 12)
+    assert spd.spd_grid(24, 24, 2) == (12, 12)
 
 
 def test_spd_errors():
     with pytest.raises(ValueError, match="do not form"):
-        baselines.spd_pool(torch.zeros(1, 10, 2), (3, 3), 2)
+        spd.spd_pool(torch.zeros(1, 10, 2), (3, 3), 2)
     with pytest.raises(ValueError, match="larger than"):
-        baselines.spd_grid(4, 4, 5)
+        spd.spd_grid(4, 4, 5)
 
 
 @pytest.mark.parametrize("budget,plus", [(None, False), (None, True), (5, False), (5, True), (6, True)])
@@ -96,7 +96,7 @@ def test_spd_in_model_equals_pooled_stock_features(model):
     px = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         hs = model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
-        want = model.model.multi_modal_projector(baselines.spd_pool(hs, (8, 8), 2))
+        want = model.model.multi_modal_projector(spd.spd_pool(hs, (8, 8), 2))
     patch(model, FocusConfig(spd=SPDConfig(factor=2)))
     try:
         torch.testing.assert_close(image_features(model, px), want)

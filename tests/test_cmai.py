@@ -142,7 +142,7 @@ def test_image_rows_keep_stock_attention_bitwise():
     q, k, v = torch.randn(b, h, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
     image = torch.zeros(b, s, dtype=torch.bool)
     image[:, 3:13] = True
-    state = CMAIState([0.5], "neighborhood", 0.9)
+    state = CMAIState("neighborhood", 0.9)
     state.begin_call(image, None, 0)
 
     class Module(torch.nn.Module):

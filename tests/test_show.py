@@ -61,7 +61,7 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method,tokens", [("vmtc", 16), ("spd", 16), ("prumerge", 16)])
+@pytest.mark.parametrize("method,tokens", [("vmtc", 16), ("spd", 16), ("prumerge:0.25", 16)])
 def test_show_cli_on_tiny_model(tiny_folder, tmp_path, capsys, method, tokens):
     out = tmp_path / "map.png"
     argv = ["show", "--image", str(demo_image_path("chelsea")), "--model", str(tiny_folder), "--device", "cpu",

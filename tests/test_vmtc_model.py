@@ -8,7 +8,7 @@ from focusvlm import CMAIConfig, ConfigError, FocusConfig, VMTCConfig, patch, un
 from focusvlm.compress import vmtc
 from focusvlm.models.factory import random_llava
 from focusvlm.models.llava import UnsupportedModelError
-from focusvlm.models.llava_vision import VMTCEncoderLayer
+from focusvlm.models.llava import VMTCEncoderLayer
 
 IMAGE_ID = 511
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..api import patch, unpatch
-from ..cli.common import resolve_device_dtype
+from ..runtime import resolve_device_dtype
 from .flops import TextShape, VisionShape, prefill_flops
 from .methods import Method, parse_method
 from .timing import Clock, median, peak_memory
@@ -74,13 +74,15 @@ class BenchOptions:
 # ----------------------------------------------------------------------------- model and inputs
 
 def build_model(opts: BenchOptions, device: torch.device, dtype: torch.dtype):
+    """The model under test: a checkpoint (``--model``) or a random-weight preset of its family's adapter."""
     if opts.model:
-        from transformers import LlavaForConditionalGeneration
+        from ..runtime import load_model
 
-        model = LlavaForConditionalGeneration.from_pretrained(opts.model, dtype=dtype)
+        model, _ = load_model(opts.model, device, dtype)
     else:
-        from ..models.factory import random_llava
+        from ..models import adapter_for_preset
 
+        adapter = adapter_for_preset(opts.preset)
         overrides = _TOKEN_LM if opts.vision_only else {}
         # build in place on the target device and dtype: a 7B/13B preset made in fp32 on the host first
         # would need 28/52 GB of RAM and minutes of copying
@@ -88,7 +90,8 @@ def build_model(opts: BenchOptions, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                model = random_llava(opts.preset, seed=opts.seed, dtype=dtype, attn_implementation="sdpa", **overrides)
+                model = adapter.random_model(opts.preset, seed=opts.seed, dtype=dtype, attn_implementation="sdpa",
+                                             **overrides)
         finally:
             torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
@@ -114,38 +117,31 @@ def method_applied(model, method: Method) -> Iterator[Any]:
 
 
 def fit_method(model, method: Method) -> Method:
-    """Shrink VMTC's stage count to the layers a small tower has (tiny runs 3 before its feature layer)."""
+    """Shrink VMTC's stage count to the encoder layers a small tower runs before its feature layer."""
+    from ..models import adapter_for
+
     vmtc = method.config.vmtc
     if vmtc is None or vmtc.layers is not None:
         return method
-    cfg = model.config
-    layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else max(cfg.vision_feature_layer)
-    used = layer + 1 if layer >= 0 else cfg.vision_config.num_hidden_layers + layer + 1
+    used = adapter_for(model).tower_geometry(model).layers_before_features
     if vmtc.stages <= used:
         return method
-    config = dataclasses.replace(method.config, vmtc=dataclasses.replace(vmtc, stages=used))
+    config = method.config.replace(vmtc=dataclasses.replace(vmtc, stages=used))
     return Method(method.name, config, method.attn_implementation)
 
 
 def _vision_call(model, pixel_values: torch.Tensor) -> Callable[[], Any]:
-    core, cfg = model.model, model.config
+    from ..models import adapter_for
 
-    def run():
-        return core.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    return run
-
-
-def _features(out: Any) -> torch.Tensor:
-    feats = getattr(out, "pooler_output", out)
-    return feats[0] if isinstance(feats, (list, tuple)) else feats[0]
+    adapter = adapter_for(model)
+    return lambda: adapter.image_features(model, pixel_values)
 
 
 def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str, Any]:
     """Visual token count and per-layer token schedule of the patched vision path (one image)."""
-    core = model.model
-    tower = core.vision_tower
-    layers = getattr(tower, "vision_model", tower).encoder.layers
+    from ..models import adapter_for
+
+    layers = adapter_for(model).encoder_layers(model)
     schedule: list[tuple[int, int]] = []
 
     def record(module, args, kwargs, output):
@@ -156,12 +152,9 @@ def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str,
     hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
     try:
         with method_applied(model, method) as handle, torch.inference_mode():
-            feats = _features(_vision_call(model, pixel_values[:1])())
-            stages = []
-            vision = getattr(handle, "vision", None) if handle is not None else None
-            if vision is not None and getattr(vision, "stages", None):
-                iters = method.config.vmtc.kmeans_iters
-                stages = [(s.n_in + 1, s.keep, s.clusters, iters) for s in vision.stages if not s.is_identity]
+            feats = _vision_call(model, pixel_values[:1])()[0]
+            vision = handle.vision if handle is not None else None
+            stages = vision.stage_plan() if vision is not None else []
     finally:
         for h in hooks:
             h.remove()
@@ -360,6 +353,7 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
 
     names = list(plans)
     models = {}
+    original_attn = model.config._attn_implementation
     for name in names:
         method = plans[name]["method"]
         copy_ = model if method.is_stock else copy.deepcopy(model)
@@ -419,7 +413,7 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
             if not plans[name]["method"].config.is_stock:
                 unpatch(m)
             if m is model and plans[name]["method"].attn_implementation is not None:
-                m.set_attn_implementation("sdpa")
+                m.set_attn_implementation(original_attn)
     return samples
 
 

@@ -1,24 +1,26 @@
 """Benchmark methods by name: what each switches on for the model.
 
-A method is a FocusConfig plus, for ``eager``, the attention implementation.
-An optional argument after a colon tunes the method:
+A benchmark method is a FocusConfig plus, for ``eager``, the attention
+implementation. Every registered method (``focusvlm.methods``) is available
+by name, with an optional value after a colon (its ``cli_arg``), and methods
+combine with ``+``:
     stock            the unpatched model (the reference every ratio divides by)
     eager            stock with eager attention (what most token-reduction repos need)
-    spd[:factor]     spatial down-sampling, default factor 2 (576 -> 144 tokens)
-    prumerge[:b]     PruMerge with a fixed budget b (fraction or count), default 0.5:
-                     the adaptive count differs per image and cannot batch
-    vmtc[:t]         VMTC with target t, default 0.5 (576 -> 288 tokens)
-    cmai[:g]         CMAI with gamma_max g, default 0.6
-    vmtc+cmai        both (arguments as above, e.g. vmtc:0.25+cmai:0.5)
+    vmtc[:target]    e.g. vmtc:0.25, vmtc:192
+    cmai[:gamma_max] e.g. cmai:0.6
+    spd[:factor], prumerge[:budget], ...   (``focusvlm bench --help`` lists them all)
+    vmtc:0.25+cmai:0.5
+Bare names use the method's own config defaults (one default per method).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import CMAIConfig, FocusConfig, PruMergeConfig, SPDConfig, VMTCConfig
+from ..config import ConfigError, FocusConfig
+from ..methods import UnknownMethodError, all_methods, get_method
 
-DEFAULT_METHODS = ("stock", "eager", "spd", "prumerge", "vmtc", "cmai", "vmtc+cmai")
+DEFAULT_METHODS = ("stock", "eager", "spd", "prumerge:0.5", "vmtc", "cmai", "vmtc+cmai")
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,6 @@ class Method:
         return self.config.is_stock and self.attn_implementation is None
 
 
-def _number(text: str, part: str) -> float | int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"method {part!r}: {text!r} is not a number") from None
-    return int(value) if value.is_integer() and value > 1 else value
-
-
 def parse_method(spec: str) -> Method:
     """``"vmtc:0.25+cmai"`` -> Method. Raises ValueError naming the bad part."""
     spec = spec.strip()
@@ -51,17 +45,15 @@ def parse_method(spec: str) -> Method:
             continue
         if name == "eager" and not arg:
             attn = "eager"
-        elif name == "vmtc":
-            sections["vmtc"] = VMTCConfig(target=_number(arg, part) if arg else 0.5)
-        elif name == "cmai":
-            sections["cmai"] = CMAIConfig(gamma_max=float(arg) if arg else 0.6)
-        elif name == "spd":
-            sections["spd"] = SPDConfig(factor=int(arg) if arg else 2)
-        elif name == "prumerge":
-            sections["prumerge"] = PruMergeConfig(budget=_number(arg, part) if arg else 0.5)
-        else:
-            raise ValueError(f"unknown benchmark method {part!r}; known: stock, eager, spd[:factor], "
-                             "prumerge[:budget], vmtc[:target], cmai[:gamma_max], and '+' combinations")
+            continue
+        try:
+            sections[name] = get_method(name).parse(arg or None)
+        except UnknownMethodError:
+            known = ", ".join(["stock", "eager"] + [f"{n}[:{c.cli_arg}]" if c.cli_arg else n
+                                                    for n, c in all_methods().items()])
+            raise ValueError(f"unknown benchmark method {part!r}; known: {known}, and '+' combinations") from None
+        except ConfigError as exc:
+            raise ValueError(f"method {part!r}: {exc}") from None
     return Method(spec, FocusConfig(**sections), attn)
 
 

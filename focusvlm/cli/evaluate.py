@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from ..eval.engine import (MODES, GenerationSettings, HFGenerator, RunResult, build_manifest, check_manifest,
+                           process_state, run)
+from .common import add_model_args, focus_config_from_args, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..eval import registry
-    from ..eval.engine import add_run_args
-
     ev = subparsers.add_parser("eval", help="run a benchmark (resumable; shards under `accelerate launch`)")
     ev_sub = ev.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     sc = subparsers.add_parser("score", help="score a run folder written by `focusvlm eval`")
@@ -31,8 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..eval import registry
-    from ..eval.engine import run_from_args
-
     bench = registry.get(args.benchmark)
     result = run_from_args(bench, args)
     if _is_main():
@@ -64,3 +65,45 @@ def _is_main() -> bool:
         return PartialState(cpu=not torch.cuda.is_available()).is_main_process
     except ImportError:
         return True
+
+
+# --------------------------------------------------------------------------- the eval driver
+
+def add_run_args(parser, default_max_new_tokens: int = 1024) -> None:
+    """Arguments every `focusvlm eval NAME` shares (model args come from cli.common)."""
+    add_model_args(parser)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (created; resumed if it exists)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--mode", choices=MODES, default="direct",
+                        help="describe-then-answer: describe the image, then answer from the description alone")
+    parser.add_argument("--retry-errors", action="store_true", help="on resume, redo samples that recorded an error")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_from_args(benchmark: Any, args: Any) -> RunResult:
+    """`focusvlm eval NAME ...`: load, shard, run, merge. Works under `accelerate launch`."""
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode)
+    samples = list(benchmark.load_samples(args))
+    if args.limit is not None:
+        samples = samples[:args.limit]
+    config = focus_config_from_args(args)
+    dtype = args.dtype or "auto"
+    manifest = build_manifest(model=str(args.model), config=config.to_dict(), benchmark=benchmark.name,
+                              settings=settings, fingerprint=benchmark.fingerprint(args), dtype=dtype)
+    state = process_state()
+    # fail before the (slow) model load when the folder belongs to another run
+    check_manifest(Path(args.out), manifest)
+    if state is not None and state.num_processes > 1 and getattr(args, "device", None) is None:
+        args.device = str(state.device)
+    model, processor, _ = load_from_args(args)
+    generator = HFGenerator(model, processor)
+    result = run(samples, generator, args.out, manifest, settings,
+                 process_index=state.process_index if state else 0,
+                 num_processes=state.num_processes if state else 1,
+                 barrier=state.wait_for_everyone if state else None,
+                 progress=not args.no_progress, retry_errors=args.retry_errors,
+                 answer_from_description=benchmark.answer_from_description,
+                 config_yaml=config.to_yaml())
+    return result

@@ -1,6 +1,5 @@
 """The vision-side baselines VMTC is compared with, as pure tensor functions.
 
-* SPD: average-pool the 2-D grid of patch features by an integer factor.
 * LLaVA-PruMerge (Shang et al. 2024): CLS attention of the feature layer
   picks the kept tokens (interquartile-range outlier rule, or a fixed budget
   so a batch keeps one shape); each kept token then absorbs its most similar
@@ -18,34 +17,6 @@ import math
 import torch
 
 from .vmtc import round_half_up
-
-
-# --------------------------------------------------------------------------- SPD
-
-def spd_grid(height: int, width: int, factor: int) -> tuple[int, int]:
-    """Output grid of SPD: ceil(h / f) x ceil(w / f) (a partial edge window averages what it covers)."""
-    if factor < 1:
-        raise ValueError(f"SPDConfig.factor must be >= 1, got {factor}")
-    if factor > max(height, width):
-        raise ValueError(f"SPDConfig.factor={factor} is larger than the {height}x{width} feature grid")
-    return math.ceil(height / factor), math.ceil(width / factor)
-
-
-def spd_pool(x: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
-    """Average-pool patch features x (B, h*w, D), raster order, over non-overlapping f x f windows.
-
-    Grids not divisible by f keep their edge: the last window row/column
-    averages only the patches it covers. Returns (B, ceil(h/f) * ceil(w/f), D).
-    """
-    h, w = grid
-    B, n, D = x.shape
-    if n != h * w:
-        raise ValueError(f"SPD: {n} feature tokens do not form the {h}x{w} grid")
-    oh, ow = spd_grid(h, w, factor)
-    img = x.float().transpose(1, 2).reshape(B, D, h, w)
-    pooled = torch.nn.functional.avg_pool2d(img, factor, stride=factor, ceil_mode=True, count_include_pad=False)
-    assert pooled.shape[-2:] == (oh, ow)
-    return pooled.flatten(2).transpose(1, 2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- PruMerge

@@ -2,8 +2,9 @@
 
 Every function works on a batch (leading dimension B) with no Python loop
 over tokens, and every sample of a batch leaves with the same token count.
-No transformers import: the model adapter (focusvlm/models/llava_vision.py)
-feeds these functions the tensors of a CLIP encoder layer.
+No transformers import: the ``VMTC`` method at the bottom reaches the model
+only through its family adapter (``focusvlm.models``), which feeds these
+functions the tensors of a CLIP-style encoder layer.
 
 Notation (SPEC, section VMTC): a stage receives CLS + n patch tokens, keeps
 k primary patches unchanged and merges the other n - k into c cluster tokens,
@@ -14,8 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..config import ConfigError, check_layer_list, fail
+from ..methods import VisionMethod, register_method
 
 
 def round_half_up(x: float) -> int:
@@ -274,3 +279,164 @@ def owners_after(owner: torch.Tensor, record: StageRecord) -> torch.Tensor:
     safe = owner.clamp_min(0)
     out = dest.gather(1, safe)
     return torch.where(owner < 0, owner, out)
+
+
+# --------------------------------------------------------------------------- config and binding
+
+VMTC_MERGES = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class VMTCConfig:
+    """Visual-modality token compression inside a CLS-token ViT (CLIP).
+
+    target: share of the patch tokens that leave the tower (0 < t <= 1) or an
+        absolute token count (an int > 1). 1.0 keeps the stock model.
+    stages: how many encoder layers compress (equally spaced before the layer
+        the LLM reads), ignored when ``layers`` is given.
+    layers: explicit 0-based encoder layer indices that compress.
+    cluster_frac: clusters per stage = max(1, round(cluster_frac * stage output)).
+        0 means one cluster per stage. Default 0.125: an eighth of each stage's
+        output merges the redundant tokens by meaning while most of the budget
+        stays with the primary (most attended) patches.
+    kmeans_iters: spherical K-means iterations (fixed, so runs repeat).
+    merge: "mean" (importance-weighted mean) or "sum" (the paper's literal
+        importance-weighted sum).
+    prune_only: drop redundant tokens instead of merging them (ablation).
+    """
+
+    target: float | int = 0.5
+    stages: int = 4
+    layers: tuple[int, ...] | None = None
+    cluster_frac: float = 0.125
+    kmeans_iters: int = 10
+    merge: str = "mean"
+    prune_only: bool = False
+
+    def __post_init__(self) -> None:
+        name = "VMTCConfig"
+        t = self.target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0 or (isinstance(t, float) and not math.isfinite(t)):
+            fail(name, "target", f"must be a fraction in (0, 1] or a positive token count, got {t!r}")
+        if isinstance(t, float) and t > 1.0:
+            if not t.is_integer():
+                fail(name, "target", f"a value above 1 is a token count and must be whole, got {t!r}")
+            object.__setattr__(self, "target", int(t))
+        if t == 1 and isinstance(t, int):  # YAML `target: 1` reads as the int 1: one token, not "keep all"
+            fail(name, "target", "the integer 1 is ambiguous: write 1.0 to keep every patch (the stock tower) "
+                 "or a token count of at least 2")
+        if not isinstance(self.stages, int) or self.stages < 1:
+            fail(name, "stages", f"must be a positive integer, got {self.stages!r}")
+        object.__setattr__(self, "layers", check_layer_list(name, "layers", self.layers))
+        if not isinstance(self.cluster_frac, (int, float)) or not 0.0 <= self.cluster_frac <= 1.0:
+            fail(name, "cluster_frac", f"must be in [0, 1], got {self.cluster_frac!r}")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            fail(name, "kmeans_iters", f"must be a positive integer, got {self.kmeans_iters!r}")
+        if self.merge not in VMTC_MERGES:
+            fail(name, "merge", f"unknown merge {self.merge!r}; use one of {', '.join(VMTC_MERGES)}")
+        if not isinstance(self.prune_only, bool):
+            fail(name, "prune_only", f"must be true or false, got {self.prune_only!r}")
+        if self.prune_only and self.merge != "mean":
+            fail(name, "merge", f"merge={self.merge!r} has no effect with prune_only=True (nothing is merged)")
+        if self.layers is not None and self.stages != 4 and self.stages != len(self.layers):
+            fail(name, "stages", f"stages={self.stages} conflicts with layers={list(self.layers)} "
+                  f"({len(self.layers)} stages); give one of them")
+
+    @classmethod
+    def ablation(cls, name: str, target: float | int = 0.5, stages: int = 4, **kwargs: Any) -> "VMTCConfig":
+        """The paper's Table 4 rows as configs.
+
+        "last_layer_prune": one stage in the last layer the LLM reads, redundant tokens dropped;
+        "layerwise_prune": ``stages`` stages, dropped; "single_merge": ``stages`` stages, the
+        redundant tokens of each stage merged into one token; "cluster_merge": the full method.
+        """
+        rows = {"last_layer_prune": dict(stages=1, prune_only=True),
+                "layerwise_prune": dict(stages=stages, prune_only=True),
+                "single_merge": dict(stages=stages, cluster_frac=0.0),
+                "cluster_merge": dict(stages=stages)}
+        if name not in rows:
+            raise ConfigError(f"VMTCConfig.ablation: unknown row {name!r}; use one of {', '.join(rows)}")
+        return cls(target=target, **{**rows[name], **kwargs})
+
+
+
+
+@register_method
+class VMTC(VisionMethod):
+    """VMTC bound to a model: one stage inside each chosen encoder layer (through the family adapter)."""
+
+    name = "vmtc"
+    config_class = VMTCConfig
+    summary = "vmtc[:target] visual token compression in the tower (default target 0.5)"
+    cli_arg = "target"
+
+    def __init__(self, model: Any, adapter: Any, config: VMTCConfig, processor: Any | None = None):
+        super().__init__(model, adapter, config, processor)
+        self.geometry = g = adapter.tower_geometry(model)
+        if not g.has_cls:
+            from ..models import UnsupportedModelError
+
+            raise UnsupportedModelError("VMTC needs a vision tower with a CLS token (CLIP); this tower has none")
+        used = g.layers_before_features
+        if used == 0:
+            raise ConfigError("VMTCConfig: the LLM reads the embedding output (vision_feature_layer=0); "
+                              "no encoder layer runs before it")
+        if config.layers is not None:
+            late = [i for i in config.layers if i >= used]
+            if late:
+                raise ConfigError(f"VMTCConfig.layers: {late} at or after the feature layer; the LLM reads the "
+                                  f"output of encoder layer {used - 1} ({g.num_layers} layers), so only layers "
+                                  f"0..{used - 1} can compress")
+            layers = list(config.layers)
+        else:
+            try:
+                layers = default_layers(used, config.stages)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        try:
+            self.stages = stage_schedule(g.num_patches, config.target, len(layers), config.cluster_frac,
+                                         config.prune_only)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.layers = layers
+        self.records: list[StageRecord] = []
+        self._undo = []
+        try:
+            for index, (layer_idx, stage) in enumerate(zip(layers, self.stages)):
+                if not stage.is_identity:  # nothing to do there; the layer stays stock
+                    self._undo.append(adapter.add_tower_stage(model, layer_idx, self._stage_fn(index, stage)))
+        except Exception:
+            self.remove()
+            raise
+
+    def _stage_fn(self, index: int, stage: Stage):
+        def run(layer: Any, normed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            q, k, scale = self.adapter.tower_cls_qk(layer, normed)
+            out, record = compress(z, cls_importance(q, k, scale), stage, self.config.kmeans_iters,
+                                   self.config.merge, self.config.prune_only)
+            if self.record:
+                if index == 0 or not self.records:
+                    self.records = []
+                self.records.append(record)
+            return out
+        return run
+
+    def output_patches(self, grid: tuple[int, int]) -> int:
+        h, w = grid
+        return stage_schedule(h * w, self.config.target, len(self.layers), self.config.cluster_frac,
+                              self.config.prune_only)[-1].n_out
+
+    def stage_plan(self) -> list[tuple[int, int, int, int]]:
+        return [(s.n_in + 1, s.keep, s.clusters, self.config.kmeans_iters) for s in self.stages if not s.is_identity]
+
+    def panels(self, sample: int = 0) -> list[Any]:
+        from .. import viz
+
+        active = [layer for layer, s in zip(self.layers, self.stages) if not s.is_identity]
+        return viz.vmtc_panels(self.records, active, sample) if self.records else []
+
+    def remove(self, processor: Any | None = None) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        self.records = []

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from ..runtime import Generation, HFGenerator, load_image, to_messages
+
 MANIFEST = "manifest.json"
 PREDICTIONS = "predictions.jsonl"
 SHARD_PATTERN = "predictions.shard{}.jsonl"
@@ -109,15 +111,6 @@ class GenerationSettings:
         return out
 
 
-@dataclass
-class Generation:
-    """One model answer, as a generator returns it."""
-    text: str
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    image_tokens: int = 0
-
-
 class Generator(Protocol):
     """Greedy-generates answers for a batch. ``images[i]`` is a PIL image or None (text only)."""
 
@@ -137,31 +130,6 @@ def file_fingerprint(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
-
-
-def load_image(image: Any):
-    """PIL RGB image, or None for text-only samples. Raises with the path named."""
-    if image is None:
-        return None
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises several types for broken files
-        raise ValueError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from exc
-
-
-def to_messages(prompt: str | list[dict], with_image: bool) -> list[dict]:
-    if not isinstance(prompt, str):
-        return prompt
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    return [{"role": "user", "content": content}]
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
@@ -378,103 +346,8 @@ def _generate(generator: Generator, prompts, images, max_new_tokens) -> list[Gen
 
 # --------------------------------------------------------------------------- Hugging Face generator
 
-class HFGenerator:
-    """Greedy, left-padded batched generation with the model's own chat template."""
-
-    def __init__(self, model: Any, processor: Any):
-        self.model = model
-        self.processor = processor
-        tok = getattr(processor, "tokenizer", processor)
-        if tok.padding_side != "left":
-            tok.padding_side = "left"  # right padding would put pad tokens between prompt and answer
-        self.tokenizer = tok
-        gen = model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (
-            tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0))
-
-    def generate(self, prompts, images, max_new_tokens) -> list[Generation]:
-        import torch
-
-        # the processor needs each batch to be all-image or all-text; split and restore the order
-        groups: dict[bool, list[int]] = {True: [], False: []}
-        for i, im in enumerate(images):
-            groups[im is not None].append(i)
-        out: list[Generation | None] = [None] * len(prompts)
-        for with_image, idx in groups.items():
-            if not idx:
-                continue
-            texts = [self.processor.apply_chat_template(to_messages(prompts[i], with_image),
-                                                        add_generation_prompt=True, tokenize=False) for i in idx]
-            kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-            if with_image:
-                kwargs["images"] = [images[i] for i in idx]
-            inputs = self.processor(**kwargs).to(self.model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            with torch.inference_mode():
-                seqs = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                           num_beams=1, pad_token_id=self.pad_id)
-            new = seqs[:, inputs["input_ids"].shape[1]:].tolist()
-            prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
-            image_counts = (inputs["input_ids"] == self.model.config.image_token_id).sum(dim=1).tolist()
-            for row, i in enumerate(idx):
-                ids = new[row]
-                n = next((k + 1 for k, t in enumerate(ids) if t in self.eos_ids), len(ids))
-                text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-                out[i] = Generation(text=text, prompt_tokens=int(prompt_lens[row]), new_tokens=n,
-                                    image_tokens=int(image_counts[row]))
-        return out  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- CLI driver
-
-def add_run_args(parser, default_max_new_tokens: int = 1024) -> None:
-    """Arguments every `focusvlm eval NAME` shares (model args come from cli.common)."""
-    from ..cli.common import add_model_args
-
-    add_model_args(parser)
-    parser.add_argument("--out", type=Path, required=True, help="run folder (created; resumed if it exists)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    parser.add_argument("--mode", choices=MODES, default="direct",
-                        help="describe-then-answer: describe the image, then answer from the description alone")
-    parser.add_argument("--retry-errors", action="store_true", help="on resume, redo samples that recorded an error")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(benchmark: Any, args: Any) -> RunResult:
-    """`focusvlm eval NAME ...`: load, shard, run, merge. Works under `accelerate launch`."""
-    from ..cli.common import focus_config_from_args, load_from_args
-
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode)
-    samples = list(benchmark.load_samples(args))
-    if args.limit is not None:
-        samples = samples[:args.limit]
-    config = focus_config_from_args(args)
-    dtype = args.dtype or "auto"
-    manifest = build_manifest(model=str(args.model), config=config.to_dict(), benchmark=benchmark.name,
-                              settings=settings, fingerprint=benchmark.fingerprint(args), dtype=dtype)
-    state = _process_state()
-    # fail before the (slow) model load when the folder belongs to another run
-    check_manifest(Path(args.out), manifest)
-    if state is not None and state.num_processes > 1 and getattr(args, "device", None) is None:
-        args.device = str(state.device)
-    model, processor, _ = load_from_args(args)
-    generator = HFGenerator(model, processor)
-    result = run(samples, generator, args.out, manifest, settings,
-                 process_index=state.process_index if state else 0,
-                 num_processes=state.num_processes if state else 1,
-                 barrier=state.wait_for_everyone if state else None,
-                 progress=not args.no_progress, retry_errors=args.retry_errors,
-                 answer_from_description=benchmark.answer_from_description,
-                 config_yaml=config.to_yaml())
-    return result
-
-
-def _process_state():
+def process_state():
+    """accelerate's PartialState (rank, world size, device), or None without accelerate."""
     try:
         from accelerate import PartialState
     except ImportError:  # accelerate is a dependency, but a single process needs none of it
@@ -486,6 +359,6 @@ def _process_state():
 
 
 __all__ = ["Sample", "GenerationSettings", "Generation", "Generator", "HFGenerator", "ManifestMismatch",
-           "RunResult", "run", "run_from_args", "merge", "add_run_args", "build_manifest", "check_manifest",
-           "existing_predictions", "read_jsonl_records", "load_image", "file_fingerprint", "MODES",
+           "RunResult", "run", "merge", "build_manifest", "check_manifest",
+           "existing_predictions", "read_jsonl_records", "load_image", "file_fingerprint", "MODES", "to_messages",
            "default_answer_from_description"]

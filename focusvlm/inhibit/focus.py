@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+# the focus scores focus_score knows (the paper's method first, then its Table 5 ablations)
+FOCUS_VARIANTS = ("neighborhood", "tia", "sum", "discounted")
+
 
 def masked_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile over the entries where ``valid`` is True.

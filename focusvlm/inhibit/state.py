@@ -44,8 +44,7 @@ def _first_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class CMAIState:
-    def __init__(self, gammas: list[float], focus: str, discount: float):
-        self.gammas = gammas
+    def __init__(self, focus: str, discount: float):
         self.focus = focus
         self.discount = discount
         self.reset()

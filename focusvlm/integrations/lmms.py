@@ -46,13 +46,14 @@ def _build_class():
             if kwargs:
                 raise ValueError(f"focusvlm lmms model: unknown model_args {sorted(kwargs)}; "
                                  "known: pretrained, focus_config, device, dtype, batch_size, max_new_tokens")
-            import argparse
+            from ..api import patch
+            from ..config import FocusConfig
+            from ..runtime import HFGenerator, load_model, resolve_device_dtype
 
-            from ..cli.common import load_from_args
-            from ..eval.engine import HFGenerator
-
-            args = argparse.Namespace(model=pretrained, config=focus_config, cmai=None, device=device, dtype=dtype)
-            model, processor, self.focus_config = load_from_args(args)
+            self.focus_config = FocusConfig.load(focus_config) if focus_config else FocusConfig()
+            model, processor = load_model(pretrained, *resolve_device_dtype(device, dtype))
+            if not self.focus_config.is_stock:
+                patch(model, self.focus_config, processor)
             self.generator = HFGenerator(model, processor)
             self.batch_size_per_gpu = int(batch_size)
             self.default_max_new_tokens = int(max_new_tokens)

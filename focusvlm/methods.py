@@ -1,0 +1,161 @@
+"""The method registry: every reduction focusvlm can switch on, by name.
+
+A method is one module that defines its config dataclass and a ``Method``
+subclass decorated with ``@register_method``. The registry is what
+``FocusConfig`` (its sections), ``patch`` (how to bind it), ``focusvlm bench
+--methods`` (``name:arg`` parsing) and ``focusvlm show`` (its panels) iterate;
+none of them names a method. Adding a method = one module + its name in
+``BUILTIN_MODULES`` (or an import of the module by the user, for a plug-in).
+
+Two sides:
+* ``"vision"``: reduces the image tokens before the LLM (VMTC, SPD, PruMerge,
+  ...). At most one per model; it tells the processor how many placeholders
+  an image gets.
+* ``"llm"``: acts inside the language model (CMAI, ...). At most one per model.
+
+Nothing here imports transformers: a method reaches the model only through
+its family adapter (``focusvlm.models``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+from .config import ConfigError
+
+# modules whose import registers the built-in methods, in the order they are listed
+BUILTIN_MODULES = ("focusvlm.inhibit.method", "focusvlm.compress.vmtc", "focusvlm.compress.spd",
+                   "focusvlm.compress.prumerge_method")
+
+_METHODS: dict[str, type["Method"]] = {}
+_loaded = False
+
+
+class UnknownMethodError(ConfigError):
+    """No registered method has this name."""
+
+
+class Method:
+    """One reduction bound to one model; ``remove`` restores the stock model exactly.
+
+    Class attributes every method declares:
+        name: the FocusConfig section, YAML key and CLI name ("vmtc").
+        config_class: its validated, frozen config dataclass.
+        side: "vision" or "llm".
+        summary: one line for ``--help`` and error messages.
+        cli_arg: the config field that ``name:VALUE`` sets on the command line (None: takes no value).
+        bench_default: the config ``focusvlm bench`` / ``show`` use for a bare ``name`` (one default per method).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    side: ClassVar[str]
+    summary: ClassVar[str] = ""
+    cli_arg: ClassVar[str | None] = None
+
+    def __init__(self, model: Any, adapter: Any, config: Any, processor: Any | None = None):
+        self.model, self.adapter, self.config = model, adapter, config
+
+    @classmethod
+    def default_config(cls) -> Any:
+        return cls.config_class()
+
+    @classmethod
+    def parse(cls, value: str | None) -> Any:
+        """The config for ``name`` or ``name:VALUE`` on the command line."""
+        if value is None or value == "":
+            return cls.default_config()
+        if cls.cli_arg is None:
+            raise ConfigError(f"method {cls.name!r} takes no value, got {cls.name}:{value}")
+        return cls.config_class(**{**_fields(cls.default_config()), cls.cli_arg: _number(value, cls.name)})
+
+    def remove(self, processor: Any | None = None) -> None:
+        raise NotImplementedError
+
+
+class VisionMethod(Method):
+    """A vision-side reduction. Besides binding, it answers how many tokens leave it.
+
+    ``record = True`` makes the next forward keep what ``panels`` needs to
+    draw it (``focusvlm show``).
+    """
+
+    side = "vision"
+    record: bool = False
+
+    def output_patches(self, grid: tuple[int, int]) -> int:
+        """Patch tokens one image (or crop) of ``grid`` patches hands the LLM."""
+        raise NotImplementedError
+
+    def image_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens per image (of ``grid`` patches; default the tower's own) that reach the LLM."""
+        geometry = self.adapter.tower_geometry(self.model)
+        return self.output_patches(grid or geometry.grid) + (1 if geometry.keeps_cls else 0)
+
+    def panels(self, sample: int = 0) -> list[Any]:
+        """``focusvlm.viz.Panel``s of the last recorded forward (empty: nothing to draw)."""
+        return []
+
+    def stage_plan(self) -> list[tuple[int, int, int, int]]:
+        """(tokens in, kept, clusters, k-means iterations) per compressing stage, for the FLOP count."""
+        return []
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if cls.side not in ("vision", "llm"):
+        raise ValueError(f"method {cls.name!r}: side must be 'vision' or 'llm', got {cls.side!r}")
+    existing = _METHODS.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({existing.__module__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def all_methods() -> dict[str, type[Method]]:
+    """Every registered method by name, built-ins first."""
+    _ensure_loaded()
+    return dict(_METHODS)
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method."""
+    return list(all_methods())
+
+
+def get_method(name: str) -> type[Method]:
+    methods = all_methods()
+    if name not in methods:
+        raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(methods)}")
+    return methods[name]
+
+
+def method_for_config(config: Any) -> type[Method]:
+    for cls in all_methods().values():
+        if isinstance(config, cls.config_class):
+            return cls
+    raise UnknownMethodError(f"no registered method takes a {type(config).__name__}")
+
+
+def _fields(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _number(text: str, method: str) -> float | int:
+    """``"0.5"`` -> 0.5, ``"192"`` -> 192 (counts are whole numbers above 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"method {method!r}: {text!r} is not a number") from None
+    return int(value) if value.is_integer() and value > 1 else value

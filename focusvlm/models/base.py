@@ -1,0 +1,168 @@
+"""What a model-family adapter answers: everything family-specific, in one place.
+
+An adapter is stateless (one instance per family, shared); every method takes
+the model. Methods (``focusvlm.methods``) and the CMAI wiring
+(``focusvlm.inhibit.wiring``) reach transformers' model internals only
+through these calls, so a new family is one adapter file plus its
+registration (``@register_family``), and nothing else changes.
+
+Hooks an adapter does not support raise ``UnsupportedModelError`` with the
+reason; the base class does that for every optional hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+class UnsupportedModelError(TypeError):
+    """focusvlm has no adapter for this model, or the adapter cannot do what was asked."""
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """What the CMAI wiring needs from one forward call of the language side.
+
+    image_mask: (B, Q) bool, the new positions that receive image/video features in THIS call
+        (a decode step carries no pixels, so a generated token is text whatever its id).
+    attention_mask: (B, past + Q) 2-D padding mask or None.
+    past_key_values: the cache object or None.
+    """
+
+    image_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    past_key_values: Any
+
+
+@dataclass(frozen=True)
+class TowerGeometry:
+    """Facts about the vision tower that vision-side methods plan with.
+
+    grid: (rows, cols) of patch tokens of one image / crop as the tower sees it.
+    patch_size: pixels per patch side.
+    num_layers: encoder layers.
+    feature_layers: hidden-state indices the LLM reads (hidden_states[0] = embeddings), non-negative.
+    has_cls: the tower has a CLS token at position 0.
+    keeps_cls: the LLM receives the CLS token too (LLaVA's "full" feature strategy).
+    """
+
+    grid: tuple[int, int]
+    patch_size: int
+    num_layers: int
+    feature_layers: tuple[int, ...]
+    has_cls: bool
+    keeps_cls: bool
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def layers_before_features(self) -> int:
+        """Encoder layers that run before the earliest layer the LLM reads (where VMTC may act)."""
+        return min(self.feature_layers)
+
+
+TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+"""fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
+``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
+
+
+class FamilyAdapter:
+    """Base class of every family adapter. Subclasses set the class attributes and override the hooks."""
+
+    name: ClassVar[str]                      # registry key, e.g. "llava"
+    title: ClassVar[str]                     # for messages and the support table, e.g. "LLaVA-1.5"
+    model_types: ClassVar[tuple[str, ...]]   # config.model_type values this adapter handles
+    presets: ClassVar[tuple[str, ...]] = ()  # random-weight presets it can build
+
+    # ------------------------------------------------------------------ recognising a model
+    def handles(self, model: torch.nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in self.model_types and self.core(model) is not None
+
+    def core(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The multimodal core (e.g. ``LlavaModel``) of ``model`` or of its ``...ForConditionalGeneration``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ language side (CMAI)
+    def decoder_attention_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Self-attention module of every decoder layer, in order; each has a ``layer_idx``."""
+        core = self.core(model)
+        lm = core.language_model
+        layers = getattr(lm, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(f"the language model {type(lm).__name__} has no `.layers`")
+        modules = [getattr(layer, "self_attn", None) for layer in layers]
+        if any(m is None or not hasattr(m, "layer_idx") for m in modules):
+            raise UnsupportedModelError("every decoder layer needs a `self_attn` module with a `layer_idx`")
+        return modules
+
+    def text_attn_implementation(self, model: torch.nn.Module) -> str:
+        """The language model's current attention implementation ("sdpa", "eager", ...)."""
+        return self.core(model).language_model.config._attn_implementation or "eager"
+
+    def set_text_attn_implementation(self, model: torch.nn.Module, name: str) -> None:
+        model.set_attn_implementation({"text_config": name})
+
+    def call_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose forward receives a call's ids, pixels, mask and cache (pre-hook target)."""
+        return self.core(model)
+
+    def call_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> CallInputs:
+        """Token types of one call, from the arguments ``call_module`` received."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ vision side
+    def tower_geometry(self, model: torch.nn.Module) -> TowerGeometry:
+        raise UnsupportedModelError(f"{self.title}: vision-side methods are not supported yet")
+
+    def encoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        """The vision tower's encoder layers (benchmarks hook them to record the token schedule)."""
+        raise UnsupportedModelError(f"{self.title}: no encoder layers exposed")
+
+    def add_tower_stage(self, model: torch.nn.Module, layer_idx: int, stage: TowerStage) -> Callable[[], None]:
+        """Run ``stage`` inside encoder layer ``layer_idx``; returns the undo."""
+        raise UnsupportedModelError(f"{self.title}: no in-tower hook")
+
+    def tower_qk(self, layer: Any, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(q, k, scale) of an encoder layer's attention from its input LN1(z): q, k (B, heads, N, d)."""
+        raise UnsupportedModelError(f"{self.title}: no tower q/k")
+
+    def capture_layer_input(self, model: torch.nn.Module, layer_idx: int) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """(take, undo): ``take()`` returns (layer, its input hidden states) of the last forward, once."""
+        raise UnsupportedModelError(f"{self.title}: no layer-input capture")
+
+    def reduce_projector_input(self, model: torch.nn.Module,
+                               reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        """Apply ``reduce`` to the patch features (B, N, D; CLS excluded) before the projector; returns the undo."""
+        raise UnsupportedModelError(f"{self.title}: no projector hook")
+
+    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Run the vision path (tower + projector) alone; returns (images, tokens, hidden)."""
+        raise UnsupportedModelError(f"{self.title}: no image-feature call")
+
+    def patch_processor(self, model: torch.nn.Module, processor: Any,
+                        patches_for_grid: Callable[[tuple[int, int]], int]) -> Callable[[], None]:
+        """Make ``processor`` emit ``patches_for_grid(grid)`` placeholders per image; returns the undo."""
+        raise UnsupportedModelError(f"{self.title}: cannot change the processor's placeholder count")
+
+    # ------------------------------------------------------------------ building and loading
+    def load(self, source: str, dtype: torch.dtype | None = None, device: Any = None,
+             **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+        """(stock model in eval mode, processor) from a hub id or a local folder."""
+        raise NotImplementedError
+
+    def random_model(self, preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     attn_implementation: str = "sdpa", **overrides: Any) -> torch.nn.Module:
+        """A model of a preset's shape with seeded random weights, in eval mode (tests, benchmarks)."""
+        raise UnsupportedModelError(f"{self.title}: no random-weight presets")
+
+    def image_token_id(self, model: torch.nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -24,6 +24,7 @@ class FocusHandle:
         self.adapter = adapter
         self.methods: dict[str, Any] = {}
         self._undo_processor = None
+        self._placeholder_guard = None
 
     @property
     def vision(self) -> Any | None:
@@ -45,7 +46,14 @@ class FocusHandle:
         grid = grid or geometry.grid
         return grid[0] * grid[1] + (1 if geometry.keeps_cls else 0)
 
+    def stock_image_tokens(self) -> int:
+        geometry = self.adapter.tower_geometry(self.model)
+        return geometry.grid[0] * geometry.grid[1] + (1 if geometry.keeps_cls else 0)
+
     def remove(self, processor: Any | None = None) -> None:
+        if self._placeholder_guard is not None:
+            self._placeholder_guard.remove()
+            self._placeholder_guard = None
         if self._undo_processor is not None:
             self._undo_processor()
             self._undo_processor = None
@@ -82,11 +90,55 @@ def patch(model: torch.nn.Module, config: FocusConfig | None = None, processor: 
         vision = handle.vision
         if vision is not None and processor is not None:
             handle._undo_processor = adapter.patch_processor(model, processor, vision.output_patches)
+        if vision is not None:
+            _guard_placeholders(handle, processor)
     except Exception:
         handle.remove(processor)
         raise
     model._focusvlm = handle
     return handle
+
+
+def _guard_placeholders(handle: FocusHandle, processor: Any | None) -> None:
+    """When the vision side changes the tokens per image, catch prompts built for the stock count.
+
+    Without the processor, inputs made by a stock processor carry the stock number of
+    ``<image>`` placeholders, and the model would fail deep inside with transformers'
+    "tokens: 576, features: ..." message. Warn now, and refuse such inputs with the fix named.
+    """
+    import warnings
+
+    try:
+        patched_count = handle.image_tokens()
+    except Exception:  # noqa: BLE001 - an adaptive count (e.g. PruMerge without a budget) is only known per image
+        return
+    stock_count = handle.stock_image_tokens()
+    if patched_count == stock_count:
+        return
+    name = handle.config.describe()
+    if processor is None:
+        warnings.warn(f"{name} gives {patched_count} image tokens per image instead of {stock_count}, and patch() "
+                      f"got no processor: pass processor= to patch() (or focusvlm.load) so prompts carry "
+                      f"{patched_count} placeholders; inputs from a stock processor will be refused",
+                      UserWarning, stacklevel=3)
+    token_id = handle.adapter.image_token_id(handle.model)
+
+    def check(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixels = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        if not isinstance(input_ids, torch.Tensor) or not isinstance(pixels, torch.Tensor):
+            return None
+        images = int(pixels.shape[0])
+        found = int((input_ids == token_id).sum())
+        if images and found == images * stock_count != images * patched_count:
+            raise ValueError(
+                f"the inputs hold {found} image placeholder tokens for {images} image(s), the stock {stock_count} "
+                f"per image, but with {name} each image gives {patched_count} tokens: pass the processor to "
+                f"patch(model, config, processor=processor) (or focusvlm.load) so it emits {patched_count} per "
+                f"image, or build the prompt with handle.image_tokens() placeholders per image")
+        return None
+
+    handle._placeholder_guard = handle.model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def unpatch(model: torch.nn.Module, processor: Any | None = None) -> None:

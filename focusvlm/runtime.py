@@ -14,7 +14,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DEMO = "demo"
 
@@ -39,29 +39,101 @@ def resolve_device_dtype(device: str | None, dtype: Any) -> tuple[Any, Any]:
     return dev, dtype
 
 
-def _checkpoint_config(source: str):
-    """The checkpoint's config, or a one-line ModelLoadError naming what is wrong."""
-    from transformers import AutoConfig
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
+
+def hub_reachable(timeout: float = 2.0) -> tuple[bool, str]:
+    """(can a TCP connection to the hub endpoint open within ``timeout`` s, why not).
+
+    One short probe instead of huggingface_hub's retries with backoff (about 27 s
+    end to end) when the machine has no route to the hub.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return True, ""
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, ""
+    except OSError as exc:
+        return False, f"{endpoint} unreachable: {exc.strerror or exc}"
+
+
+def check_model_source(source: str) -> Path | None:
+    """The local folder ``source`` names (validated), or None for a hub id. No torch, no transformers.
+
+    Raises a one-line ModelLoadError for a missing folder or one that holds no saved model.
+    """
+    if source == DEMO:
+        return None
+    if not isinstance(source, str) or not source.strip():
+        raise ModelLoadError(f"model source must be 'demo', a folder or a hub id, got {source!r}")
     path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    # a hub id is "name" or "owner/name"; anything else that is not on disk is a mistyped path
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if path.exists() or looks_local:
         if not path.is_dir():
-            raise ModelLoadError(f"model folder not found: {source}")
+            what = "is a file, not a model folder" if path.exists() else "not found"
+            raise ModelLoadError(f"model folder {what}: {source}")
         if not (path / "config.json").is_file():
             inside = sorted(p.name for p in path.iterdir())[:6]
             raise ModelLoadError(f"{source} holds no config.json, so it is not a saved model"
                                  + (f" (it has: {', '.join(inside)})" if inside else " (the folder is empty)"))
-        return AutoConfig.from_pretrained(path)
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+        return path
+    return None
+
+
+class _HubOffline:
+    """Within the block, huggingface_hub behaves as under HF_HUB_OFFLINE=1 (cache only, no retries)."""
+
+    def __enter__(self):
+        from huggingface_hub import constants
+
+        self._constants, self._old = constants, constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc):
+        self._constants.HF_HUB_OFFLINE = self._old
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:240]
+
+
+def _checkpoint_config(source: str, offline: bool):
+    """The checkpoint's config, or a one-line ModelLoadError naming what is wrong."""
+    from transformers import AutoConfig
+
+    folder = check_model_source(source)
+    if folder is not None:
+        try:
+            return AutoConfig.from_pretrained(folder)
+        except Exception as exc:  # a broken config.json: name the file
+            raise ModelLoadError(f"{folder / 'config.json'}: {_first_line(exc)}") from None
     try:
-        return AutoConfig.from_pretrained(source, local_files_only=offline)
-    except Exception as exc:  # hub errors come in many types; the message is what matters
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if offline:
-            raise ModelLoadError(f"{source}: not in the local Hugging Face cache and the hub is offline "
-                                 "(HF_HUB_OFFLINE is set); download it first or pass a local folder") from None
-        raise ModelLoadError(f"{source}: could not load its config from the hub or a folder ({first[:200]})") from None
+            with _HubOffline():
+                return AutoConfig.from_pretrained(source, local_files_only=True)
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:  # hub errors come in many types; the message is what matters
+        if offline:
+            why = "HF_HUB_OFFLINE is set" if _env_offline() else hub_reachable()[1] or "the hub is unreachable"
+            raise ModelLoadError(f"{source}: no local folder of that name, and not in the local Hugging Face cache "
+                                 f"while the hub is offline ({why}); download it first or pass a local folder") from None
+        raise ModelLoadError(f"{source}: no local folder of that name, and the hub could not provide it "
+                             f"({_first_line(exc)})") from None
 
 
 def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map: Any = None,
@@ -69,10 +141,10 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
     """(stock model in eval mode, processor) of any supported family; padding side left for batching.
 
     ``source``: "demo", a local folder or a hub id. ``dtype``: a torch dtype, its name, "auto" or None
-    (the device's default). Raises ModelLoadError / UnsupportedModelError with one line.
+    (the device's default). Raises ModelLoadError / UnsupportedModelError with one line. A hub id
+    while the hub cannot be reached (HF_HUB_OFFLINE, or a 2 s connection probe fails) is looked up
+    in the local cache only, so it fails in seconds rather than after the hub client's retries.
     """
-    import torch
-
     if source == DEMO:
         from .models.factory import demo_model
 
@@ -80,9 +152,11 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
         model, processor = demo_model()
         model = model.to(device=dev, dtype=dt)
     else:
+        folder = check_model_source(source)
+        offline = folder is None and (_env_offline() or not hub_reachable()[0])
         from .models import adapter_for_type
 
-        config = _checkpoint_config(source)
+        config = _checkpoint_config(source, offline)
         adapter = adapter_for_type(getattr(config, "model_type", None))
         extra = dict(kwargs)
         if device_map is not None:
@@ -92,10 +166,54 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
         if device is None and device_map is None:
             device = resolve_device_dtype(None, None)[0]
         dt = "auto" if dtype == "auto" else resolve_device_dtype(None if device is None else str(device), dtype)[1]
-        model, processor = adapter.load(source, dtype=dt, device=None if device_map is not None else device, **extra)
+        try:
+            if offline:
+                with _HubOffline():
+                    model, processor = adapter.load(source, dtype=dt, device=None if device_map is not None else device,
+                                                    **extra)
+            else:
+                model, processor = adapter.load(source, dtype=dt, device=None if device_map is not None else device,
+                                                **extra)
+        except (OSError, ValueError, KeyError) as exc:  # missing weights / processor files, broken files
+            raise ModelLoadError(f"{source}: the config loaded but the model or its processor did not "
+                                 f"({_first_line(exc)})") from None
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # right padding would put pad tokens between prompt and answer
     return model.eval(), processor
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Switch transformers' and the hub client's progress bars ("Loading weights", downloads) on or off."""
+    from transformers.utils import logging as hf_logging
+
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
+def context_length(model: Any) -> int | None:
+    """The language model's context length (``max_position_embeddings`` of the text config), if known."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config", config)
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_max_new_tokens(model: Any, max_new_tokens: int, prompt_tokens: int = 0) -> None:
+    """Raise a one-line ValueError when the answer cannot fit the model's context length."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    limit = context_length(model)
+    if limit is None:
+        return
+    if prompt_tokens + max_new_tokens > limit:
+        where = f"{prompt_tokens} prompt tokens + " if prompt_tokens else ""
+        room = f"at most {limit - prompt_tokens}" if prompt_tokens < limit else "none left"
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: {where}{max_new_tokens} new tokens exceed the model's "
+                         f"context length of {limit} tokens (max_position_embeddings); {room} for the answer")
 
 
 def open_image(source: str):
@@ -135,11 +253,28 @@ def load_image(image: Any):
         raise ValueError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def to_messages(prompt: str | list[dict], with_image: bool) -> list[dict]:
+def to_messages(prompt: str | list[dict], with_image: bool | int) -> list[dict]:
+    """Chat messages of a user prompt with ``with_image`` images (True = 1) before the text."""
     if not isinstance(prompt, str):
         return prompt
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    content = [{"type": "image"} for _ in range(int(with_image))] + [{"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
+
+
+def _image_list(item: Any) -> list:
+    """The images of one prompt: None -> [], one image -> [it], a list stays."""
+    if item is None:
+        return []
+    return [im for im in item if im is not None] if isinstance(item, (list, tuple)) else [item]
+
+
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """``text`` up to the first occurrence of any stop string (leading whitespace ignored)."""
+    text = text.lstrip()
+    for s in stop or ():
+        if s:
+            text = text.split(s, 1)[0]
+    return text.strip()
 
 
 @dataclass
@@ -149,6 +284,25 @@ class Generation:
     prompt_tokens: int = 0
     new_tokens: int = 0
     image_tokens: int = 0
+
+
+def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int):
+    """Stop each row once its decoded answer holds a stop string.
+
+    Decodes the answer so far instead of using transformers' ``stop_strings``, whose token
+    tables assume sub-word vocabularies and fail on some tokenizers; the text is cut by
+    :func:`cut_at_stop` afterwards either way.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = input_ids[:, prompt_len:].tolist()
+            hit = [any(s in tokenizer.decode(r, skip_special_tokens=True).lstrip() for s in stop) for r in rows]
+            return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopAtStrings()])
 
 
 class HFGenerator:
@@ -167,35 +321,47 @@ class HFGenerator:
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (
             tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0))
 
-    def generate(self, prompts, images, max_new_tokens) -> list[Generation]:
+    def generate(self, prompts, images, max_new_tokens, stop: Sequence[str] | None = None) -> list[Generation]:
+        """Greedy answers. ``images[i]``: None (text only), an image, or a list of images for prompt i.
+        ``stop``: strings that end an answer (generation stops there and the text is cut before them)."""
         import torch
 
         # the processor needs each batch to be all-image or all-text; split and restore the order
+        per_prompt = [_image_list(im) for im in images]
         groups: dict[bool, list[int]] = {True: [], False: []}
-        for i, im in enumerate(images):
-            groups[im is not None].append(i)
+        for i, ims in enumerate(per_prompt):
+            groups[bool(ims)].append(i)
+        stop = [s for s in (stop or ()) if s]
         out: list[Generation | None] = [None] * len(prompts)
         for with_image, idx in groups.items():
             if not idx:
                 continue
-            texts = [self.processor.apply_chat_template(to_messages(prompts[i], with_image),
+            texts = [self.processor.apply_chat_template(to_messages(prompts[i], len(per_prompt[i])),
                                                         add_generation_prompt=True, tokenize=False) for i in idx]
             kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
             if with_image:
-                kwargs["images"] = [images[i] for i in idx]
+                kwargs["images"] = [im for i in idx for im in per_prompt[i]]
             inputs = self.processor(**kwargs).to(self.model.device)
+            check_max_new_tokens(self.model, max_new_tokens, int(inputs["input_ids"].shape[1]))
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             with torch.inference_mode():
+                extra = {"stopping_criteria": _stop_criteria(self.tokenizer, stop, inputs["input_ids"].shape[1])} \
+                    if stop else {}
                 seqs = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                           num_beams=1, pad_token_id=self.pad_id)
+                                           num_beams=1, pad_token_id=self.pad_id, **extra)
             new = seqs[:, inputs["input_ids"].shape[1]:].tolist()
             prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
             image_counts = (inputs["input_ids"] == self.model.config.image_token_id).sum(dim=1).tolist()
             for row, i in enumerate(idx):
                 ids = new[row]
+                if stop:  # a row that met a stop string early is filled with pad tokens to the batch's end
+                    while ids and ids[-1] == self.pad_id and ids[-1] not in self.eos_ids:
+                        ids = ids[:-1]
                 n = next((k + 1 for k, t in enumerate(ids) if t in self.eos_ids), len(ids))
                 text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+                if stop:
+                    text = cut_at_stop(text, stop)
                 out[i] = Generation(text=text, prompt_tokens=int(prompt_lens[row]), new_tokens=n,
                                     image_tokens=int(image_counts[row]))
         return out  # type: ignore[return-value]

@@ -84,15 +84,20 @@ def _palette(k: int) -> np.ndarray:
 
 def render(image, grid: tuple[int, int], panels: list[Panel], footer: str, cell: int = 0):
     """Draw the panels side by side over ``image`` (PIL image, already the size the model saw)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     h, w = grid
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     H, W = base.shape[:2]
     ch, cw = H / h, W / w
-    pad, title_h = 8, 22
-    width = max(len(panels) * (W + pad) + pad, 6 * len(footer) + 2 * pad)  # ~6 px per glyph of PIL's default font
-    canvas = Image.new("RGB", (width, H + 2 * title_h + pad), "white")
+    pad, title_h, glyph_w, line_h = 8, 22, 6, 12  # PIL's default bitmap font: about 6 x 11 px per glyph
+    # the canvas is as wide as the panels; the footer wraps to it instead of widening it (a single panel
+    # with a one-line footer used to leave half the picture blank)
+    width = len(panels) * (W + pad) + pad
+    footer_lines = textwrap.wrap(footer, max(20, (width - 2 * pad) // glyph_w)) or [""]
+    canvas = Image.new("RGB", (width, H + title_h + 2 * pad + line_h * len(footer_lines)), "white")
     draw_all = ImageDraw.Draw(canvas)
     for p_i, panel in enumerate(panels):
         colours = _palette(int(panel.group.max()) + 1)
@@ -112,7 +117,8 @@ def render(image, grid: tuple[int, int], panels: list[Panel], footer: str, cell:
         x = pad + p_i * (W + pad)
         canvas.paste(img, (x, title_h))
         draw_all.text((x, 5), panel.title, fill=(0, 0, 0))
-    draw_all.text((pad, H + title_h + 6), footer, fill=(0, 0, 0))
+    for i, line in enumerate(footer_lines):
+        draw_all.text((pad, H + title_h + 6 + i * line_h), line, fill=(0, 0, 0))
     return canvas
 
 

@@ -20,11 +20,23 @@ _COLUMNS = (  # (field, header, scale, unit format)
 )
 
 
-def _cell(value: Any, ratio: Any, scale: float, fmt: str) -> str:
+# the ratio shown is the median of back-to-back pairs; when it strays this far from the ratio of the two
+# medians in the same table, the load changed during the run and the reader must be told
+RATIO_DISAGREEMENT = 0.10
+
+
+def _cell(value: Any, ratio: Any, scale: float, fmt: str, reference: Any = None) -> tuple[str, str | None]:
+    """(cell text, note) — a note when the paired ratio disagrees with value / reference."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
+        return "n/a", None
     text = fmt.format(value * scale)
-    return text if ratio is None else f"{text} ({ratio:.2f}x)"
+    if ratio is None:
+        return text, None
+    of_medians = value / reference if isinstance(reference, (int, float)) and reference else None
+    if of_medians is not None and ratio and abs(of_medians / ratio - 1) > RATIO_DISAGREEMENT:
+        return (f"{text} ({ratio:.2f}x*)",
+                f"{ratio:.2f}x (median of back-to-back pairs) vs {of_medians:.2f}x (ratio of the medians shown)")
+    return f"{text} ({ratio:.2f}x)", None
 
 
 def markdown_tables(report: dict[str, Any]) -> str:
@@ -41,11 +53,23 @@ def markdown_tables(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(c[1] for c in _COLUMNS) + " |")
         lines.append("|---|" + "---|" * len(_COLUMNS))
+        ref_row = run["methods"].get(run["reference"], {})
+        notes = []
         for name, row in run["methods"].items():
-            cells = [_cell(row.get(f), row["ratio"].get(f) if name != run["reference"] else None, s, fmt)
-                     for f, _, s, fmt in _COLUMNS]
+            cells = []
+            for f, header, s, fmt in _COLUMNS:
+                text, note = _cell(row.get(f), row["ratio"].get(f) if name != run["reference"] else None, s, fmt,
+                                   ref_row.get(f))
+                cells.append(text)
+                if note:
+                    notes.append(f"{name} {header}: {note}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if notes:
+            lines.append(f"\\* the load on the machine changed during the run: these paired ratios differ by more "
+                         f"than {RATIO_DISAGREEMENT:.0%} from the ratio of the medians in the same row (rerun with "
+                         "more --repeats or on a quiet machine): " + "; ".join(notes))
+            lines.append("")
     verdicts = check_targets(report)
     if verdicts:
         lines.append("| target | batch | ratio | limit | met |")

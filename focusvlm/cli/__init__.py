@@ -29,11 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
-        if getattr(args, "debug", False):
+    except Exception as exc:  # noqa: BLE001 - user errors get one line, bugs keep their traceback
+        if getattr(args, "debug", False) or not _is_user_error(exc):
             raise
-        print(f"focusvlm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"focusvlm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors that describe a problem with the input (bad path, bad config, unsupported model)."""
+    if isinstance(exc, (ValueError, FileNotFoundError, NotImplementedError, RuntimeError)):
+        return True
+    base = sys.modules.get("focusvlm.models.base")  # loaded whenever such an error can have been raised
+    return base is not None and isinstance(exc, base.UnsupportedModelError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="folder for compare.md / compare.json / compare.png (default: print only, chart in cwd)")
     p.add_argument("--names", default=None, help="comma-separated column names (default: folder names)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="print the comparison even when the runs differ in benchmark data, generation settings "
+                        "or answered samples (marked NOT LIKE FOR LIKE) instead of refusing")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_compare)
 
@@ -29,10 +32,26 @@ def _compare(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else None
     if names is not None and len(names) != len(args.run_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.run_dirs)} folders")
+    from ..eval.runinfo import atomic_write_text, comparability_problems, load_scores
+
+    shown = names or [d.name for d in args.run_dirs]
+    # scored first (or rescored when stale), so completeness is current
+    statuses = [load_scores(d)["completeness"] for d in args.run_dirs]
+    problems = comparability_problems(statuses, shown)
+    if problems and not args.allow_mismatch:
+        raise ValueError("these runs are not like for like, so deltas would mislead: " + "; ".join(problems)
+                         + ". Finish or rerun them with the same settings, or pass --allow-mismatch to print the "
+                           "comparison marked as such")
     bench = registry.get(kinds.pop())
     text = bench.compare(args.run_dirs, args.out, names=names)
     if text is None:
         text = compare_generic(args.run_dirs, args.out, names=names)
+    if problems:
+        warning = "**WARNING: NOT LIKE FOR LIKE** (shown because of --allow-mismatch):\n" + \
+            "\n".join(f"* {p}" for p in problems) + "\n\n"
+        text = warning + text
+        if args.out is not None:
+            atomic_write_text(args.out / "compare.md", text)
     print(text)
     return 0
 

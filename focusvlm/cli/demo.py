@@ -7,8 +7,6 @@ import json
 import sys
 import time
 
-from ..config import CMAIConfig, FocusConfig
-
 DEFAULT_PROMPT = "What do you see in this picture? Answer in exactly two sentences, all in lowercase letters."
 
 RANDOM_VISION_NOTE = (
@@ -28,15 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars while the model loads")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..api import patched
+    from ..config import FocusConfig
+    from ..inhibit.method import CMAIConfig
     from ..models.factory import demo_image_path
-    from .common import load_model, resolve_device_dtype
-    from .common import open_image
+    from ..runtime import check_max_new_tokens
+    from .common import load_model, open_image, quiet_progress, resolve_device_dtype
     from .generate import answer
 
     start = time.perf_counter()
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "demo" and not (demo_cache_dir() / "config.json").is_file():
         print("building the embedded demo model (first run converts the GGUF weights, ~30 s; cached after)...",
               file=sys.stderr)
+    quiet_progress(args)
     model, processor = load_model(args.model, device, dtype)
+    check_max_new_tokens(model, args.max_new_tokens)
     stock = answer(model, processor, image, args.prompt, args.max_new_tokens)
     config = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
     with patched(model, config, processor=processor):

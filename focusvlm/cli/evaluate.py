@@ -10,7 +10,7 @@ from typing import Any
 
 from ..eval.engine import (MODES, GenerationSettings, HFGenerator, RunResult, build_manifest, check_manifest,
                            process_state, run)
-from .common import add_model_args, focus_config_from_args, load_from_args
+from .common import add_model_args, focus_config_from_args, load_from_args, resolve_device_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +37,41 @@ def _eval(args: argparse.Namespace) -> int:
     bench = registry.get(args.benchmark)
     result = run_from_args(bench, args)
     if _is_main():
-        print(f"{result.out_dir}: {result.total} samples; generated {result.generated} now "
-              f"(skipped {result.skipped} already done, {result.errors} errors) -> "
-              f"{result.out_dir / 'predictions.jsonl'}", file=sys.stderr)
-    return 0
+        for line in summary_lines(result, getattr(args, "_methods", None)):
+            print(line, file=sys.stderr)
+    # every process returns the same code: accelerate reports a failure if any rank does
+    return 1 if result.failed else 0
+
+
+def _ids(ids, limit: int = 5) -> str:
+    ids = list(ids)
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def retry_command() -> str:
+    """The command line that was run, with --retry-errors added."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a != "--retry-errors"]
+    if not argv or sys.argv[0].endswith("pytest"):
+        return "the same `focusvlm eval ...` command with --retry-errors"
+    return "focusvlm " + " ".join(shlex.quote(a) for a in argv) + " --retry-errors"
+
+
+def summary_lines(result: RunResult, methods: str | None = None) -> list[str]:
+    """What `focusvlm eval` tells the user at the end: counts, kept and new failures, how to retry."""
+    lines = [f"{result.out_dir}: {result.total} samples" + (f" with {methods}" if methods else "")
+             + f"; generated {result.generated} now (skipped {result.skipped} already done, {result.errors} "
+             f"new errors) -> {result.out_dir / 'predictions.jsonl'}"]
+    if result.kept_errors:
+        lines.append(f"resumed: kept {len(result.kept_errors)} error row(s) from an earlier run "
+                     f"({_ids(result.kept_errors)}); they are not retried without --retry-errors")
+    if result.failed:
+        first_id, first_error = next(iter(result.failed.items()))
+        lines.append(f"FAILED: {len(result.failed)} of {result.total} samples have no answer "
+                     f"({_ids(result.failed)}; first error: {first_id}: {first_error}); they score as wrong. "
+                     f"Retry them with: {retry_command()}")
+    return lines
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -48,11 +79,15 @@ def _score(args: argparse.Namespace) -> int:
 
     if not args.run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {args.run_dir}")
-    scores = registry.get(args.benchmark).score(args.run_dir, args)
+    from ..eval.runinfo import score_run, status_line
+
+    registry.get(args.benchmark)  # an unknown name fails here, before any file is read
+    scores = score_run(args.run_dir, args, benchmark=args.benchmark)
     report = args.run_dir / "report.md"
     if report.is_file():
         print(report.read_text())
     else:
+        print(status_line(scores["completeness"]))
         print(json.dumps(scores.get("summary", scores), indent=2))
     return 0
 
@@ -79,7 +114,6 @@ def add_run_args(parser, default_max_new_tokens: int = 1024) -> None:
     parser.add_argument("--mode", choices=MODES, default="direct",
                         help="describe-then-answer: describe the image, then answer from the description alone")
     parser.add_argument("--retry-errors", action="store_true", help="on resume, redo samples that recorded an error")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def run_from_args(benchmark: Any, args: Any) -> RunResult:
@@ -88,16 +122,17 @@ def run_from_args(benchmark: Any, args: Any) -> RunResult:
     samples = list(benchmark.load_samples(args))
     if args.limit is not None:
         samples = samples[:args.limit]
-    config = focus_config_from_args(args)
-    dtype = args.dtype or "auto"
-    manifest = build_manifest(model=str(args.model), config=config.to_dict(), benchmark=benchmark.name,
-                              settings=settings, fingerprint=benchmark.fingerprint(args), dtype=dtype)
+    config = focus_config_from_args(args, quiet=not _is_main())
+    args._methods = config.describe()
     state = process_state()
-    # fail before the (slow) model load when the folder belongs to another run
-    check_manifest(Path(args.out), manifest)
     if state is not None and state.num_processes > 1 and getattr(args, "device", None) is None:
         args.device = str(state.device)
-    model, processor, _ = load_from_args(args)
+    device, dtype = resolve_device_dtype(getattr(args, "device", None), getattr(args, "dtype", None))
+    manifest = build_manifest(model=str(args.model), config=config.to_dict(), benchmark=benchmark.name,
+                              settings=settings, fingerprint=benchmark.fingerprint(args), dtype=dtype, device=device)
+    # fail before the (slow) model load when the folder belongs to another run
+    check_manifest(Path(args.out), manifest)
+    model, processor, _ = load_from_args(args, config=config)
     generator = HFGenerator(model, processor)
     result = run(samples, generator, args.out, manifest, settings,
                  process_index=state.process_index if state else 0,

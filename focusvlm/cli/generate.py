@@ -13,7 +13,7 @@ from .common import add_model_args, load_from_args, open_image
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a prompt about an image with the (patched) model")
-    add_model_args(p, default_model=None)
+    add_model_args(p)
     p.add_argument("--image", required=True, help="image file or http(s) URL")
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -34,19 +34,18 @@ def answer(model: Any, processor: Any, image: Any, prompt: str, max_new_tokens: 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is None:
-        raise ValueError("--model is required (a hub id, a local folder, or 'demo' for the embedded default)")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     image = open_image(args.image)
     model, processor, config = load_from_args(args)
     result = answer(model, processor, image, args.prompt, args.max_new_tokens)
-    result.update(model=args.model, config=config.to_dict())
+    result.update(model=args.model, methods=config.describe(), config=config.to_dict())
     if args.json:
         print(json.dumps(result))
     else:
         print(result["answer"])
-        print(f"[{result['prompt_tokens']} prompt tokens ({result['image_tokens']} image), "
+        print(f"[{args.model}, {config.describe()}: {result['prompt_tokens']} prompt tokens "
+              f"({result['image_tokens']} image), "
               f"{result['new_tokens']} new tokens in {result['seconds']:.2f} s, "
               f"{result['tokens_per_s']} tokens/s]", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from pathlib import Path
 
 from .common import add_model_args, load_from_args
@@ -60,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
     image = open_image(str(args.image))  # a corrupt file fails here, before the model loads
     config = _vision_config(focus_config_from_args(args), args)
     model, processor, _ = load_from_args(args, patch_model=False)
-    # the processor is only used for its pixels here, so it stays stock (an adaptive count needs no placeholders)
-    handle = patch(model, config)
+    # the processor is only used for its pixels here, so it stays stock (an adaptive count needs no placeholders);
+    # patch() warns about a stock processor, which does not apply: no prompt is built
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        handle = patch(model, config)
     try:
         method, adapter = handle.vision, handle.adapter
         geometry = adapter.tower_geometry(model)
@@ -83,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
         unpatch(model)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(args.output)
-    print(f"wrote {args.output} ({tokens} image tokens)")
+    print(f"wrote {args.output} ({tokens} image tokens; {config.describe()})")
     return 0

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from ..runtime import Generation, HFGenerator, load_image, to_messages
+from .runinfo import atomic_write_text
 
 MANIFEST = "manifest.json"
 PREDICTIONS = "predictions.jsonl"
@@ -161,6 +162,10 @@ def existing_predictions(out_dir: Path) -> dict[str, dict]:
     return done
 
 
+# manifest keys that describe a run without changing its answers: a resume may differ in them
+INFO_KEYS = ("created", "environment", "samples", "resumed")
+
+
 def check_manifest(out_dir: Path, manifest: dict) -> bool:
     """True when resuming. Raises ManifestMismatch when the folder belongs to another run."""
     path = out_dir / MANIFEST
@@ -169,19 +174,60 @@ def check_manifest(out_dir: Path, manifest: dict) -> bool:
             raise ManifestMismatch(f"{out_dir} holds predictions but no {MANIFEST}; use a fresh --out folder")
         return False
     old = json.loads(path.read_text())
-    diffs = [k for k in sorted(set(old) | set(manifest)) if k != "created" and old.get(k) != manifest.get(k)]
-    if diffs:
-        detail = "; ".join(f"{k}: folder has {json.dumps(old.get(k))}, this run {json.dumps(manifest.get(k))}"
-                           for k in diffs)
-        raise ManifestMismatch(f"{out_dir} holds a different run ({detail}). "
-                               "Use another --out folder to keep both results.")
-    return True
+    diffs = [k for k in sorted(set(old) | set(manifest)) if k not in INFO_KEYS and old.get(k) != manifest.get(k)]
+    if not diffs:
+        return True
+    if set(diffs) <= {"dtype", "device_type"}:
+        # the same run on other hardware or precision: its answers would differ from the ones on disk
+        raise ManifestMismatch(
+            f"{out_dir} was run in {old.get('dtype')} on {old.get('device_type')}; this run would use "
+            f"{manifest.get('dtype')} on {manifest.get('device_type')}, and mixing them would mix results. Resume "
+            f"with --dtype {old.get('dtype')} --device {old.get('device_type')}, or use another --out folder.")
+    detail = "; ".join(f"{k}: folder has {json.dumps(old.get(k))}, this run {json.dumps(manifest.get(k))}"
+                       for k in diffs)
+    raise ManifestMismatch(f"{out_dir} holds a different run ({detail}). "
+                           "Use another --out folder to keep both results.")
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """Where a run happens: the device (with its name on GPU) and the library versions."""
+    import platform
+
+    from .. import __version__
+
+    env: dict[str, Any] = {"focusvlm": __version__, "python": platform.python_version()}
+    for lib in ("torch", "transformers", "accelerate"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except ImportError:
+            env[lib] = None
+    if device is not None:
+        env["device"] = str(device)
+        try:
+            import torch
+
+            dev = torch.device(device)
+            if dev.type == "cuda" and torch.cuda.is_available():
+                env["device_name"] = torch.cuda.get_device_name(dev)
+        except (ImportError, RuntimeError):
+            pass
+    return env
 
 
 def build_manifest(*, model: str, config: dict, benchmark: str, settings: GenerationSettings,
-                   fingerprint: Any = None, dtype: str | None = None) -> dict:
+                   fingerprint: Any = None, dtype: Any = None, device: Any = None) -> dict:
+    """The identity of a run (a resume must match it) plus its environment (informational).
+
+    ``dtype`` is the resolved dtype (``torch.float32`` or its name), never "auto": a run
+    resumed on other hardware in another precision must be refused, not mixed in.
+    """
+    dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
+    if dtype_name == "auto":
+        raise ValueError("build_manifest needs the resolved dtype (e.g. float32), not 'auto'")
+    device_type = None if device is None else str(device).split(":")[0]
     return {"model": model, "config": config, "benchmark": benchmark, "benchmark_fingerprint": fingerprint,
-            "generation": settings.identity(), "dtype": dtype}
+            "generation": settings.identity(), "dtype": dtype_name, "device_type": device_type,
+            "environment": environment(device)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -193,6 +239,10 @@ class RunResult:
     generated: int  # by this process in this call
     skipped: int  # already done before this call (this process's share)
     errors: int  # error records written by this process in this call
+    # after the merge, over the whole sample set (every process sees the same): id -> error message
+    failed: dict[str, str] = field(default_factory=dict)
+    kept_errors: list[str] = field(default_factory=list)  # error rows from earlier calls left as they were
+    resumed: bool = False
 
 
 def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, manifest: dict,
@@ -212,12 +262,14 @@ def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, ma
     out_dir.mkdir(parents=True, exist_ok=True)
     resuming = check_manifest(out_dir, manifest)
     barrier()
-    if is_main and not resuming:
-        (out_dir / MANIFEST).write_text(json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                                   indent=2, sort_keys=True))
-        if config_yaml is not None:
-            (out_dir / "config.yaml").write_text(config_yaml)
+    if is_main:
+        _write_manifest(out_dir, manifest, ids, resuming)
+        if config_yaml is not None and not resuming:
+            atomic_write_text(out_dir / "config.yaml", config_yaml)
     done = existing_predictions(out_dir)
+    wanted = set(ids)
+    kept_errors = [] if retry_errors else sorted((k for k, v in done.items() if v.get("error") and k in wanted),
+                                                 key=str)
     if retry_errors:
         done = {k: v for k, v in done.items() if not v.get("error")}
     barrier()
@@ -246,7 +298,25 @@ def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, ma
     if is_main:
         merge(out_dir, ids)
     barrier()
-    return RunResult(out_dir, len(samples), generated, len(mine) - len(pending), errors)
+    final = existing_predictions(out_dir)
+    failed = {sid: str(final[sid].get("error")) for sid in ids if sid in final and final[sid].get("error")}
+    return RunResult(out_dir, len(samples), generated, len(mine) - len(pending), errors, failed=failed,
+                     kept_errors=kept_errors, resumed=resuming)
+
+
+def _write_manifest(out_dir: Path, manifest: dict, ids: Sequence[str], resuming: bool) -> None:
+    """Create the manifest, or on resume record the (possibly new) sample set and this environment."""
+    from .runinfo import sample_set
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if resuming:
+        data = json.loads((out_dir / MANIFEST).read_text())
+        if manifest.get("environment") and manifest["environment"] != data.get("environment"):
+            data.setdefault("resumed", []).append({"at": now, "environment": manifest["environment"]})
+    else:
+        data = {**manifest, "created": now}
+    data["samples"] = sample_set(ids)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -266,11 +336,7 @@ def merge(out_dir: Path, order: Sequence[str] | None = None) -> Path:
     done = existing_predictions(out_dir)
     position = {sid: n for n, sid in enumerate(order or [])}
     records = sorted(done.values(), key=lambda r: (position.get(str(r["id"]), len(position)), r.get("index", 0)))
-    tmp = out_dir / (PREDICTIONS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_dir / PREDICTIONS)
+    atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     for shard in out_dir.glob(SHARD_PATTERN.format("*")):
         shard.unlink()
     return out_dir / PREDICTIONS

@@ -32,6 +32,7 @@ from typing import Any
 from .benchmarks.common import read_jsonl
 from .instructions import ALL_IDS, CHECKERS, InstructionError, validate_kwargs
 from .registry import Benchmark
+from .runinfo import atomic_write_text
 
 # --------------------------------------------------------------------------- argument drawing
 # Ranges chosen for short answers about one image; every draw is stored in the bench file.
@@ -335,15 +336,17 @@ def build(source: str | Path, suite_name: str, seed: int, out: str | Path, limit
     out = Path(out)
     name, tasks = suite(suite_name)
     questions = read_questions(source)
+    if not questions:
+        raise ValueError(f"{source}: no questions in it (the file is empty); nothing to build, {out} not written")
     if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit {limit}: must be >= 1")
         questions = questions[:limit]
     rows = build_rows(questions, name, tasks, seed, out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    if not rows:
+        raise ValueError(f"suite {name} has no tasks; nothing to build, {out} not written")
+    # temp file + rename: a crash or an error never leaves a half-written (or empty) bench file behind
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
     return rows
 
 

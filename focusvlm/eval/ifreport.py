@@ -14,6 +14,7 @@ from typing import Any
 
 from . import instructions
 from .engine import MANIFEST, PREDICTIONS, read_jsonl_records
+from .runinfo import atomic_write_text, load_scores, status_line
 
 
 def _task_order(key: str) -> tuple[int, str]:
@@ -69,11 +70,9 @@ def score_run(run_dir: Path) -> dict[str, Any]:
     scores = {"benchmark": "if", "run": str(run_dir), "model": manifest.get("model"),
               "config": manifest.get("config"), "generation": manifest.get("generation"),
               "sentence_splitter": instructions.sentence_splitter(), "langdetect_seed": 0, **result}
-    (run_dir / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
-    with open(run_dir / "verdicts.jsonl", "w", encoding="utf-8") as f:
-        for v in verdicts:
-            f.write(json.dumps(v) + "\n")
-    (run_dir / "report.md").write_text(table1_markdown(scores))
+    atomic_write_text(run_dir / "scores.json", json.dumps(scores, indent=2, sort_keys=True))
+    atomic_write_text(run_dir / "verdicts.jsonl", "".join(json.dumps(v) + "\n" for v in verdicts))
+    atomic_write_text(run_dir / "report.md", table1_markdown(scores))
     return scores
 
 
@@ -125,8 +124,7 @@ def table1_markdown(scores: dict[str, Any], title: str | None = None) -> str:
 # --------------------------------------------------------------------------- comparisons
 
 def _load_scores(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "scores.json"
-    return json.loads(path.read_text()) if path.is_file() else score_run(Path(run_dir))
+    return load_scores(Path(run_dir))  # rescored when the predictions changed since
 
 
 def _delta(x: float) -> str:
@@ -142,8 +140,9 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None, names: list[str]
     by_task = [{t["task"]: t for t in s["tasks"]} for s in all_scores]
     lines = ["## Instruction following: comparison (first run = baseline)", ""]
     for name, s in zip(names, all_scores):
-        lines.append(f"* **{name}**: `{s.get('model')}`, {_config_label(s.get('config'))}, "
-                     f"{s['summary']['samples']} samples, {s['summary']['errors']} errors")
+        done = status_line(s["completeness"]) if s.get("completeness") else \
+            f"{s['summary']['samples']} samples, {s['summary']['errors']} errors"
+        lines.append(f"* **{name}**: `{s.get('model')}`, {_config_label(s.get('config'))}, {done}")
     for kind in ("strict", "loose"):
         lines += ["", f"### {kind}", "", "| run | " + " | ".join(keys) + " | AVG |",
                   "|---|" + "---:|" * (len(keys) + 1)]
@@ -158,10 +157,9 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None, names: list[str]
     text = "\n".join(lines) + "\n"
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(text)
-        (out / "compare.json").write_text(json.dumps(
-            {"runs": [{"name": n, "dir": str(d), "summary": s["summary"],
+        atomic_write_text(out / "compare.md", text)
+        atomic_write_text(out / "compare.json", json.dumps(
+            {"runs": [{"name": n, "dir": str(d), "summary": s["summary"], "completeness": s.get("completeness"),
                        "tasks": {t["task"]: {"strict": t["strict"], "loose": t["loose"]} for t in s["tasks"]}}
                       for n, d, s in zip(names, run_dirs, all_scores)]}, indent=2))
     if chart:
@@ -199,12 +197,8 @@ def bar_chart(keys: list[str], names: list[str], values: list[list[float]], avgs
 def compare_generic(run_dirs: list[Path], out: Path | None = None, names: list[str] | None = None) -> str:
     """For benchmarks without their own comparison: the numeric ``summary`` of each scores.json."""
     names = names or [Path(d).name for d in run_dirs]
-    summaries = []
-    for d in run_dirs:
-        path = Path(d) / "scores.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{d}: no scores.json; run `focusvlm score NAME {d}` first")
-        summaries.append(json.loads(path.read_text()).get("summary", {}))
+    all_scores = [load_scores(Path(d)) for d in run_dirs]
+    summaries = [s.get("summary", {}) for s in all_scores]
     metrics = [k for k, v in summaries[0].items() if isinstance(v, (int, float))]
     lines = ["| metric | " + " | ".join(names) + " | " + " | ".join(f"Δ {n}" for n in names[1:]) + " |",
              "|---|" + "---:|" * (2 * len(names) - 1)]
@@ -213,8 +207,8 @@ def compare_generic(run_dirs: list[Path], out: Path | None = None, names: list[s
         deltas = [f"{v - vals[0]:+.4g}" if isinstance(v, (int, float)) else "–" for v in vals[1:]]
         lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.4g}" for v in vals) + " | "
                      + " | ".join(deltas) + " |")
+    lines += [""] + [f"* {n}: {status_line(s['completeness'])}" for n, s in zip(names, all_scores)]
     text = "\n".join(lines) + "\n"
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "compare.md").write_text(text)
+        atomic_write_text(Path(out) / "compare.md", text)
     return text

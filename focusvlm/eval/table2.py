@@ -23,6 +23,7 @@ HEADLINE = {
     "mme": ("MME", "perception", 1.0),         # the paper's MME column is the perception score
     "mmbench": ("MMBench", "circular", 1.0),
 }
+UNITS = {"IF": "%", "VQAv2": "%", "GQA": "%", "TextVQA": "%", "MME": "score", "MMBench": "%"}
 
 
 def _method(config: dict) -> str:
@@ -39,57 +40,104 @@ def _method(config: dict) -> str:
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict]:
-    run_dir = Path(run_dir)
-    mpath = run_dir / "manifest.json"
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{run_dir}: no manifest.json; not a `focusvlm eval` folder")
-    manifest = json.loads(mpath.read_text())
-    spath = run_dir / "scores.json"
-    if not spath.is_file():
-        from . import registry
+    """(manifest, scores) of a run folder; scored (or rescored, when stale) as needed."""
+    from .runinfo import load_scores, read_manifest
 
-        registry.get(manifest["benchmark"]).score(run_dir)
-    return manifest, json.loads(spath.read_text())
+    manifest = read_manifest(Path(run_dir))
+    return manifest, load_scores(Path(run_dir))
 
 
 def build(run_dirs: list[Path]) -> dict[str, Any]:
+    """Rows of Table 2. Folders that are not runs (a compare output, say) are skipped and listed."""
+    from .runinfo import completeness_marker, is_run_dir
+
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: list[str] = []
     for d in run_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"run folder not found: {d}")
+        if not is_run_dir(d):
+            skipped.append(f"{d} (no manifest.json: not a `focusvlm eval` folder)")
+            continue
         manifest, scores = load_run(d)
         bench = manifest["benchmark"]
         if bench not in HEADLINE:
+            skipped.append(f"{d} (benchmark {bench!r} has no Table 2 column)")
             continue
         column, key, scale = HEADLINE[bench]
         value = (scores.get("summary") or {}).get(key)
         model, cfg = str(manifest.get("model")), json.dumps(manifest.get("config") or {}, sort_keys=True)
         row = rows.setdefault((model, cfg), {"model": model, "method": _method(manifest.get("config") or {}),
-                                             "cells": {}, "runs": {}, "samples": {}})
+                                             "cells": {}, "runs": {}, "samples": {}, "completeness": {}})
+        status = scores.get("completeness") or {}
         row["cells"][column] = None if value is None else value * scale
         row["runs"][column] = str(d)
         row["samples"][column] = (scores.get("summary") or {}).get("samples")
-    return {"columns": list(COLUMNS), "rows": list(rows.values())}
+        row["completeness"][column] = {**status, "marker": completeness_marker(status)}
+    if not rows and run_dirs:
+        raise ValueError("no run folders among the arguments: " + "; ".join(skipped))
+    table = {"columns": list(COLUMNS), "rows": list(rows.values()), "skipped": skipped}
+    table["mismatches"] = _column_mismatches(table)
+    return table
+
+
+def _column_mismatches(table: dict[str, Any]) -> dict[str, list[str]]:
+    """Per column, why its cells are not like for like across rows (other data, settings or samples)."""
+    from .runinfo import comparability_problems
+
+    out: dict[str, list[str]] = {}
+    for column in table["columns"]:
+        cells = [(r, r["completeness"][column]) for r in table["rows"] if column in r["completeness"]]
+        if len(cells) < 2:
+            continue
+        names = [f"{r['method']} ({r['model']})" for r, _ in cells]
+        problems = [p for p in comparability_problems([st for _, st in cells], names) if "is incomplete" not in p]
+        if problems:
+            out[column] = problems
+    return out
 
 
 def markdown(table: dict[str, Any]) -> str:
     cols = table["columns"]
-    lines = ["| model | method | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    mismatched = table.get("mismatches") or {}
+    head = [f"{c} ({UNITS[c]})" for c in cols]
+    lines = ["| model | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(cols)]
+    notes = []
     for row in table["rows"]:
         cells = []
         for c in cols:
             v = row["cells"].get(c)
-            cells.append("" if v is None else f"{v:.1f}")
+            status = row.get("completeness", {}).get(c) or {}
+            text = "" if v is None else f"{v:.1f}"
+            if v is not None and status.get("marker"):
+                text += f" INCOMPLETE {status['marker']}"
+                notes.append(f"{c} of {row['method']} ({row['runs'][c]}): only {status['marker']} samples "
+                             "answered; the score covers those alone")
+            if v is not None and c in mismatched:
+                text += " †"
+            cells.append(text)
         lines.append(f"| {row['model']} | {row['method']} | " + " | ".join(cells) + " |")
     lines += ["", "IF: strict average success rate (%); VQAv2/GQA/TextVQA: accuracy (%); "
-              "MME: perception score (max 2000); MMBench: circular accuracy (%)."]
+              "MME: perception score (sum of subtask scores, max 2000); MMBench: circular accuracy (%)."]
+    if notes:
+        lines += ["", "**WARNING: incomplete runs** (rerun the same `focusvlm eval` command to finish them):"]
+        lines += [f"* {n}" for n in notes]
+    for c, problems in mismatched.items():
+        lines += ["", f"**WARNING: † column {c} compares runs that are not like for like:**"]
+        lines += [f"* {p}" for p in problems]
+    if table.get("skipped"):
+        lines += ["", "skipped: " + "; ".join(table["skipped"])]
     return "\n".join(lines)
 
 
 def report(run_dirs: list[Path], out: Path | None = None) -> str:
+    from .runinfo import atomic_write_text
+
     table = build(run_dirs)
     text = markdown(table)
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table2.json").write_text(json.dumps(table, indent=2))
-        (out / "table2.md").write_text(text + "\n")
+        atomic_write_text(out / "table2.json", json.dumps(table, indent=2))
+        atomic_write_text(out / "table2.md", text + "\n")
     return text

@@ -6,22 +6,40 @@ declares the entry point (group ``lmms_eval.models``)::
     focusvlm = "focusvlm.integrations.lmms:manifest"
 
 which lmms-eval (>= 0.5, checked on 0.7.3) reads when it builds its model
-registry. Then::
+registry. Then, on one process or several::
 
     lmms-eval --model focusvlm \
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,focus_config=focus.yaml \
         --tasks gqa,mme --batch_size 1
+    accelerate launch --num_processes 2 -m lmms_eval --model focusvlm ...
 
-Only generation tasks are supported (``generate_until``): the five standard
-benchmarks and the instruction-following ones are all generative.
+Each process loads the model on its own device (``cuda:<local rank>``, or the
+CPU) and answers the documents lmms-eval assigns to its rank.
+
+What a task may ask for: ``until`` (stop strings: generation stops there and
+the answer is cut before them) and ``max_new_tokens`` per request; several
+images per request. Answers are greedy, so a task that asks for sampling
+(``do_sample: true`` or ``temperature > 0``) or beam search (``num_beams > 1``)
+is refused with an error rather than silently answered greedily. Only
+generation tasks are supported (``generate_until``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from typing import Any, Sequence
 
 MODEL_ID = "focusvlm"
 CLASS_PATH = "focusvlm.integrations.lmms.FocusVLMLmms"
+MODEL_ARGS = ("pretrained", "focus_config", "device", "dtype", "batch_size", "max_new_tokens", "max_batch_size")
+
+# generation kwargs a greedy decoder follows by construction; anything else is named in a warning
+_GREEDY_NEUTRAL = {"top_p", "top_k", "use_cache", "repetition_penalty_disabled"}
+
+
+class UnsupportedGeneration(ValueError):
+    """A task asks for generation settings the plugin cannot follow (sampling, beams)."""
 
 
 def manifest():
@@ -31,48 +49,160 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
 
 
+def greedy_settings(gen_kwargs: dict | None, default_max_new_tokens: int,
+                    warned: set[str] | None = None) -> tuple[int, tuple[str, ...]]:
+    """(max_new_tokens, stop strings) of a request's generation kwargs; refuses what greedy decoding can't do."""
+    kw = dict(gen_kwargs or {})
+    if kw.get("do_sample"):
+        raise UnsupportedGeneration("the task asks for sampling (do_sample: true); focusvlm's lmms-eval model "
+                                    "decodes greedily only: set do_sample: false in the task's generation_kwargs")
+    temperature = kw.get("temperature")
+    if temperature is not None and float(temperature) > 0:
+        raise UnsupportedGeneration(f"the task asks for temperature {temperature} (sampling in lmms-eval); "
+                                    "focusvlm's lmms-eval model decodes greedily only: set temperature: 0")
+    beams = kw.get("num_beams")
+    if beams is not None and int(beams) > 1:
+        raise UnsupportedGeneration(f"the task asks for beam search (num_beams: {beams}); focusvlm's lmms-eval "
+                                    "model decodes greedily only: set num_beams: 1")
+    until = kw.get("until")
+    stops = (until,) if isinstance(until, str) else tuple(until or ())
+    if not all(isinstance(s, str) for s in stops):
+        raise UnsupportedGeneration(f"until must be a string or a list of strings, got {until!r}")
+    max_new = kw.get("max_new_tokens")
+    max_new = default_max_new_tokens if max_new is None else int(max_new)
+    if max_new < 1:
+        raise UnsupportedGeneration(f"max_new_tokens must be >= 1, got {max_new}")
+    unknown = sorted(set(kw) - {"until", "max_new_tokens", "do_sample", "temperature", "num_beams"} - _GREEDY_NEUTRAL)
+    if warned is not None and set(unknown) - warned:
+        new = sorted(set(unknown) - warned)
+        warned.update(new)
+        print(f"focusvlm lmms model: warning: ignoring generation kwargs {new} (greedy decoding with "
+              "max_new_tokens and until only)", file=sys.stderr)
+    return max_new, tuple(s for s in stops if s)
+
+
+def request_images(visuals: Any) -> list:
+    """The PIL images of one request (any number); anything else (video, audio) is refused by name."""
+    from PIL import Image
+
+    from ..runtime import load_image
+
+    if visuals is None:
+        return []
+    items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    images = []
+    for v in items:
+        if v is None:
+            continue
+        if isinstance(v, Image.Image):
+            images.append(v.convert("RGB"))
+        elif isinstance(v, str) and v.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")):
+            images.append(load_image(v))
+        else:
+            raise UnsupportedGeneration(f"focusvlm's lmms-eval model takes images only; the task gave a "
+                                        f"{type(v).__name__} ({str(v)[:60]!r})")
+    return images
+
+
+def process_world(accelerator: Any = None) -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed's group when there is one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if accelerator is not None:
+        return accelerator.process_index, accelerator.num_processes
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _build_class():
     from lmms_eval.api.model import lmms
 
     class FocusVLMLmms(lmms):
-        """lmms-eval "simple" model around a focusvlm-patched LLaVA (greedy, left-padded batches)."""
+        """lmms-eval "simple" model around a focusvlm-patched model (greedy, left-padded batches)."""
 
         is_simple = True
 
         def __init__(self, pretrained: str = "demo", focus_config: str | None = None, device: str | None = None,
                      dtype: str | None = None, batch_size: int | str = 1, max_new_tokens: int = 128,
-                     **kwargs: Any) -> None:
+                     max_batch_size: int | None = None, **kwargs: Any) -> None:
             super().__init__()
             if kwargs:
                 raise ValueError(f"focusvlm lmms model: unknown model_args {sorted(kwargs)}; "
-                                 "known: pretrained, focus_config, device, dtype, batch_size, max_new_tokens")
+                                 f"known: {', '.join(MODEL_ARGS)}")
+            import torch
+            from accelerate import Accelerator
+
             from ..api import patch
             from ..config import FocusConfig
             from ..runtime import HFGenerator, load_model, resolve_device_dtype
 
+            # the evaluator reads .accelerator, .device, .rank and .world_size to shard documents and
+            # gather results. The process group is the truth: on a CPU-only machine under torchrun,
+            # accelerate's state reports a single process although the group has several
+            self.accelerator = Accelerator()
+            self._rank, self._world_size = process_world(self.accelerator)
+            if device is None or (self._world_size > 1 and str(device) == "cuda"):
+                local = int(os.environ.get("LOCAL_RANK", self._rank))
+                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            self._device, dt = resolve_device_dtype(str(device), dtype)
             self.focus_config = FocusConfig.load(focus_config) if focus_config else FocusConfig()
-            model, processor = load_model(pretrained, *resolve_device_dtype(device, dtype))
+            model, processor = load_model(pretrained, self._device, dt)
             if not self.focus_config.is_stock:
                 patch(model, self.focus_config, processor)
+            self._model = model
             self.generator = HFGenerator(model, processor)
             self.batch_size_per_gpu = int(batch_size)
             self.default_max_new_tokens = int(max_new_tokens)
+            self._warned: set[str] = set()
+            if self._rank == 0:
+                print(f"focusvlm lmms model: {pretrained} with {self.focus_config.describe()} on "
+                      f"{self._world_size} process(es)", file=sys.stderr)
+
+        @property
+        def device(self):
+            return self._device
+
+        @property
+        def model(self):
+            return self._model
+
+        @property
+        def batch_size(self) -> int:
+            return self.batch_size_per_gpu
+
+        def _request(self, req) -> tuple[str, list, int, tuple[str, ...]]:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            images = request_images(doc_to_visual(doc) if doc_to_visual is not None else None)
+            # the chat template places the images; a literal <image> marker in the text would be a second copy
+            text = context.replace("<image>", "").strip() if images else context
+            max_new, stops = greedy_settings(gen_kwargs, self.default_max_new_tokens, self._warned)
+            return text, images, max_new, stops
 
         def generate_until(self, requests) -> list[str]:
-            out: list[str] = []
-            for start in range(0, len(requests), self.batch_size_per_gpu):
-                chunk = requests[start:start + self.batch_size_per_gpu]
-                prompts, images, limits = [], [], []
-                for req in chunk:
-                    context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-                    visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-                    images.append(visuals[0].convert("RGB") if visuals else None)
-                    prompts.append(context)
-                    limits.append(int((gen_kwargs or {}).get("max_new_tokens", self.default_max_new_tokens)))
-                # one cap per batch: the largest asked for; greedy answers stop at EOS anyway
-                gens = self.generator.generate(prompts, images, max(limits))
-                out.extend(g.text for g in gens)
-            return out
+            from tqdm import tqdm
+
+            items = [self._request(req) for req in requests]  # refuse bad settings before generating anything
+            out: list[str | None] = [None] * len(items)
+            # one batch holds requests with the same answer length and stop strings, so none gets
+            # more tokens (or other stops) than it asked for
+            groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+            for i, (_, _, max_new, stops) in enumerate(items):
+                groups.setdefault((max_new, stops), []).append(i)
+            bar = tqdm(total=len(items), disable=self._rank != 0, desc="focusvlm")
+            for (max_new, stops), idx in groups.items():
+                for start in range(0, len(idx), self.batch_size_per_gpu):
+                    chunk = idx[start:start + self.batch_size_per_gpu]
+                    gens = self.generator.generate([items[i][0] for i in chunk], [items[i][1] for i in chunk],
+                                                   max_new, stop=list(stops))
+                    for i, g in zip(chunk, gens):
+                        out[i] = g.text
+                        self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]),
+                                                    g.text)
+                    bar.update(len(chunk))
+            bar.close()
+            return out  # type: ignore[return-value]
 
         def loglikelihood(self, requests):
             raise NotImplementedError("focusvlm's lmms-eval model supports generation tasks only")
@@ -92,3 +222,7 @@ def __getattr__(name: str):
         globals()[name] = cls
         return cls
     raise AttributeError(name)
+
+
+__all__: Sequence[str] = ("manifest", "greedy_settings", "request_images", "UnsupportedGeneration", "MODEL_ID",
+                          "CLASS_PATH")

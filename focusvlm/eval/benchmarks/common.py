@@ -165,9 +165,11 @@ def manifest(run_dir: Path) -> dict:
 
 def write_scores(run_dir: Path, benchmark: str, summary: dict, details: dict, report_lines: list[str]) -> dict:
     """scores.json (the registry convention) + report.md (what `focusvlm score` prints)."""
+    from ..runinfo import atomic_write_text
+
     scores = {"benchmark": benchmark, "summary": summary, **details}
-    (Path(run_dir) / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
-    (Path(run_dir) / "report.md").write_text("\n".join(report_lines) + "\n")
+    atomic_write_text(Path(run_dir) / "scores.json", json.dumps(scores, indent=2, sort_keys=True))
+    atomic_write_text(Path(run_dir) / "report.md", "\n".join(report_lines) + "\n")
     return scores
 
 
@@ -176,7 +178,7 @@ def write_accuracy(run_dir: Path, benchmark: str, title: str, recs: list[dict], 
     errors = sum(bool(r.get("error")) for r in recs)
     acc = 100 * sum(values) / len(values) if values else 0.0
     summary = {"accuracy": acc, "samples": len(recs), "errors": errors}
-    lines = [f"# {title} — {run_dir}", "", f"accuracy: {acc:.2f} over {len(recs)} questions ({errors} errors)"]
+    lines = [f"# {title} — {run_dir}", "", f"accuracy: {acc:.2f}% over {len(recs)} questions ({errors} errors)"]
     return write_scores(run_dir, benchmark, summary, {}, lines)
 
 

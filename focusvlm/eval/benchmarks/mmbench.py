@@ -185,7 +185,7 @@ class MMBench(Benchmark):
             summary["circular"] = 100 * scorers.mmbench_accuracy(answered, circular=True)
             copies = sum(scorers.mmbench_group(r["index"])[1] > 0 for r in answered)
             summary["questions"] = len({scorers.mmbench_group(r["index"])[0] for r in answered})
-            lines.append(f"circular: {summary['circular']:.2f}  single pass: {summary['single']:.2f}  "
+            lines.append(f"circular accuracy: {summary['circular']:.2f}%  single pass: {summary['single']:.2f}%  "
                          f"({summary['questions']} questions, {copies} rotated copies, {errors} errors)")
             if copies == 0:
                 lines.append("no rotated copies in this run: circular equals single pass")

@@ -102,8 +102,9 @@ class MME(Benchmark):
         errors = sum(bool(r.get("error")) for r in recs)
         summary = {"perception": s["perception"], "cognition": s["cognition"], "total": s["total"],
                    "samples": len(recs), "errors": errors}
-        lines = [f"# MME — {run_dir}", "", f"perception: {s['perception']:.2f}  cognition: {s['cognition']:.2f}  "
-                 f"({len(recs)} questions, {errors} errors)", "", "| subtask | acc | acc+ | score |", "|---|---|---|---|"]
+        lines = [f"# MME — {run_dir}", "", f"perception: {s['perception']:.2f} (score, max 2000)  cognition: {s['cognition']:.2f} (score, "
+                 f"max 800)  ({len(recs)} questions, {errors} errors)", "",
+                 "| subtask | acc (%) | acc+ (%) | score (acc + acc+, max 200) |", "|---|---|---|---|"]
         for task, d in s["subtasks"].items():
             lines.append(f"| {task} | {d['acc']:.2f} | {d['acc_plus']:.2f} | {d['score']:.2f} |")
         if s["missing_subtasks"]:

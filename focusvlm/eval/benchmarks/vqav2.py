@@ -76,7 +76,7 @@ class VQAv2(LlavaQuestionBenchmark):
             accs = [scorers.vqa_accuracy(common.response_text(r), r["meta"]["answers"]) for r in scored]
             summary["accuracy"] = 100 * sum(accs) / len(accs)
             summary["scored"] = len(scored)
-            lines.append(f"accuracy: {summary['accuracy']:.2f} over {len(scored)} questions ({errors} errors)")
+            lines.append(f"accuracy: {summary['accuracy']:.2f}% over {len(scored)} questions ({errors} errors)")
         else:
             lines.append("no answers in this run (test split): upload the submission file to the evaluation server")
         return common.write_scores(run_dir, self.name, summary, {"submission": sub_path.name}, lines)

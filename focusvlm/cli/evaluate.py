@@ -37,7 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
     bench = registry.get(args.benchmark)
     result = run_from_args(bench, args)
     if _is_main():
-        for line in summary_lines(result, getattr(args, "_methods", None)):
+        for line in summary_lines(result, getattr(args, "_methods", None), getattr(args, "argv", None)):
             print(line, file=sys.stderr)
     # every process returns the same code: accelerate reports a failure if any rank does
     return 1 if result.failed else 0
@@ -48,17 +48,16 @@ def _ids(ids, limit: int = 5) -> str:
     return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
-def retry_command() -> str:
+def retry_command(argv: list[str] | None) -> str:
     """The command line that was run, with --retry-errors added."""
     import shlex
 
-    argv = [a for a in sys.argv[1:] if a != "--retry-errors"]
-    if not argv or sys.argv[0].endswith("pytest"):
+    if not argv:
         return "the same `focusvlm eval ...` command with --retry-errors"
-    return "focusvlm " + " ".join(shlex.quote(a) for a in argv) + " --retry-errors"
+    return "focusvlm " + " ".join(shlex.quote(a) for a in argv if a != "--retry-errors") + " --retry-errors"
 
 
-def summary_lines(result: RunResult, methods: str | None = None) -> list[str]:
+def summary_lines(result: RunResult, methods: str | None = None, argv: list[str] | None = None) -> list[str]:
     """What `focusvlm eval` tells the user at the end: counts, kept and new failures, how to retry."""
     lines = [f"{result.out_dir}: {result.total} samples" + (f" with {methods}" if methods else "")
              + f"; generated {result.generated} now (skipped {result.skipped} already done, {result.errors} "
@@ -70,7 +69,7 @@ def summary_lines(result: RunResult, methods: str | None = None) -> list[str]:
         first_id, first_error = next(iter(result.failed.items()))
         lines.append(f"FAILED: {len(result.failed)} of {result.total} samples have no answer "
                      f"({_ids(result.failed)}; first error: {first_id}: {first_error}); they score as wrong. "
-                     f"Retry them with: {retry_command()}")
+                     f"Retry them with: {retry_command(argv)}")
     return lines
 
 

@@ -87,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
         unpatch(model)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(args.output)
-    print(f"wrote {args.output} ({tokens} image tokens; {config.describe()})")
+    print(f"wrote {args.output} ({tokens} image tokens) with {config.describe()}")
     return 0

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test test-lmms install
 
 install: $(VENV)/.installed
 
@@ -32,3 +32,19 @@ demo: install
 
 test: install $(REFLIBS)/.installed
 	PYTHONPATH=$(REFLIBS) $(BIN)/python -m pytest -q
+
+# Opt-in: the lmms-eval plugin driven by lmms-eval's own CLI (`python -m lmms_eval`, 1 and 2
+# processes, a local task). The CLI imports these at start-up (~300 MB: datasets, pyarrow, pandas,
+# sacrebleu, aiohttp, ...), more than the plain test run needs, so they go in their own side folder.
+LMMSCLI := $(VENV)/lmms-cli-libs
+$(LMMSCLI)/.installed: $(REFLIBS)/.installed
+	$(BIN)/pip install -q --no-deps --target $(LMMSCLI) datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 \
+		dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 evaluate==0.4.6 sacrebleu==2.6.0 portalocker==4.4.2 \
+		tabulate==0.10.0 colorama==0.4.6 lxml==6.1.3 tenacity==9.2.1 pytablewriter==1.2.1 dataproperty==1.1.1 \
+		mbstrdecoder==1.1.5 chardet==7.7.0 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==2.0.0 \
+		aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1 \
+		propcache==0.5.4 yarl==1.25.1 attrs==26.1.0
+	touch $@
+
+test-lmms: install $(REFLIBS)/.installed $(LMMSCLI)/.installed
+	PYTHONPATH=$(REFLIBS):$(LMMSCLI) $(BIN)/python -m pytest -q tests/test_lmms_plugin.py tests/integrations

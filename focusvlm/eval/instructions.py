@@ -71,7 +71,8 @@ def _punkt():
         return None
 
 
-_warned = False
+# once per process, even when the module is reloaded (a reload re-runs this file in the same namespace)
+_warned = globals().get("_warned", False)
 
 
 def sentence_splitter() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "FocusHandle": "focusvlm.api", "load": "focusvlm.api", "patch": "focusvlm.api", "patched": "focusvlm.api",
+    "FocusHandle": "focusvlm.api", "ProcessorHint": "focusvlm.api", "load": "focusvlm.api", "patch": "focusvlm.api", "patched": "focusvlm.api",
     "unpatch": "focusvlm.api",
     "ConfigError": "focusvlm.config", "FocusConfig": "focusvlm.config",
     "CMAIConfig": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",

@@ -10,6 +10,11 @@ import torch
 from .config import ConfigError, FocusConfig
 
 
+class ProcessorHint(UserWarning):
+    """``patch`` got no processor while the vision side changes the tokens per image. Callers that
+    build their inputs with ``handle.image_tokens()`` placeholders themselves may ignore it."""
+
+
 class FocusHandle:
     """What ``patch`` switched on; attached to the model as ``model._focusvlm``.
 
@@ -120,7 +125,7 @@ def _guard_placeholders(handle: FocusHandle, processor: Any | None) -> None:
         warnings.warn(f"{name} gives {patched_count} image tokens per image instead of {stock_count}, and patch() "
                       f"got no processor: pass processor= to patch() (or focusvlm.load) so prompts carry "
                       f"{patched_count} placeholders; inputs from a stock processor will be refused",
-                      UserWarning, stacklevel=3)
+                      ProcessorHint, stacklevel=3)
     token_id = handle.adapter.image_token_id(handle.model)
 
     def check(module, args, kwargs):

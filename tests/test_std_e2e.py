@@ -77,7 +77,7 @@ def test_report_builds_table2(runs, capsys, tmp_path):
     assert cli("report", *[out[n] for n in NAMES], "--out", tmp_path) == 0
     text = capsys.readouterr().out
     header = text.splitlines()[0]
-    assert header == "| model | method | IF | VQAv2 | GQA | TextVQA | MME | MMBench |"
+    assert header == "| model | method | IF (%) | VQAv2 (%) | GQA (%) | TextVQA (%) | MME (score) | MMBench (%) |"
     table = json.loads((tmp_path / "table2.json").read_text())
     assert len(table["rows"]) == 1  # same model + config: one row
     cells = table["rows"][0]["cells"]

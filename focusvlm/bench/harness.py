@@ -24,7 +24,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..api import patch, unpatch
+from ..api import ProcessorHint, unpatch
+from ..api import patch as _patch
+
+
+def patch(model, config):
+    """focusvlm.patch without a processor: the bench builds inputs with the reduced count itself."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProcessorHint)
+        return _patch(model, config)
 from ..runtime import resolve_device_dtype
 from .flops import TextShape, VisionShape, prefill_flops
 from .methods import Method, parse_method

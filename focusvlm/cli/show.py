@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     model, processor, _ = load_from_args(args, patch_model=False)
     # the processor is only used for its pixels here, so it stays stock (an adaptive count needs no placeholders);
     # patch() warns about a stock processor, which does not apply: no prompt is built
+    from ..api import ProcessorHint
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", ProcessorHint)
         handle = patch(model, config)
     try:
         method, adapter = handle.vision, handle.adapter

@@ -23,8 +23,12 @@ and the engine does the rest:
 Output folder ``out_dir``:
 
 * ``manifest.json``: model id, ``FocusConfig.to_dict()``, benchmark name and
-  fingerprint (e.g. the bench file's hash), generation settings. A second run
-  into the same folder resumes only if these match; otherwise it refuses.
+  fingerprint (e.g. the bench file's hash), generation settings, the resolved
+  dtype and the device type. A second run into the same folder resumes only if
+  these match; otherwise it refuses. Informational, updated on resume:
+  ``environment`` (device, library versions), ``samples`` (how many samples the
+  last call asked for and a hash of their ids: what ``runinfo`` measures
+  completeness against), ``resumed`` (the environments of later calls).
 * ``config.yaml``: the resolved FocusConfig (loadable with ``FocusConfig.load``).
 * ``predictions.jsonl``: one flushed line per sample, written as it goes:
   ``{"id", "index", "prompt", "response", "error", "time_s", "batch_time_s",

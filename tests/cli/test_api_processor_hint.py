@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from focusvlm import FocusConfig, PruMergeConfig, SPDConfig, VMTCConfig, patch, unpatch
+from focusvlm import FocusConfig, ProcessorHint, PruMergeConfig, SPDConfig, VMTCConfig, patch, unpatch
 from focusvlm.models.llava import random_llava
 from tiny_llava_folder import tiny_processor
 
@@ -22,7 +22,7 @@ def batch(processor):
 def test_without_processor_warns_then_names_the_fix(config):
     model, processor = random_llava("tiny"), tiny_processor()
     inputs = batch(processor)  # built by the stock processor: 64 placeholders
-    with pytest.warns(UserWarning, match=r"gives \d+ image tokens per image instead of 64, and patch\(\) got no "
+    with pytest.warns(ProcessorHint, match=r"gives \d+ image tokens per image instead of 64, and patch\(\) got no "
                                          r"processor: pass processor= to patch\(\)"):
         handle = patch(model, config)
     with pytest.raises(ValueError, match=r"the inputs hold 64 image placeholder tokens for 1 image\(s\), the stock "

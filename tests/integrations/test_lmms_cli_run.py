@@ -204,10 +204,11 @@ def run_cli(tmp_path, tiny, processes):
     if processes == 1:
         cmd = [sys.executable, *lmms]
     else:
-        # `accelerate launch --cpu` starts one process without an MPI setup; torchrun gives the same
-        # torch.distributed world that `accelerate launch --num_processes N` gives on GPUs
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", "29541", *lmms]
+        # the command; `--cpu` would pick accelerate's single-process launcher, while
+        # `--multi_gpu` starts torchrun, which on a machine without CUDA gives an N-process gloo group
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29541", *lmms]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=_env(HF_DATASETS_CACHE=str(tmp_path / "hf-datasets")))
     log = proc.stdout + proc.stderr

@@ -112,3 +112,18 @@ def test_load_demo_in_python(demo):
     model, processor = load("demo")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert getattr(model, "_focusvlm", None) is None and processor.tokenizer.padding_side == "left"
+
+
+def test_unsupported_family_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    code, err = generate(tmp_path, capsys)
+    assert code == 2
+    assert err == "focusvlm generate: error: focusvlm has no adapter for model_type 'bert'; supported: LLaVA-1.5 " \
+                  "(model_type llava)"
+
+
+def test_broken_config_json_names_the_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": ')
+    code, err = generate(tmp_path, capsys)
+    assert code == 2 and err.startswith(f"focusvlm generate: error: {tmp_path / 'config.json'}: ")
+    assert len(err.splitlines()) == 1

@@ -104,6 +104,7 @@ class VisionMethod(Method):
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
+    _ensure_loaded()  # built-ins first, so a plug-in never reorders them
     if cls.side not in ("vision", "llm"):
         raise ValueError(f"method {cls.name!r}: side must be 'vision' or 'llm', got {cls.side!r}")
     existing = _METHODS.get(cls.name)

@@ -41,7 +41,7 @@ def resolve_device_dtype(device: str | None, dtype: Any) -> tuple[Any, Any]:
 
 def _checkpoint_config(source: str):
     """The checkpoint's config, or a one-line ModelLoadError naming what is wrong."""
-    from transformers import AutoConfig
+    from .models import read_checkpoint_config
 
     path = Path(source).expanduser()
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -51,11 +51,11 @@ def _checkpoint_config(source: str):
             inside = sorted(p.name for p in path.iterdir())[:6]
             raise ModelLoadError(f"{source} holds no config.json, so it is not a saved model"
                                  + (f" (it has: {', '.join(inside)})" if inside else " (the folder is empty)"))
-        return AutoConfig.from_pretrained(path)
+        return read_checkpoint_config(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
         os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
     try:
-        return AutoConfig.from_pretrained(source, local_files_only=offline)
+        return read_checkpoint_config(source, local_files_only=offline)
     except Exception as exc:  # hub errors come in many types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if offline:

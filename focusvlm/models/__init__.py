@@ -73,6 +73,13 @@ def adapter_for(model: Any) -> FamilyAdapter:
                                 "(docs/architecture.md).")
 
 
+def read_checkpoint_config(source: Any, **kwargs: Any) -> Any:
+    """A checkpoint's config (transformers' AutoConfig), to pick the family adapter before loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
 def adapter_for_preset(preset: str) -> FamilyAdapter:
     """The adapter that builds random-weight preset ``preset``."""
     for adapter in list_families():
@@ -83,5 +90,5 @@ def adapter_for_preset(preset: str) -> FamilyAdapter:
 
 
 __all__ = ["CallInputs", "FamilyAdapter", "TowerGeometry", "UnsupportedModelError", "adapter_for",
-           "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families", "register_family",
+           "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families", "read_checkpoint_config", "register_family",
            "supported"]

@@ -123,9 +123,15 @@ def _ensure_loaded() -> None:
 
 
 def all_methods() -> dict[str, type[Method]]:
-    """Every registered method by name, built-ins first."""
+    """Every registered method by name: built-ins in ``BUILTIN_MODULES`` order, then plug-ins as registered."""
     _ensure_loaded()
-    return dict(_METHODS)
+    order = list(_METHODS)
+
+    def rank(name: str) -> tuple[int, int]:
+        module = _METHODS[name].__module__
+        builtin = BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+        return builtin, order.index(name)
+    return {name: _METHODS[name] for name in sorted(order, key=rank)}
 
 
 def list_methods() -> list[str]:

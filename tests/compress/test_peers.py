@@ -15,10 +15,15 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def peaked_attention(B, N, seed, power=8.0):
-    """CLS-like attention: a few large entries over a flat floor, so the IQR rule finds outliers."""
-    logits = torch.randn(B, N, generator=gen(seed), dtype=F64) * 2.5
-    return (logits * power / 4).softmax(-1)
+def peaked_attention(B, N, seed):
+    """CLS-like attention: a few spikes (2 + b per image) over a noisy floor, so the IQR rule finds a
+    small outlier share, as with CLIP (a share near 1/4 would hide the adaptive PruMerge+ step)."""
+    g = gen(seed)
+    a = 1 + 0.2 * torch.rand(B, N, generator=g, dtype=F64)
+    for b in range(B):
+        spikes = torch.randperm(N, generator=g)[:2 + b]
+        a[b, spikes] += 5 + 5 * torch.rand(len(spikes), generator=g, dtype=F64)
+    return a / a.sum(-1, keepdim=True)
 
 
 # =========================================================================== PruMerge
@@ -56,7 +61,7 @@ def test_prumerge_matches_reference(plus, adaptive, ratio, B):
                               neighbours=prumerge.NEIGHBOURS)
     assert out.shape == (B, rec.kept.shape[1] + 1, D)
     if adaptive:
-        assert 0 < rec.kept.shape[1] < N
+        assert 0 < rec.kept.shape[1] < N and rec.ratio < 1 / 8
     else:
         assert out.shape[1] == prumerge.token_count(N, ratio, plus)
 
@@ -66,11 +71,13 @@ def test_prumerge_full_path_from_q_and_k():
     B, N, D, C = 2, 40, 4, 8
     g = gen(3)
     features = torch.randn(B, N, D, generator=g, dtype=F64)
-    q = torch.randn(B, 1 + N, C, generator=g, dtype=F64) * 3
-    keys = torch.randn(B, 1 + N, C, generator=g, dtype=F64) * 3
+    q = torch.randn(B, 1 + N, C, generator=g, dtype=F64)
+    keys = torch.randn(B, 1 + N, C, generator=g, dtype=F64)
+    keys[:, 0] = 2 * q[:, 0]                                    # CLS takes a large share of its own attention
     attn = prumerge.cls_attention(q[:, 0], keys)
     for b in range(B):
         torch.testing.assert_close(attn[b], torch.tensor(ref.prumerge_attention(q[b], keys[b]), dtype=F64))
+    assert bool((attn.sum(-1) < 0.9).all())                     # the CLS column was part of the softmax
     out, rec = prumerge.prumerge(features, q[:, 0], keys, adaptive=False, ratio=1 / 8, neighbours=7)
     want, _ = prumerge.prumerge_from_attention(features, keys[:, 1:], attn, adaptive=False, ratio=1 / 8,
                                                neighbours=7)
@@ -104,6 +111,20 @@ def test_prumerge_plus_fixed_duplicates_drop_lowest_pruned():
     truly_pruned = [p for p in range(N) if p not in {4, 12, 7, 9, 20, 28}]
     assert rec.pruned[0].tolist() == truly_pruned[2:]          # two duplicates -> positions 0 and 1 left out
     torch.testing.assert_close(out[0, 0], out[0, 4])            # the duplicate emits the same token twice
+
+
+def test_prumerge_plus_adaptive_skips_samples_already_kept():
+    """Two outliers of 64: ratio 1/32, step int(32 / 3) = 10, samples 0, 10, .., 60 minus the kept 0."""
+    N = 64
+    attn = torch.full((1, N), 1.0, dtype=F64)
+    attn[0, [7, 0]] = torch.tensor([9.0, 8.0], dtype=F64)
+    attn = attn / attn.sum()
+    g = gen(10)
+    features, keys = torch.randn(1, N, 3, generator=g, dtype=F64), torch.randn(1, N, 4, generator=g, dtype=F64)
+    out, rec = check_prumerge(features, keys, attn, plus=True, adaptive=True, ratio=1 / 8, neighbours=32)
+    assert rec.ratio == 2 / 64
+    assert rec.kept[0].tolist() == [7, 0, 10, 20, 30, 40, 50, 60]
+    assert out.shape == (1, 9, 3)
 
 
 def test_prumerge_adaptive_ratio_is_batch_wide():

@@ -226,6 +226,8 @@ def merge(features: torch.Tensor, patch_keys: torch.Tensor, attn: torch.Tensor, 
     if patch_keys.shape[:2] != (B, N) or attn.shape != (B, N):
         raise ValueError(f"PruMerge: features {tuple(features.shape)}, patch keys {tuple(patch_keys.shape)} and "
                          f"attention {tuple(attn.shape)} disagree on (B, N)")
+    if idx.dim() != 2 or idx.shape[0] != B:
+        raise ValueError(f"PruMerge kept indices must be (B, K) with B={B}, got {tuple(idx.shape)}")
     K = idx.shape[1]
     if K > 0 and not 1 <= neighbours <= N - 1:
         # the official topk(k=32) fails when fewer than 32 other tokens exist

@@ -146,13 +146,6 @@ def get_method(name: str) -> type[Method]:
     return methods[name]
 
 
-def method_for_config(config: Any) -> type[Method]:
-    for cls in all_methods().values():
-        if isinstance(config, cls.config_class):
-            return cls
-    raise UnknownMethodError(f"no registered method takes a {type(config).__name__}")
-
-
 def _fields(config: Any) -> dict[str, Any]:
     import dataclasses
 

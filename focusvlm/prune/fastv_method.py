@@ -71,6 +71,14 @@ class FastVConfig:
         return min(self.keep, image_tokens) if self.keep is not None else fastv.keep_count(image_tokens, self.ratio)
 
 
+def layer_positions(config: FastVConfig, num_layers: int, text_tokens: int, image_tokens: int) -> list[int]:
+    """Positions each decoder layer runs on in the prefill of one sample (for FLOP counts):
+    everything before layer K, text + kept image tokens from K on."""
+    full = text_tokens + image_tokens
+    kept = text_tokens + config.kept(image_tokens)
+    return [full if layer < config.k else kept for layer in range(num_layers)]
+
+
 @dataclass
 class _Call:
     """One forward call of the language side, as FastV needs it."""

@@ -337,6 +337,9 @@ def _guard_generate(model: torch.nn.Module) -> None:
         if cache_impl not in (None, "dynamic"):
             raise NotImplementedError(f"FastV does not support cache_implementation={cache_impl!r}; use the default "
                                       "dynamic cache.")
+        if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
+            raise NotImplementedError("FastV chooses the image tokens from the whole prompt in one prefill; a chunked "
+                                      "prefill (prefill_chunk_size) is not supported.")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") or \
                 (kwargs.get("penalty_alpha") or 0) > 0:
             raise NotImplementedError("FastV does not support assisted or contrastive decoding: both crop the cache.")

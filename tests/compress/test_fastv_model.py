@@ -162,6 +162,8 @@ def test_refusals():
             model.generate(**batch, max_new_tokens=2, num_beams=2, pad_token_id=0)
         with pytest.raises(NotImplementedError, match="cache_implementation"):
             model.generate(**batch, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+        with pytest.raises(NotImplementedError, match="chunked"):
+            model.generate(**batch, max_new_tokens=2, prefill_chunk_size=4, pad_token_id=0)
         out = forward(model, batch, use_cache=True)
         more = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"],
                 "attention_mask": torch.cat([batch["attention_mask"]] * 2, dim=1)}

@@ -26,7 +26,8 @@ from .config import ConfigError
 
 # modules whose import registers the built-in methods, in the order they are listed
 BUILTIN_MODULES = ("focusvlm.inhibit.method", "focusvlm.compress.vmtc", "focusvlm.compress.spd",
-                   "focusvlm.compress.prumerge_method")
+                   "focusvlm.compress.prumerge_method", "focusvlm.compress.visionzip_method",
+                   "focusvlm.compress.divprune_method", "focusvlm.prune.fastv_method")
 
 _METHODS: dict[str, type["Method"]] = {}
 _loaded = False

@@ -112,9 +112,17 @@ def llm_layer_flops(t: TextShape, seq: int) -> int:
     return proj + attention + mlp
 
 
-def llm_prefill_flops(t: TextShape, seq: int) -> int:
-    """All decoder layers over ``seq`` positions plus the LM head on the last one."""
-    return t.layers * llm_layer_flops(t, seq) + 2 * t.hidden * t.vocab
+def llm_prefill_flops(t: TextShape, seq: int, layer_seq: Sequence[int] | None = None) -> int:
+    """All decoder layers over ``seq`` positions plus the LM head on the last one.
+
+    layer_seq: positions each decoder layer runs on, when a method removes
+    tokens inside the LLM (FastV); None = ``seq`` in every layer.
+    """
+    if layer_seq is None:
+        return t.layers * llm_layer_flops(t, seq) + 2 * t.hidden * t.vocab
+    if len(layer_seq) != t.layers:
+        raise ValueError(f"layer_seq lists {len(layer_seq)} layers, the LLM has {t.layers}")
+    return sum(llm_layer_flops(t, s) for s in layer_seq) + 2 * t.hidden * t.vocab
 
 
 def cmai_flops(t: TextShape, seq: int, text_rows: int, image_tokens: int, inhibited_layers: int) -> int:
@@ -148,12 +156,16 @@ class PrefillFlops:
 
 def prefill_flops(v: VisionShape, t: TextShape, *, prompt_tokens: int, visual_tokens: int, batch: int = 1,
                   vision_schedule: Sequence[tuple[int, int]] | None = None,
-                  vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0) -> PrefillFlops:
-    """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each."""
+                  vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0,
+                  llm_layer_seq: Sequence[int] | None = None) -> PrefillFlops:
+    """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each.
+
+    llm_layer_seq: positions per decoder layer when tokens leave inside the LLM (FastV).
+    """
     seq = prompt_tokens + visual_tokens
     return PrefillFlops(
         vision=batch * vision_flops(v, vision_schedule, vmtc_stages),
         projector=batch * projector_flops(v, t, visual_tokens),
-        llm=batch * llm_prefill_flops(t, seq),
+        llm=batch * llm_prefill_flops(t, seq, llm_layer_seq),
         cmai=batch * cmai_flops(t, seq, prompt_tokens, visual_tokens, cmai_layers),
         batch=batch, detail={"seq_len": seq})

@@ -152,7 +152,8 @@ def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str,
     hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
     try:
         with method_applied(model, method) as handle, torch.inference_mode():
-            feats = _vision_call(model, pixel_values[:1])()[0]
+            # the whole batch: PruMerge's adaptive count is taken over it, and every image gets that count
+            feats = _vision_call(model, pixel_values)()[0]
             vision = handle.vision if handle is not None else None
             stages = vision.stage_plan() if vision is not None else []
     finally:
@@ -235,9 +236,14 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
         cmai_layers = 0
         if m.config.cmai is not None:
             cmai_layers = sum(g > 0 for g in m.config.cmai.gammas(tshape.layers))
+        layer_seq = None
+        if m.config.fastv is not None:  # image tokens leave the LLM after layer K
+            from ..prune.fastv_method import layer_positions
+
+            layer_seq = layer_positions(m.config.fastv, tshape.layers, opts.prompt_tokens, info["visual_tokens"])
         flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens, visual_tokens=info["visual_tokens"],
                               batch=batch, vision_schedule=info["schedule"], vmtc_stages=info["vmtc_stages"],
-                              cmai_layers=cmai_layers)
+                              cmai_layers=cmai_layers, llm_layer_seq=layer_seq)
         plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops}
 
     def calls(name: str) -> dict[str, Callable[[], Any]]:

@@ -26,8 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="mid", choices=list(PRESETS), help="architecture to build (default: mid)")
     p.add_argument("--model", help="measure this LLaVA checkpoint (hub id or folder) instead of a preset")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], vmtc[:target], "
-                        "cmai[:gamma_max], vmtc+cmai (default: all)")
+                   help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], visionzip[:tokens], "
+                        "divprune[:budget], vmtc[:target], cmai[:gamma_max], fastv[:R|keep], vmtc+cmai ... "
+                        "Equal budgets: stock,vmtc:192,visionzip:192,prumerge:192,divprune:192,fastv:192 "
+                        "(default: " + ",".join(DEFAULT_METHODS) + ")")
     p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,16 (default: 1)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens around the image (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate, exactly (default: 128)")

@@ -73,8 +73,11 @@ class FastVSelection:
 
 
 def select(scores: torch.Tensor, image_mask: torch.Tensor, ratio: float = DEFAULT_RATIO,
-           valid_mask: torch.Tensor | None = None) -> FastVSelection:
+           valid_mask: torch.Tensor | None = None, keep: int | None = None) -> FastVSelection:
     """Keep, per sample, the round(n_b * (1 - R)) image tokens with the highest last-token attention.
+
+    ``keep`` (optional) is an absolute count instead, min(keep, n_b) per sample:
+    the original LLaVA path's ``fast_v_attention_rank``.
 
     scores (B, Kv) from ``last_token_attention``; image_mask (B, Kv) bool, the
     image positions of each sample (n_b = its count; any number, not
@@ -97,7 +100,12 @@ def select(scores: torch.Tensor, image_mask: torch.Tensor, ratio: float = DEFAUL
     _check_ratio(ratio)
     B, L = scores.shape
     n = image_mask.sum(-1)
-    counts = torch.round(n.double() * (1 - ratio)).long()                         # round half to even, like round()
+    if keep is None:
+        counts = torch.round(n.double() * (1 - ratio)).long()                     # round half to even, like round()
+    else:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"FastV keep must be a non-negative int, got {keep!r}")
+        counts = n.clamp(max=keep)
     # rank the image positions by score (descending, ties: lower position), non-image positions last
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort((~image_mask).gather(1, order).long(), dim=-1, stable=True).indices)
@@ -110,3 +118,36 @@ def select(scores: torch.Tensor, image_mask: torch.Tensor, ratio: float = DEFAUL
     pos = torch.sort(torch.where(kept_img, torch.arange(L, device=scores.device), L), dim=-1).values[:, :width]
     kept_image = torch.where(pos < L, pos, -1)
     return FastVSelection(keep, kept_image, counts)
+
+
+# --------------------------------------------------------------------------- after removal
+
+def kept_index(keep: torch.Tensor) -> torch.Tensor:
+    """The positions each sample keeps, ascending, as one (B, M) tensor: M = the largest kept count,
+    shorter samples left-filled with -1 (like left padding), so later layers see one rectangle."""
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"FastV keep must be a (B, L) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+    B, L = keep.shape
+    width = int(keep.sum(-1).max()) if B else 0
+    pos = torch.where(keep, torch.arange(L, device=keep.device), -1)
+    return torch.sort(pos, dim=-1).values[:, L - width:]
+
+
+def removal_mask(key_pos: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor,
+                 query_filler: torch.Tensor | None = None) -> torch.Tensor:
+    """Which cached entries each query may attend to in a layer after the removal, (B, 1, Q, KV) bool.
+
+    key_pos (B, KV) / query_pos (B, Q): ORIGINAL sequence positions of the
+    entries a layer >= K holds and of the queries; key_valid (B, KV) False on
+    fillers and padding. A query attends to the valid entries at or before
+    its own position: the stock causal + padding rule, in original positions.
+    query_filler (B, Q), prefill only (queries = keys): filler rows attend to
+    themselves alone, so their (unused) outputs stay finite.
+    """
+    allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
+    if query_filler is not None:
+        if query_pos.shape[1] != key_pos.shape[1]:
+            raise ValueError("FastV filler rows exist only when the queries are the kept entries themselves")
+        eye = torch.eye(query_pos.shape[1], dtype=torch.bool, device=key_pos.device)
+        allowed = allowed | (query_filler[:, :, None] & eye)
+    return allowed[:, None]

@@ -302,3 +302,29 @@ def prumerge(features: torch.Tensor, cls_query: torch.Tensor, keys: torch.Tensor
     attn = cls_attention(cls_query, keys)
     return prumerge_from_attention(features, keys[:, 1:], attn, plus=plus, adaptive=adaptive, ratio=ratio,
                                    neighbours=neighbours)
+
+
+def ratio_for_count(num_patches: int, count: int, plus: bool = False) -> float:
+    """The official ``reduction_ratio`` at which the fixed path hands the LLM ``count`` tokens (or fewer).
+
+    The official code takes a ratio r, not a count: it keeps int(N * r) tokens
+    (PruMerge+ adds int(1 / r)-spaced samples) and appends one merged token.
+    For a token budget we run the official path at r = (k + 1/2) / N, the
+    midpoint that makes int(N * r) = k with no float doubt, with k the largest
+    kept count whose output (``token_count``) does not exceed ``count``:
+    k = count - 1 for PruMerge; for PruMerge+ the output grows about twice as
+    fast as k, so some budgets are met one token short.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ValueError(f"PruMerge needs a budget of at least 2 tokens (one kept + the merged one), got {count!r}")
+    if count > num_patches + 1:
+        raise ValueError(f"PruMerge budget {count} exceeds the {num_patches} patches + 1 merged token")
+    for kept in range(min(count - 1, num_patches), 0, -1):
+        ratio = min(1.0, (kept + 0.5) / num_patches)   # all patches: r = 1 exactly
+        try:
+            if token_count(num_patches, ratio, plus) <= count:
+                return ratio
+        except ValueError:  # PruMerge+ picking more tokens than there are patches
+            continue
+    raise ValueError(f"PruMerge{'+' if plus else ''} cannot hand the LLM {count} tokens or fewer from "
+                     f"{num_patches} patches")

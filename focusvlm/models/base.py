@@ -66,6 +66,9 @@ class TowerGeometry:
         return min(self.feature_layers)
 
 
+# the keyword inputs of a transformers 5 decoder layer that token removal rewrites
+_DECODER_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "past_key_values")
+
 TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
 ``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
@@ -116,6 +119,47 @@ class FamilyAdapter:
         """Token types of one call, from the arguments ``call_module`` received."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ language side (token removal: FastV)
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every decoder layer of the language model, in order (pre-hook targets of token removal)."""
+        layers = getattr(self.core(model).language_model, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(f"the language model of {self.title} has no `.layers`")
+        return list(layers)
+
+    def decoder_layer_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What a decoder layer was called with: hidden_states, attention_mask, position_embeddings,
+        position_ids, past_key_values (transformers 5 decoder layers: hidden states first, the rest by keyword)."""
+        out = {name: kwargs.get(name) for name in _DECODER_LAYER_KWARGS}
+        out["hidden_states"] = args[0] if args else kwargs.get("hidden_states")
+        return out
+
+    def with_decoder_layer_inputs(self, args: tuple, kwargs: dict, **changes: Any) -> tuple[tuple, dict]:
+        """(args, kwargs) of a decoder-layer call with some inputs replaced (names as ``decoder_layer_inputs``)."""
+        args, kwargs = tuple(args), dict(kwargs)
+        if "hidden_states" in changes:
+            hidden = changes.pop("hidden_states")
+            if args:
+                args = (hidden,) + args[1:]
+            else:
+                kwargs["hidden_states"] = hidden
+        unknown = set(changes) - set(_DECODER_LAYER_KWARGS)
+        if unknown:
+            raise ValueError(f"unknown decoder-layer inputs {sorted(unknown)}")
+        kwargs.update(changes)
+        return args, kwargs
+
+    def decoder_query_key(self, attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: Any,
+                          query_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A decoder attention's queries at ``query_rows`` and its keys at every position, as it forms them.
+
+        hidden_states (B, Q, D) is the attention's input (after the layer's norm),
+        ``position_embeddings`` what the layer received, query_rows (B,) one row
+        per sample. Returns (q (B, H, 1, d), k (B, H, Q, d) with the key heads
+        repeated to the query heads, scale), positions embedded as the layer does.
+        """
+        raise UnsupportedModelError(f"{self.title}: no decoder q/k")
+
     # ------------------------------------------------------------------ vision side
     def tower_geometry(self, model: torch.nn.Module) -> TowerGeometry:
         raise UnsupportedModelError(f"{self.title}: vision-side methods are not supported yet")
@@ -139,6 +183,26 @@ class FamilyAdapter:
     def reduce_projector_input(self, model: torch.nn.Module,
                                reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         """Apply ``reduce`` to the patch features (B, N, D; CLS excluded) before the projector; returns the undo."""
+        raise UnsupportedModelError(f"{self.title}: no projector hook")
+
+    def capture_layer_output(self, model: torch.nn.Module,
+                             layer_idx: int) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """(take, undo): ``take()`` returns (layer, its input, its output) hidden states of the last forward, once."""
+        raise UnsupportedModelError(f"{self.title}: no layer-output capture")
+
+    def replace_projector_input(self, model: torch.nn.Module,
+                                replace: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        """Hand the projector ``replace(features)`` instead of its input; returns the undo.
+
+        Unlike ``reduce_projector_input`` the whole input is replaced: ``features``
+        is what the projector would receive (CLS included when the family keeps it)
+        and the result is projected as it is (for methods that choose CLS
+        themselves, e.g. VisionZip)."""
+        raise UnsupportedModelError(f"{self.title}: no projector hook")
+
+    def reduce_projector_output(self, model: torch.nn.Module,
+                                reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        """Apply ``reduce`` to the projected image features (images, tokens, LLM width); returns the undo."""
         raise UnsupportedModelError(f"{self.title}: no projector hook")
 
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,79 @@ def fastv_image(attn_layer, image_positions, ratio, last=None):
     n_keep = round(len(image_positions) * (1 - ratio))
     top = [image_positions[i] for i in _descending(img_scores)[:n_keep]]
     return sorted(top)
+
+
+# --------------------------------------------------------------------------- FastV, the whole pruned model
+# The official fastv_forward (KV-cache version) as a slow float64 re-statement on one unpadded sample:
+# a Llama decoder written out (RMSNorm, rotary q/k, GQA, explicit causal softmax, SwiGLU), layer K - 1's
+# attention matrix formed in full, the kept positions chosen with fastv_image, and layers K.. run on the
+# kept positions only, with their ORIGINAL positions for the rotary angles and the causal rule.
+
+def _rms(norm, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.to(F64)
+
+
+def _rotate(x, positions, inv_freq):
+    angles = torch.tensor(positions, dtype=F64)[:, None] * inv_freq.to(F64)[None]     # (T, d/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+def _decoder_layer(layer, h, positions, inv_freq):
+    """One Llama decoder layer on h (T, D) at ``positions``; returns (h, attention (H, T, T))."""
+    attn = layer.self_attn
+    d, T = attn.head_dim, h.shape[0]
+    x = _rms(layer.input_layernorm, h)
+    lin = lambda m, t: t @ m.weight.to(F64).T + (m.bias.to(F64) if m.bias is not None else 0)  # noqa: E731
+    q = lin(attn.q_proj, x).view(T, -1, d).transpose(0, 1)                                     # (H, T, d)
+    k = lin(attn.k_proj, x).view(T, -1, d).transpose(0, 1)
+    v = lin(attn.v_proj, x).view(T, -1, d).transpose(0, 1)
+    q, k = _rotate(q, positions, inv_freq), _rotate(k, positions, inv_freq)
+    group = q.shape[0] // k.shape[0]
+    probs, out = [], []
+    for head in range(q.shape[0]):
+        kv = head // group
+        logits = q[head] @ k[kv].T * d ** -0.5
+        allowed = torch.tensor([[pk <= pq for pk in positions] for pq in positions])
+        p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        probs.append(p)
+        out.append(p @ v[kv])
+    h = h + lin(attn.o_proj, torch.cat(out, dim=-1))
+    y = _rms(layer.post_attention_layernorm, h)
+    mlp = layer.mlp
+    h = h + lin(mlp.down_proj, torch.nn.functional.silu(lin(mlp.gate_proj, y)) * lin(mlp.up_proj, y))
+    return h, torch.stack(probs)
+
+
+def fastv_pruned_forward(model, input_ids, pixel_values, k, ratio, keep_image=None):
+    """Logits of a LLaVA model with FastV, one unpadded sample. input_ids (L,); pixel_values of its images.
+
+    keep_image: the kept image positions to use instead of choosing them (a cached generation keeps the
+    prompt's choice). Returns (logits (M, V) at the kept positions, kept positions, kept image positions).
+    """
+    core = model.model
+    lm = core.language_model
+    ids = input_ids.tolist()
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        h = core.get_input_embeddings()(input_ids[None])[0].to(F64)
+        images = [i for i, t in enumerate(ids) if t == image_id]
+        if images:
+            feats = core.get_image_features(pixel_values, vision_feature_layer=model.config.vision_feature_layer,
+                                            vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+            h[images] = torch.cat(list(feats.pooler_output)).to(F64)
+        inv_freq = lm.rotary_emb.inv_freq
+        positions = list(range(len(ids)))
+        attention = None
+        for index, layer in enumerate(lm.layers):
+            if index == k:
+                if keep_image is None:
+                    keep_image = fastv_image(attention, images, ratio) if images else []
+                keep = sorted([p for p in positions if p not in images] + list(keep_image))
+                h = h[[positions.index(p) for p in keep]]
+                positions = keep
+            h, attention = _decoder_layer(layer, h, positions, inv_freq)
+        logits = _rms(lm.norm, h) @ model.lm_head.weight.to(F64).T
+    return logits, positions, list(keep_image)

@@ -156,6 +156,23 @@ def _trainer_class():
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
             return self.optimizer
 
+        def _save(self, output_dir=None, state_dict=None):
+            """Checkpoints keep the module names as they are (save_original_format=False): transformers
+            5.23 writes LLaVA weights under their legacy names by default, which the Trainer's own resume
+            (a plain load_state_dict) does not map back, so a resumed run would silently keep its initial
+            weights. The final model (``final_save``) is written in the default, legacy-compatible layout."""
+            from transformers import PreTrainedModel
+
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if getattr(self, "final_save", False) or not isinstance(model, PreTrainedModel):
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True, save_original_format=False)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
@@ -266,7 +283,6 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
     # weights: bf16 when training in bf16 on a GPU; trainable parts in fp32 unless DeepSpeed keeps master copies
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     net, processor = load_model(model, vision, lm, dtype, recipe.seed)
-    net.config.use_cache = False
     set_trainable(net, projector=recipe.train_projector, lm=recipe.train_lm and not recipe.lora)
     if dtype != torch.float32 and not args.deepspeed:
         for p in net.parameters():
@@ -331,7 +347,7 @@ def save_final(trainer, net, processor, handle, recipe: Recipe, output_dir: Path
     """The stock model (unpatched) and processor, plus the adapter with LoRA."""
     if handle is not None:
         unpatch(net, processor)
-    net.config.use_cache = True
+    trainer.final_save = True
     if recipe.lora:
         trainer.save_model(str(output_dir / ADAPTER_DIR))  # the adapter (+ the fully trained projector)
         if recipe.merge_lora:

@@ -122,8 +122,10 @@ def _trainer_class():
 
     class FocusTrainer(Trainer):
         """Trainer with LLaVA-1.5's sampler (grouped by modality), a projector learning rate, and the
-        vision path kept in every step's graph (text-only batches would leave the projector without a
-        gradient on one process, which DDP and ZeRO-3 cannot reconcile)."""
+        vision path kept in every step's graph: a text-only batch runs the tower and projector on a blank
+        image with weight 0 (as LLaVA-1.5 does), so the projector gets a zero gradient instead of none.
+        Without it, one process's text-only batch would leave DDP / ZeRO-3 waiting for a gradient, and
+        AdamW would skip the projector on text-only steps in 1 process but not in N."""
 
         def __init__(self, *args, recipe: Recipe, **kwargs):
             super().__init__(*args, **kwargs)
@@ -176,7 +178,7 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
-            if "pixel_values" in inputs or self.args.world_size <= 1:
+            if "pixel_values" in inputs:
                 return out
             loss = out[0] if return_outputs else out
             loss = loss + 0.0 * _vision_keepalive(base_llava(model), inputs["input_ids"].device)

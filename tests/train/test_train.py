@@ -192,3 +192,15 @@ def test_lora_trains_adapters_and_projector_only(base, tmp_path):
     changed = {k for k in merged if not torch.equal(merged[k], sd0[k])}
     assert any("multi_modal_projector" in k for k in changed) and any("q_proj" in k for k in changed)
     assert not any(("vision_tower" in k) or ("norm" in k) or ("embed_tokens" in k) for k in changed)
+
+
+def test_runtime_probe_agrees_with_the_checkpointing_test(base):
+    """train() warns when CMAI + checkpointing is inexact; its probe must say what the test above finds."""
+    from focusvlm.train.runner import cmai_checkpointing_is_exact
+
+    try:
+        gc_equivalence(base, BOTH)
+        exact = True
+    except AssertionError:
+        exact = False
+    assert cmai_checkpointing_is_exact() == exact

@@ -84,6 +84,12 @@ def register(subparsers) -> None:
                      help="continue from the newest checkpoint in --output-dir (or the one given)")
     run.add_argument("--merge-lora", type=Path, metavar="ADAPTER",
                      help="only merge a saved LoRA adapter (OUTPUT/adapter) into --model and save to --output-dir")
+    run.add_argument("--make-demo-data", type=Path, metavar="DIR",
+                     help="only write a tiny LLaVA-format data set from the bundled photos (captions.json, "
+                          "instruct.json, questions.jsonl, images/) for the CPU end-to-end run")
+    run.add_argument("--copy-configs", type=Path, metavar="DIR",
+                     help="only copy the shipped accelerate / DeepSpeed / FSDP configs to DIR (launch from DIR's "
+                          "parent: the accelerate files name configs/zero*.json)")
     run.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -91,6 +97,21 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.make_demo_data:
+        from ..train.demo_data import write_demo_data
+
+        for name, path in write_demo_data(args.make_demo_data).items():
+            print(f"{name}: {path}")
+        return 0
+    if args.copy_configs:
+        import shutil
+
+        from ..train.runner import CONFIG_DIR
+
+        shutil.copytree(CONFIG_DIR, args.copy_configs, dirs_exist_ok=True)
+        for f in sorted(Path(args.copy_configs).iterdir()):
+            print(f)
+        return 0
     if args.validate:
         return _validate(args)
     if args.merge_lora:

@@ -60,11 +60,32 @@ def load_model(model: str | None, vision: str | None, lm: str | None, dtype: tor
         from ..models.factory import demo_model
 
         m, processor = demo_model()
-        return m.to(dtype), processor
+        return _plain_weights(m.to(dtype)), processor
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    m = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
-    return m, AutoProcessor.from_pretrained(model)
+    try:
+        m = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(model)
+    except OSError as exc:
+        raise FileNotFoundError(f"--model {model}: {exc}") from exc
+    return _plain_weights(m), processor
+
+
+def _plain_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the GGUF marker a model keeps when its LM came from a GGUF file (the demo): transformers
+    dequantizes GGUF weights on load, so they are ordinary float tensors, but the marker makes the Trainer
+    refuse to train and would be saved into the trained model's config."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return model
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+    return model
 
 
 def parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:

@@ -244,8 +244,20 @@ class Skipped:
         self.records.append(err.record())
 
     def write(self, folder: str | Path) -> Path:
+        """Write the index's skips; skips recorded while training (a resumed run's earlier ones) are kept."""
         path = Path(folder) / "skipped.jsonl"
+        earlier = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("during") == "training":
+                    earlier.append(line)
         with open(path, "w", encoding="utf-8") as f:
+            for line in earlier:
+                f.write(line + "\n")
             for r in self.records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         return path

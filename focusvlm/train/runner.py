@@ -351,8 +351,7 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
         for p in net.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
+    tokenizer = processor.tokenizer  # the collator pads on the right itself; the saved processor is left as it was
     image_token_id = net.config.image_token_id
     if tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>")) != image_token_id:
         raise ValueError("the processor's image token does not match the model's image_token_id")

@@ -293,7 +293,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if progress:
             from tqdm.auto import tqdm
 
-            records = tqdm(records, desc="indexing data", unit=" records", mininterval=1.0)
+            records = tqdm(records, desc="checking data", unit=" records", mininterval=1.0)
+        checked: list[Sample] = []
         for index, raw in enumerate(records):
             try:
                 sample = check_record(raw, index, self.path)
@@ -301,28 +302,48 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     if not image_path(image_folder, name).is_file():
                         raise DataError(self.path, raw.line, sample.id,
                                         f"image not found: {image_path(image_folder, name)}")
-                ids, labels = self._tokens(sample)
             except DataError as err:
-                if "no supervised token" in err.reason or "do not fit in max_length" in err.reason:
-                    self.unsupervised += 1
-                elif not skip_bad:
-                    raise
-                else:
-                    self.bad += 1
-                self.skipped.add(err)
+                self._skip(err)
                 continue
-            sample.length = len(ids)
-            sample.supervised = sum(1 for l in labels if l != IGNORE_INDEX)
-            self.samples.append(sample)
+            checked.append(sample)
+        # tokenize everything now, in chunks with one parallel tokenizer call each: exact lengths for the
+        # sampler, and every skip known before the first step
+        chunks = range(0, len(checked), self.CHUNK)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="tokenizing", unit=" chunks", mininterval=1.0)
+        for start in chunks:
+            part = checked[start:start + self.CHUNK]
+            for sample, enc in zip(part, self.format.encode_many([s.turns for s in part])):
+                try:
+                    ids, labels = self._finish(sample, enc)
+                except DataError as err:
+                    self._skip(err)
+                    continue
+                sample.length = len(ids)
+                sample.supervised = sum(1 for l in labels if l != IGNORE_INDEX)
+                self.samples.append(sample)
+        self.skipped.records.sort(key=lambda r: r["line"] or 0)
         if not self.samples:
             raise ValueError(f"{path}: no usable sample ({self.bad} bad, {self.unsupervised} without a supervised "
                              "token)")
 
-    def _tokens(self, sample: Sample) -> tuple[list[int], list[int]]:
-        try:
-            enc = self.format.encode(sample.turns)
-        except (TokenizationMismatch, ValueError) as exc:
-            raise DataError(self.path, sample.line, sample.id, str(exc)) from None
+    CHUNK = 1024
+
+    def _skip(self, err: DataError) -> None:
+        """Unsupervised samples are always skipped; bad ones only with skip_bad. Each is recorded."""
+        if "no supervised token" in err.reason or "do not fit in max_length" in err.reason:
+            self.unsupervised += 1
+        elif not self.skip_bad:
+            raise err
+        else:
+            self.bad += 1
+        self.skipped.add(err)
+
+    def _finish(self, sample: Sample, enc: Any) -> tuple[list[int], list[int]]:
+        if isinstance(enc, Exception):
+            raise DataError(self.path, sample.line, sample.id, str(enc))
         if sum(1 for t in enc.input_ids if t == self.image_token_id) != len(sample.images):
             raise DataError(self.path, sample.line, sample.id,
                             f"the tokenizer did not keep {IMAGE_TOKEN} as one token per image")
@@ -330,6 +351,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if isinstance(out, str):
             raise DataError(self.path, sample.line, sample.id, out)
         return out
+
+    def _tokens(self, sample: Sample) -> tuple[list[int], list[int]]:
+        try:
+            enc: Any = self.format.encode(sample.turns)
+        except ValueError as exc:  # TokenizationMismatch included
+            enc = exc
+        return self._finish(sample, enc)
 
     # -- for samplers and reports
     @property
@@ -361,12 +389,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
             sample = self.samples[(i + attempt) % len(self.samples)]
             try:
                 pixels = self._pixels(sample)
+                ids, labels = self._tokens(sample)  # exact labels, every turn boundary verified by prefix
             except DataError as err:
                 if not self.skip_bad:
                     raise
                 self._log_skip(err, replaced_by=(i + attempt + 1) % len(self.samples))
                 continue
-            ids, labels = self._tokens(sample)
             item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
             if pixels is not None:
                 item["pixel_values"] = pixels
@@ -374,7 +402,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.path}: no sample could be loaded")
 
     def _log_skip(self, err: DataError, replaced_by: int) -> None:
-        """An image that fails while training (decoded lazily): record it; the next sample takes its place."""
+        """A sample that fails when drawn (an undecodable image, a turn boundary the exact check refuses):
+        record it; the next sample takes its place."""
         import sys
 
         print(f"skipping: {err} (replaced by the next sample)", file=sys.stderr)

@@ -136,27 +136,39 @@ def render_with_template(turns: list[Turn], apply: Callable[[list[dict], bool], 
 
 # --------------------------------------------------------------------------- tokenization
 
-def tokenize_rendered(rendered: Rendered, tokenizer: Any, image_token_id: int) -> Encoded:
-    """Token ids and labels (assistant spans only), each boundary verified token by token."""
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos = [tokenizer.bos_token_id] if rendered.bos and _adds_bos(tokenizer) else []
-    ids = bos + encode(rendered.text)
+def boundary_texts(rendered: Rendered) -> list[str]:
+    """What to tokenize for one conversation: the whole text, then the prefix at every span boundary."""
+    cuts = [c for span in rendered.spans for c in span]
+    return [rendered.text] + [rendered.text[:c] for c in cuts]
+
+
+def assemble(rendered: Rendered, tokens: list[list[int]], bos: list[int], image_token_id: int) -> Encoded:
+    """Ids and labels from the tokenizations of ``boundary_texts(rendered)``: every prefix must be the
+    first tokens of the whole, token for token; tokens between a span's two boundaries are supervised."""
+    ids = bos + list(tokens[0])
     labels = [IGNORE_INDEX] * len(ids)
 
-    def boundary(pos: int) -> int:
-        prefix = bos + encode(rendered.text[:pos])
+    def boundary(k: int, pos: int) -> int:
+        prefix = bos + list(tokens[k])
         if ids[:len(prefix)] != prefix:
             raise TokenizationMismatch(
                 f"turn boundary at character {pos} splits a token: {rendered.text[max(0, pos - 20):pos + 20]!r}")
         return len(prefix)
 
-    for start, end in rendered.spans:
-        a, b = boundary(start), (boundary(end) if end < len(rendered.text) else len(ids))
+    for n, (start, end) in enumerate(rendered.spans):
+        a, b = boundary(1 + 2 * n, start), boundary(2 + 2 * n, end)
         labels[a:b] = ids[a:b]
     for i, t in enumerate(ids):
         if t == image_token_id:
             labels[i] = IGNORE_INDEX
     return Encoded(ids, labels)
+
+
+def tokenize_rendered(rendered: Rendered, tokenizer: Any, image_token_id: int) -> Encoded:
+    """Token ids and labels (assistant spans only), each boundary verified token by token."""
+    bos = [tokenizer.bos_token_id] if rendered.bos and _adds_bos(tokenizer) else []
+    tokens = tokenizer(boundary_texts(rendered), add_special_tokens=False)["input_ids"]
+    return assemble(rendered, tokens, bos, image_token_id)
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -209,3 +221,45 @@ class ChatFormat:
 
     def encode(self, turns: list[Turn]) -> Encoded:
         return tokenize_rendered(self.render(turns), self.tokenizer, self.image_token_id)
+
+    def encode_many(self, conversations: list[list[Turn]]) -> list[Encoded | Exception]:
+        """Fast ``encode`` for many conversations (the data index): one parallel tokenizer call over the
+        whole texts, labels from the tokens' character offsets (a token that straddles a turn boundary is a
+        ``TokenizationMismatch``). ``encode`` (the exact, prefix-verified labels) runs again when a sample is
+        drawn for training; tests check that both agree. A conversation that cannot be rendered or masked
+        gets its exception in its place."""
+        rendered: list[Rendered | Exception] = []
+        for turns in conversations:
+            try:
+                rendered.append(self.render(turns))
+            except ValueError as exc:
+                rendered.append(exc)
+        texts = [r.text for r in rendered if not isinstance(r, Exception)]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        out: list[Encoded | Exception] = []
+        k = 0
+        for r in rendered:
+            if isinstance(r, Exception):
+                out.append(r)
+                continue
+            ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
+            k += 1
+            bos = [self.tokenizer.bos_token_id] if r.bos and _adds_bos(self.tokenizer) else []
+            try:
+                out.append(_labels_from_offsets(r, ids, offsets, bos, self.image_token_id))
+            except TokenizationMismatch as exc:
+                out.append(exc)
+        return out
+
+
+def _labels_from_offsets(rendered: Rendered, ids: list[int], offsets: list[tuple[int, int]], bos: list[int],
+                         image_token_id: int) -> Encoded:
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in rendered.spans:
+        for i, (a, b) in enumerate(offsets):
+            if a < start < b or a < end < b:
+                raise TokenizationMismatch(f"turn boundary at character {start if a < start < b else end} splits a "
+                                           f"token: {rendered.text[max(0, a - 20):b + 20]!r}")
+            if a >= start and b <= end and b > a and ids[i] != image_token_id:
+                labels[i] = ids[i]
+    return Encoded(bos + list(ids), [IGNORE_INDEX] * len(bos) + labels)

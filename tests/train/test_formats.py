@@ -83,6 +83,11 @@ def test_boundary_that_splits_a_token_is_refused(proc):
     rendered = Rendered(text, [(len("The as"), len(text))], bos=False)
     with pytest.raises(TokenizationMismatch, match="splits a token"):
         tokenize_rendered(rendered, proc.tokenizer, tiny.IMAGE_ID)
+    from focusvlm.train.formats import _labels_from_offsets  # the fast index path refuses it too
+
+    enc = proc.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    with pytest.raises(TokenizationMismatch, match="splits a token"):
+        _labels_from_offsets(rendered, enc["input_ids"], enc["offset_mapping"], [], tiny.IMAGE_ID)
 
 
 def test_compose_template_renders_vicuna_v1(proc):
@@ -119,3 +124,23 @@ def test_demo_chatml_labels(demo):
                     tok("Yes.<|im_end|>\n", add_special_tokens=False)["input_ids"]]
     text = tok.decode(enc.input_ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n<image>\n")
+
+
+@pytest.mark.parametrize("name", ["plain", "vicuna_v1", "chat_template"])
+def test_fast_index_labels_equal_exact_labels(proc, name):
+    """The data index labels by token offsets (one batched tokenizer call); training uses the exact
+    prefix-verified labels. Both must agree."""
+    fmt = ChatFormat(name, proc, tiny.IMAGE_ID)
+    convs = [TURNS[:2], TURNS[:2]] if name == "plain" else [TURNS, TURNS[:2], [Turn("user", "Hi?"), Turn("assistant", "Yes.")]]
+    for turns, fast in zip(convs, fmt.encode_many(convs)):
+        exact = fmt.encode(turns)
+        assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
+
+
+@pytest.mark.slow
+def test_fast_index_labels_equal_exact_labels_demo(demo):
+    _, processor = demo
+    fmt = ChatFormat("chat_template", processor, processor.tokenizer.convert_tokens_to_ids("<image>"))
+    fast = fmt.encode_many([TURNS])[0]
+    exact = fmt.encode(TURNS)
+    assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)

@@ -185,3 +185,18 @@ def test_validate_with_tokens(tmp_path):
     assert rc == 0
     rep = json.loads(report.read_text())
     assert rep["usable"] == 6 and rep["tokens"]["image_tokens_per_image"] == 64 and rep["tokens"]["max"] > 64
+
+
+def test_train_cli_stops_on_bad_data_then_skips_with_skip_bad(tmp_path, capsys):
+    path = bad_jsonl(tmp_path)
+    model = tiny.save_tiny(tmp_path / "m")
+    args = ["train", "--stage", "finetune", "--model", str(model), "--data", str(path), "--image-folder",
+            str(tmp_path / "images"), "--global-batch-size", "1", "--per-device-batch-size", "1", "--max-steps", "3",
+            "--no-gradient-checkpointing", "--no-progress"]
+    assert cli(args + ["--output-dir", str(tmp_path / "stop")]) == 2
+    assert "bad.jsonl:2 id=?: malformed JSON line" in capsys.readouterr().err
+    assert cli(args + ["--output-dir", str(tmp_path / "skip"), "--skip-bad"]) == 0
+    skipped = [json.loads(l) for l in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"]) for r in skipped][:4] == [(2, "?"), (3, "r3"), (4, "g4"), (5, "p5")]
+    # g6's unreadable image is found when it is drawn (3 steps over 3 samples draw it): recorded as well
+    assert any(r["id"] == "g6" and r.get("during") == "training" for r in skipped)

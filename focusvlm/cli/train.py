@@ -148,30 +148,17 @@ def _validate(args: argparse.Namespace) -> int:
         raise ValueError("--validate needs --data")
     processor, image_token_id, fmt = None, None, args.format
     if args.model:
-        from ..train.runner import DEMO
+        from ..runtime import load_model
 
-        if args.model == DEMO:
-            from ..models.factory import demo_model
-
-            model, processor = demo_model()
-            image_token_id = model.config.image_token_id
-        else:
-            from transformers import AutoConfig, AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(args.model)
-            image_token_id = AutoConfig.from_pretrained(args.model).image_token_id
+        model, processor = load_model(args.model, "cpu")
+        image_token_id = model.config.image_token_id
         if args.config:
-            # the placeholder count VMTC gives, without loading weights twice: patch needs the model
+            # the placeholder count the vision method gives: patching adjusts the processor
             from .. import FocusConfig, patch
 
             config = FocusConfig.load(args.config)
             if config.vision is not None:
-                if args.model == DEMO:
-                    patch(model, config, processor=processor)
-                else:
-                    from transformers import LlavaForConditionalGeneration
-
-                    patch(LlavaForConditionalGeneration.from_pretrained(args.model), config, processor=processor)
+                patch(model, config, processor=processor)
     if fmt is None:
         fmt = "plain" if args.stage == "pretrain" else "vicuna_v1"
     max_length = args.max_length or 2048

@@ -61,14 +61,10 @@ def load_model(model: str | None, vision: str | None, lm: str | None, dtype: tor
 
         m, processor = demo_model()
         return _plain_weights(m.to(dtype)), processor
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from ..runtime import load_model
 
-    try:
-        m = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model)
-    except OSError as exc:
-        raise FileNotFoundError(f"--model {model}: {exc}") from exc
-    return _plain_weights(m), processor
+    m, processor = load_model(model, "cpu", dtype)  # the Trainer / accelerate place it afterwards
+    return _plain_weights(m.train()), processor
 
 
 def _plain_weights(model: torch.nn.Module) -> torch.nn.Module:

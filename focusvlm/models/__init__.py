@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import CallInputs, FamilyAdapter, TowerGeometry, UnsupportedModelError
+from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry, UnsupportedModelError
 
-BUILTIN_FAMILIES = ("focusvlm.models.llava",)
+BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 _loaded = False
@@ -82,6 +82,6 @@ def adapter_for_preset(preset: str) -> FamilyAdapter:
     raise ValueError(f"unknown preset {preset!r}; known: {', '.join(known)}")
 
 
-__all__ = ["CallInputs", "FamilyAdapter", "TowerGeometry", "UnsupportedModelError", "adapter_for",
+__all__ = ["CallInputs", "FamilyAdapter", "MergedCall", "MergedResult", "TowerGeometry", "UnsupportedModelError", "adapter_for",
            "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families", "register_family",
            "supported"]

@@ -174,3 +174,44 @@ def expand_to_stock_layout(token_types: torch.Tensor, runs: dict[int, Iterator[V
     if not pieces:
         return token_types.new_zeros(0), token_types.new_zeros(0)
     return torch.cat(pieces), torch.cat(index)
+
+
+# --------------------------------------------------------------------------- one vision call
+
+def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = False
+                ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the stage on every frame of a ``MergedCall`` (``focusvlm.models.base``).
+
+    ``plan(n)`` is the ``Stage`` for a frame of n merged tokens (identity: left whole). Frames
+    of one input share a size, so they are reduced together as a batch; each frame is still
+    reduced on its own (no token crosses frames). Returns per input: features (m, D), per
+    extras level (m, D'), and sources (m,) ascending indices into the input's t * h * w tokens.
+    """
+    received = received_attention(call.q, call.k, call.scale, call.segments)
+    importance = merged_importance(received, call.group_index, call.unit)
+    features: list[torch.Tensor] = []
+    extras: list[list[torch.Tensor]] = [[] for _ in call.extras]
+    sources: list[torch.Tensor] = []
+    offset = 0
+    for i, (feats, (t, h, w)) in enumerate(zip(call.features, call.grids.tolist())):
+        n = h * w
+        frame_importance = importance[offset:offset + t * n].view(t, n).to(feats.device)
+        offset += t * n
+        stage = plan(n)
+        if stage.is_identity:
+            features.append(feats)
+            for level, ride in zip(extras, call.extras):
+                level.append(ride[i])
+            sources.append(torch.arange(t * n, device=feats.device))
+            continue
+        riders = [ride[i].view(t, n, -1) for ride in call.extras]
+        out, reduced, record = compress_frames(feats.view(t, n, -1), frame_importance, riders, stage, iters, merge,
+                                               prune_only)
+        features.append(out.reshape(-1, out.shape[-1]))
+        for level, ride in zip(extras, reduced):
+            level.append(ride.reshape(-1, ride.shape[-1]))
+        frame_start = n * torch.arange(t, device=feats.device).unsqueeze(1)
+        sources.append((record.sources + frame_start).reshape(-1))
+    if offset != importance.shape[0]:
+        raise ValueError(f"the call's features cover {offset} merged tokens but its tower rows {importance.shape[0]}")
+    return features, extras, sources

@@ -47,7 +47,7 @@ QWEN3_PRESETS: dict[str, QwenPreset] = {
         text=dict(vocab_size=32064, hidden_size=1536, intermediate_size=4608, num_hidden_layers=8,
                   num_attention_heads=12, num_key_value_heads=4, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-6, rope_parameters=_QWEN3_ROPE),
-        image_side=448,
+        image_side=256,  # 16 x 16 patches, 64 LLM tokens: the real tower stays affordable on a CPU
     ),
     "qwen3-vl-8b": QwenPreset(
         vision=_QWEN3_VISION_8B,

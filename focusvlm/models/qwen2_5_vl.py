@@ -81,6 +81,7 @@ QWEN25_PRESETS: dict[str, QwenPreset] = {
         vision=_QWEN25_VISION_7B | dict(out_hidden_size=1536),
         text=dict(vocab_size=32064, hidden_size=1536, intermediate_size=8960, num_hidden_layers=8,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  bos_token_id=None, eos_token_id=None,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
         image_side=224,  # 16 x 16 patches, 64 LLM tokens: the real tower stays affordable on a CPU
     ),
@@ -460,7 +461,15 @@ class Qwen25VLAdapter(FamilyAdapter):
         model = self.model_class.from_pretrained(source, dtype=dtype, **kwargs)
         if device is not None and "device_map" not in kwargs:
             model = model.to(device)
-        processor = AutoProcessor.from_pretrained(source)
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+        except Exception as exc:
+            import importlib.util
+
+            if importlib.util.find_spec("torchvision") is None:  # transformers' Qwen video processors import it
+                raise UnsupportedModelError(f"{self.title}'s processor needs torchvision (its video processor): "
+                                            "pip install torchvision") from exc
+            raise
         return model.eval(), processor
 
     # ------------------------------------------------------------------ benchmark inputs

@@ -387,3 +387,62 @@ def test_vmtc_refuses_layers(model):
     with pytest.raises(ConfigError, match="after its patch merger"):
         patch(model, FocusConfig(vmtc=VMTCConfig(layers=(1,))))
     assert not hasattr(model, "_focusvlm")
+
+
+# --------------------------------------------------------------------------- runtime and bench
+
+def test_generator_answers_with_vmtc_and_cmai(model, preset):
+    from focusvlm.runtime import HFGenerator
+
+    p = tiny_processor(FAMILY[preset])
+    images = random_images([(100, 130), (60, 90)], seed=5)
+    with patched(model, FocusConfig(vmtc=VMTCConfig(target=0.5), cmai=CMAIConfig()), processor=p) as handle:
+        answers = HFGenerator(model, p).generate(["w1 w2", "w3", "w4 w5 w6"], [images[0], images[1], None], 3)
+        grids = p.image_processor(images=images, return_tensors="pt")["image_grid_thw"].tolist()
+        expected = [handle.vision.output_patches((h // 2, w // 2)) for _, h, w in grids]
+    assert [a.image_tokens for a in answers] == expected + [0]
+    assert all(a.new_tokens >= 1 for a in answers)
+
+
+def test_bench_reports_ratios_and_flops(preset):
+    from focusvlm.bench.harness import BenchOptions, run_bench
+    from focusvlm.bench.methods import parse_methods
+
+    opts = BenchOptions(preset=preset, methods=parse_methods("stock,vmtc,cmai"), new_tokens=2, repeats=1, warmup=0,
+                        progress=False, interleave="round")
+    run = run_bench(opts)["runs"][0]["methods"]
+    assert run["vmtc"]["ratio"]["visual_tokens"] == 0.5
+    flops = {name: row["flops"] for name, row in run.items()}
+    assert flops["vmtc"]["llm"] < flops["stock"]["llm"] and flops["vmtc"]["vision"] > flops["stock"]["vision"]
+    assert flops["cmai"]["cmai"] > 0 and flops["stock"]["projector"] == 0
+    assert all(row["ttft_s"] > 0 and row["vision_s"] > 0 for row in run.values())
+
+
+def test_load_goes_through_the_family_adapter(model, tmp_path):
+    import importlib.util
+
+    from focusvlm.models import UnsupportedModelError
+    from focusvlm.runtime import load_model
+
+    model.save_pretrained(tmp_path)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(UnsupportedModelError, match="torchvision"):
+            load_model(str(tmp_path), device="cpu")
+    else:  # pragma: no cover - environments with torchvision have no processor files here either
+        with pytest.raises(Exception):
+            load_model(str(tmp_path), device="cpu")
+    from focusvlm.models import adapter_for, adapter_for_type
+
+    assert adapter_for_type(model.config.model_type) is adapter_for(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vmtc_low_precision_runs_and_generates(preset, dtype):
+    model = tiny_model(preset, dtype=dtype)
+    cfg = VMTCConfig(target=0.5)
+    batch = make_inputs(model, LAYOUTS[:2] + VIDEO_LAYOUTS[:1], seed=14, tokens_per_frame=vmtc_counts(model, cfg)).inputs
+    low = {k: (v.to(dtype) if k.startswith("pixel") else v) for k, v in batch.items()}
+    with patched(model, FocusConfig(vmtc=cfg, cmai=CMAIConfig())), torch.no_grad():
+        out = logits(model, low)
+        seq = model.generate(**low, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.dtype == dtype and torch.isfinite(out).all() and seq.shape[1] == low["input_ids"].shape[1] + 2

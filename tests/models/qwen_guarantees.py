@@ -271,10 +271,9 @@ def _runs_from_records(recorder, batch, model):
     return out["image"], out["video"]
 
 
-@pytest.mark.parametrize("layouts", [LAYOUTS, VIDEO_LAYOUTS], ids=["images", "videos"])
-def test_vmtc_positions_and_rope_deltas_match_reference(model, layouts, monkeypatch):
-    cfg = VMTCConfig(target=0.5)
-    batch = make_inputs(model, layouts, seed=8, tokens_per_frame=vmtc_counts(model, cfg)).inputs
+def check_positions_against_reference(model, batch: dict, monkeypatch, video_seconds=None) -> None:
+    """Forward ``batch`` with VMTC 0.5; the 3-D positions the LLM receives and the rope deltas must be the
+    literal oracle's, built from what each compress_frames call decided."""
     recorder = Recorder(monkeypatch)
     seen = {}
 
@@ -283,11 +282,14 @@ def test_vmtc_positions_and_rope_deltas_match_reference(model, layouts, monkeypa
 
     handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with patched(model, FocusConfig(vmtc=cfg)):
+        with patched(model, FocusConfig(vmtc=VMTCConfig(target=0.5))):
             logits(model, batch)
     finally:
         handle.remove()
     image_runs, video_runs = _runs_from_records(recorder, batch, model)
+    if video_seconds is not None:  # Qwen2.5: frames are tokens_per_second * seconds per grid apart
+        per_second = model.config.vision_config.tokens_per_second
+        video_runs = [(g, s, per_second * sec) for (g, s, _), sec in zip(video_runs, video_seconds)]
     expected, deltas = posref.compressed_positions(batch["input_ids"], batch["mm_token_type_ids"],
                                                    batch["attention_mask"], image_runs, video_runs)
     got = seen["positions"]
@@ -295,8 +297,14 @@ def test_vmtc_positions_and_rope_deltas_match_reference(model, layouts, monkeypa
     valid = batch["attention_mask"].bool()
     assert torch.equal(got[:, valid], expected[:, valid])
     assert torch.equal(model.model.rope_deltas.cpu(), deltas)
-    # the kept tokens really are a subset chosen by importance, not the first ones
+    # the kept tokens really are chosen by importance, not the first ones
     assert any(rec.sources[:, 0].gt(0).any() or rec.sources.diff().gt(1).any() for _, rec, _, _ in recorder.calls)
+
+
+@pytest.mark.parametrize("layouts", [LAYOUTS, VIDEO_LAYOUTS], ids=["images", "videos"])
+def test_vmtc_positions_and_rope_deltas_match_reference(model, layouts, monkeypatch):
+    batch = make_inputs(model, layouts, seed=8, tokens_per_frame=vmtc_counts(model, VMTCConfig(target=0.5))).inputs
+    check_positions_against_reference(model, batch, monkeypatch)
 
 
 def test_vmtc_importance_matches_attention_weights_reference(preset, monkeypatch):

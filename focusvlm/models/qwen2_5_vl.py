@@ -172,6 +172,11 @@ class Qwen25VLAdapter(FamilyAdapter):
         return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
 
     # ------------------------------------------------------------------ vision side: where and how to read the tower
+    def tower_geometry(self, model):
+        raise UnsupportedModelError(f"{self.title}: the vision tower has no fixed grid (dynamic resolution, a 2x2 "
+                                    "merger), so in-tower methods (SPD, PruMerge) do not apply; VMTC runs after the "
+                                    "merger, and a frame's token count comes from its grid (image_grid_thw)")
+
     def full_attention_block(self, visual) -> int:
         """Index of the last ViT block that attends over a whole frame (the rest use windows)."""
         indexes = list(visual.fullatt_block_indexes)

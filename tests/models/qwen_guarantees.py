@@ -454,3 +454,12 @@ def test_vmtc_low_precision_runs_and_generates(preset, dtype):
         out = logits(model, low)
         seq = model.generate(**low, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert out.dtype == dtype and torch.isfinite(out).all() and seq.shape[1] == low["input_ids"].shape[1] + 2
+
+
+def test_in_tower_methods_refuse_with_the_reason(model):
+    from focusvlm import SPDConfig
+    from focusvlm.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="no fixed grid"):
+        patch(model, FocusConfig(spd=SPDConfig()))
+    assert not hasattr(model, "_focusvlm")

@@ -16,15 +16,17 @@ def _ints(text: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..bench.methods import DEFAULT_METHODS
-    from ..models.factory import PRESETS
+    from ..models import list_families
+
+    presets = [name for family in list_families() for name in family.presets]
 
     p = subparsers.add_parser(
         "bench", help="speed / memory / FLOPs of each method vs the stock model",
         description="Seeded random weights of the preset's exact architecture (no download) or a real "
                     "checkpoint with --model. Every figure comes with its ratio to stock measured in the same "
                     "process (warm-up, interleaved rounds, medians; CUDA events on GPU).")
-    p.add_argument("--preset", default="mid", choices=list(PRESETS), help="architecture to build (default: mid)")
-    p.add_argument("--model", help="measure this LLaVA checkpoint (hub id or folder) instead of a preset")
+    p.add_argument("--preset", default="mid", choices=presets, help="architecture to build (default: mid)")
+    p.add_argument("--model", help="measure this checkpoint (hub id or folder) instead of a preset")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], visionzip[:tokens], "
                         "divprune[:budget], vmtc[:target], cmai[:gamma_max], fastv[:R|keep], vmtc+cmai ... "

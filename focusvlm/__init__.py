@@ -20,6 +20,8 @@ _EXPORTS = {
     "ConfigError": "focusvlm.config", "FocusConfig": "focusvlm.config",
     "CMAIConfig": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",
     "SPDConfig": "focusvlm.compress.spd", "PruMergeConfig": "focusvlm.compress.prumerge_method",
+    "VisionZipConfig": "focusvlm.compress.visionzip_method", "DivPruneConfig": "focusvlm.compress.divprune_method",
+    "FastVConfig": "focusvlm.prune.fastv_method",
     "UnsupportedModelError": "focusvlm.models.base",
     "list_methods": "focusvlm.methods", "list_families": "focusvlm.models",
 }

@@ -242,7 +242,9 @@ def _plain(value: Any) -> Any:
 _MOVED = {"CMAIConfig": "focusvlm.inhibit.method", "CMAI_SCHEDULES": "focusvlm.inhibit.method",
           "FOCUS_VARIANTS": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",
           "VMTC_MERGES": "focusvlm.compress.vmtc", "SPDConfig": "focusvlm.compress.spd",
-          "PruMergeConfig": "focusvlm.compress.prumerge_method"}
+          "PruMergeConfig": "focusvlm.compress.prumerge_method",
+          "VisionZipConfig": "focusvlm.compress.visionzip_method",
+          "DivPruneConfig": "focusvlm.compress.divprune_method", "FastVConfig": "focusvlm.prune.fastv_method"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,8 @@ from .config import ConfigError
 
 # modules whose import registers the built-in methods, in the order they are listed
 BUILTIN_MODULES = ("focusvlm.inhibit.method", "focusvlm.compress.vmtc", "focusvlm.compress.spd",
-                   "focusvlm.compress.prumerge_method")
+                   "focusvlm.compress.prumerge_method", "focusvlm.compress.visionzip_method",
+                   "focusvlm.compress.divprune_method", "focusvlm.prune.fastv_method")
 
 _METHODS: dict[str, type["Method"]] = {}
 _loaded = False
@@ -104,6 +105,7 @@ class VisionMethod(Method):
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
+    _ensure_loaded()  # built-ins first, so a plug-in never reorders them
     if cls.side not in ("vision", "llm"):
         raise ValueError(f"method {cls.name!r}: side must be 'vision' or 'llm', got {cls.side!r}")
     existing = _METHODS.get(cls.name)
@@ -122,9 +124,15 @@ def _ensure_loaded() -> None:
 
 
 def all_methods() -> dict[str, type[Method]]:
-    """Every registered method by name, built-ins first."""
+    """Every registered method by name: built-ins in ``BUILTIN_MODULES`` order, then plug-ins as registered."""
     _ensure_loaded()
-    return dict(_METHODS)
+    order = list(_METHODS)
+
+    def rank(name: str) -> tuple[int, int]:
+        module = _METHODS[name].__module__
+        builtin = BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+        return builtin, order.index(name)
+    return {name: _METHODS[name] for name in sorted(order, key=rank)}
 
 
 def list_methods() -> list[str]:
@@ -137,13 +145,6 @@ def get_method(name: str) -> type[Method]:
     if name not in methods:
         raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(methods)}")
     return methods[name]
-
-
-def method_for_config(config: Any) -> type[Method]:
-    for cls in all_methods().values():
-        if isinstance(config, cls.config_class):
-            return cls
-    raise UnknownMethodError(f"no registered method takes a {type(config).__name__}")
 
 
 def _fields(config: Any) -> dict[str, Any]:

@@ -114,19 +114,19 @@ def _first_line(exc: BaseException) -> str:
 
 def _checkpoint_config(source: str, offline: bool):
     """The checkpoint's config, or a one-line ModelLoadError naming what is wrong."""
-    from transformers import AutoConfig
+    from .models import read_checkpoint_config
 
     folder = check_model_source(source)
     if folder is not None:
         try:
-            return AutoConfig.from_pretrained(folder)
+            return read_checkpoint_config(folder)
         except Exception as exc:  # a broken config.json: name the file
             raise ModelLoadError(f"{folder / 'config.json'}: {_first_line(exc)}") from None
     try:
         if offline:
             with _HubOffline():
-                return AutoConfig.from_pretrained(source, local_files_only=True)
-        return AutoConfig.from_pretrained(source)
+                return read_checkpoint_config(source, local_files_only=True)
+        return read_checkpoint_config(source)
     except Exception as exc:  # hub errors come in many types; the message is what matters
         if offline:
             why = "HF_HUB_OFFLINE is set" if _env_offline() else hub_reachable()[1] or "the hub is unreachable"

@@ -3,7 +3,9 @@
 Panel per VMTC stage: primary patches outlined in white, patches merged into
 a cluster token tinted with that cluster's colour, dropped patches darkened.
 PruMerge: kept patches outlined, absorbed patches tinted like the kept token
-that took them. SPD: each pooling window tinted as one token. The last line
+that took them. VisionZip: dominant patches outlined, each contextual token's
+patches tinted. DivPrune: kept patches outlined. SPD: each pooling window
+tinted as one token. The last line
 of every picture gives the token count the LLM receives.
 """
 
@@ -53,17 +55,59 @@ def vmtc_panels(records: list[vmtc.StageRecord], layers: list[int], sample: int 
     return panels
 
 
-def prumerge_panel(record: dict, num_patches: int, sample: int = 0) -> Panel:
-    kept = record["kept"][sample].cpu()
-    near = record["neighbours"][sample].cpu()
-    state = np.full(num_patches, DROPPED)
-    group = np.full(num_patches, -1)
+def _field(record, name: str):
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+def prumerge_panel(record, num_patches: int, sample: int = 0, plus: bool = False) -> Panel:
+    """PruMerge(+) (``prumerge.PruMergeRecord`` or a dict with kept / neighbours):
+    kept patches outlined; each kept token's merged neighbours tinted with its
+    colour (a patch several kept tokens absorb shows its nearest claim); every
+    other pruned patch flows into the one extra token, tinted with one more colour."""
+    kept = _field(record, "kept")[sample].cpu()
+    near = _field(record, "neighbours")[sample].cpu()
+    state = np.full(num_patches, MERGED)
+    group = np.full(num_patches, len(kept))          # the extra token (sum of the pruned patches)
     for slot in range(near.shape[1] - 1, -1, -1):  # the closest neighbour wins where sets overlap
         group[near[:, slot].numpy()] = np.arange(len(kept))
-    state[group >= 0] = MERGED
+    pruned = record.get("pruned") if isinstance(record, dict) else record.pruned
+    if pruned is not None:  # positions the official complement skips (duplicate picks) reach no token
+        reached = np.zeros(num_patches, dtype=bool)
+        for positions in (pruned[sample].cpu(), kept, near.flatten()):
+            reached[positions.numpy()] = True
+        state[~reached], group[~reached] = DROPPED, -1
     state[kept.numpy()] = PRIMARY
     group[kept.numpy()] = np.arange(len(kept))
-    return Panel(f"PruMerge: {num_patches} -> {len(kept)}", state, group)
+    return Panel(f"PruMerge{'+' if plus else ''}: {num_patches} -> {len(kept) + 1}", state, group)
+
+
+def visionzip_panel(record, num_patches: int, sample: int = 0) -> Panel:
+    """VisionZip (``visionzip.VisionZipRecord``; positions count CLS as 0): dominant patches outlined,
+    each contextual token's target and members tinted with one colour."""
+    dom = _field(record, "dominant")[sample].cpu().numpy()
+    ctx = _field(record, "contextual")[sample].cpu().numpy()
+    merged = _field(record, "merged")[sample].cpu().numpy()
+    into = _field(record, "merged_into")[sample].cpu().numpy()
+    state = np.full(num_patches, DROPPED)
+    group = np.full(num_patches, -1)
+    patch = lambda pos: pos[pos > 0] - 1  # noqa: E731  (CLS has no patch)
+    state[patch(dom)] = PRIMARY
+    for slot, pos in enumerate(ctx):
+        if pos > 0:
+            state[pos - 1], group[pos - 1] = MERGED, slot
+    for pos, slot in zip(merged, into):
+        if pos > 0:
+            state[pos - 1], group[pos - 1] = MERGED, slot
+    return Panel(f"VisionZip: {num_patches} -> {len(dom)} + {len(ctx)}", state, group)
+
+
+def divprune_panel(record, num_patches: int, sample: int = 0, offset: int = 0) -> Panel:
+    """DivPrune (``divprune.DivPruneRecord``): kept patches outlined, the rest dropped. ``offset`` = 1 when
+    the projected tokens start with CLS."""
+    kept = _field(record, "kept")[sample].cpu().numpy() - offset
+    state = np.full(num_patches, DROPPED)
+    state[kept[kept >= 0]] = PRIMARY
+    return Panel(f"DivPrune: {num_patches + offset} -> {len(kept)}", state, np.full(num_patches, -1))
 
 
 def spd_panel(grid: tuple[int, int], factor: int) -> Panel:

@@ -31,9 +31,31 @@ def test_spd_and_prumerge_panels():
     assert p.group.reshape(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
     rec = {"kept": torch.tensor([[0, 5]]), "neighbours": torch.tensor([[[1, 2], [2, 6]]])}
     q = viz.prumerge_panel(rec, 8)
-    assert q.state.tolist() == [1, 2, 2, 0, 0, 1, 2, 0]
+    # patches no kept token absorbs flow into the extra (merged) token, group 2
+    assert q.state.tolist() == [1, 2, 2, 2, 2, 1, 2, 2]
     # patch 2 is kept 1's nearest neighbour but only kept 0's second: the nearer claim wins
-    assert q.group.tolist() == [0, 0, 1, -1, -1, 1, 1, -1]
+    assert q.group.tolist() == [0, 0, 1, 2, 2, 1, 1, 2]
+    assert q.title == "PruMerge: 8 -> 3"
+    # official fixed PruMerge+ duplicates: the pruned position the complement skips reaches no token
+    rec["pruned"] = torch.tensor([[4, 7]])
+    assert viz.prumerge_panel(rec, 8).state.tolist() == [1, 2, 2, 0, 2, 1, 2, 2]
+
+
+def test_visionzip_and_divprune_panels():
+    from focusvlm.compress.divprune import DivPruneRecord
+    from focusvlm.compress.visionzip import VisionZipRecord
+
+    # positions count CLS as 0: dominant CLS + patch 2 (position 3); contextual targets 1 and 5 (positions 2, 6)
+    rec = VisionZipRecord(torch.tensor([[0, 3]]), torch.tensor([[2, 6]]), torch.tensor([[1, 4, 5]]),
+                          torch.tensor([[1, 0, 1]]))
+    p = viz.visionzip_panel(rec, 6)
+    assert p.state.tolist() == [viz.MERGED, viz.MERGED, viz.PRIMARY, viz.MERGED, viz.MERGED, viz.MERGED]
+    assert p.group.tolist() == [1, 0, -1, 0, 1, 1]
+    d = viz.divprune_panel(DivPruneRecord(torch.tensor([[4, 1]]), torch.tensor([[1, 4]])), 6)
+    assert d.state.tolist() == [viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED, viz.PRIMARY, viz.DROPPED]
+    # with CLS among the projected tokens (LLaVA's 'full' strategy) position 0 is no patch
+    d = viz.divprune_panel(DivPruneRecord(torch.tensor([[0, 3]]), torch.tensor([[0, 3]])), 6, offset=1)
+    assert d.state.tolist() == [viz.DROPPED, viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED, viz.DROPPED]
 
 
 def test_render_marks_dropped_and_kept():
@@ -61,7 +83,8 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method,tokens", [("vmtc", 16), ("spd", 16), ("prumerge:0.25", 16)])
+@pytest.mark.parametrize("method,tokens", [("vmtc", 16), ("spd", 16), ("prumerge:0.25", 17), ("prumerge:16", 16),
+                                           ("visionzip:16", 16), ("divprune:16", 16)])
 def test_show_cli_on_tiny_model(tiny_folder, tmp_path, capsys, method, tokens):
     out = tmp_path / "map.png"
     argv = ["show", "--image", str(demo_image_path("chelsea")), "--model", str(tiny_folder), "--device", "cpu",
@@ -83,6 +106,10 @@ def test_show_cli_errors(tiny_folder, tmp_path):
     args = _parser().parse_args(["show", "--image", str(demo_image_path()), "--model", str(tiny_folder),
                                  "--method", "spd", "--target", "0.5", "-o", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match="VMTC only"):
+        args.func(args)
+    args = _parser().parse_args(["show", "--image", str(demo_image_path()), "--model", str(tiny_folder),
+                                 "--method", "fastv", "-o", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="not a vision-side method"):
         args.func(args)
 
 

@@ -112,9 +112,17 @@ def llm_layer_flops(t: TextShape, seq: int) -> int:
     return proj + attention + mlp
 
 
-def llm_prefill_flops(t: TextShape, seq: int) -> int:
-    """All decoder layers over ``seq`` positions plus the LM head on the last one."""
-    return t.layers * llm_layer_flops(t, seq) + 2 * t.hidden * t.vocab
+def llm_prefill_flops(t: TextShape, seq: int, layer_seq: Sequence[int] | None = None) -> int:
+    """All decoder layers over ``seq`` positions plus the LM head on the last one.
+
+    layer_seq: positions each decoder layer runs on, when a method removes
+    tokens inside the LLM (FastV); None = ``seq`` in every layer.
+    """
+    if layer_seq is None:
+        return t.layers * llm_layer_flops(t, seq) + 2 * t.hidden * t.vocab
+    if len(layer_seq) != t.layers:
+        raise ValueError(f"layer_seq lists {len(layer_seq)} layers, the LLM has {t.layers}")
+    return sum(llm_layer_flops(t, s) for s in layer_seq) + 2 * t.hidden * t.vocab
 
 
 def cmai_flops(t: TextShape, seq: int, text_rows: int, image_tokens: int, inhibited_layers: int) -> int:
@@ -148,12 +156,80 @@ class PrefillFlops:
 
 def prefill_flops(v: VisionShape, t: TextShape, *, prompt_tokens: int, visual_tokens: int, batch: int = 1,
                   vision_schedule: Sequence[tuple[int, int]] | None = None,
-                  vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0) -> PrefillFlops:
-    """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each."""
+                  vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0,
+                  llm_layer_seq: Sequence[int] | None = None) -> PrefillFlops:
+    """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each.
+
+    llm_layer_seq: positions per decoder layer when tokens leave inside the LLM (FastV).
+    """
     seq = prompt_tokens + visual_tokens
     return PrefillFlops(
         vision=batch * vision_flops(v, vision_schedule, vmtc_stages),
         projector=batch * projector_flops(v, t, visual_tokens),
+        llm=batch * llm_prefill_flops(t, seq, llm_layer_seq),
+        cmai=batch * cmai_flops(t, seq, prompt_tokens, visual_tokens, cmai_layers),
+        batch=batch, detail={"seq_len": seq})
+
+
+# --------------------------------------------------------------------------- towers with a patch merger (Qwen)
+
+def merger_tower_flops(vc: Any, grids: Sequence[Sequence[int]]) -> int:
+    """Qwen2.5-VL / Qwen3-VL vision tower on inputs of patch grids (t, h, w), merger(s) included.
+
+    Same conventions as above. Patch embedding is a linear on C*T*p*p values per patch; every
+    block projects q, k, v, o and runs its MLP on every patch (Qwen2.5's MLP is gated: 3
+    matrices; Qwen3's is not: 2). Attention spans one frame in full-attention blocks (all of
+    Qwen3's; Qwen2.5's ``fullatt_block_indexes``) and one window of ``window_size`` pixels
+    elsewhere. Each merger (the main one, and Qwen3's deepstack ones) is a 2-layer MLP on the
+    merged tokens: 4d -> 4d -> out (deepstack: 4d -> 4d -> out as well).
+    """
+    d, inter, depth = vc.hidden_size, vc.intermediate_size, vc.depth
+    merge, patch = vc.spatial_merge_size, vc.patch_size
+    unit = merge * merge
+    gated = hasattr(vc, "fullatt_block_indexes")
+    full_blocks = set(vc.fullatt_block_indexes) if gated else set(range(depth))
+    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())
+    side = vc.window_size // merge // patch if gated else None
+    total = 0
+    for t, h, w in grids:
+        patches = t * h * w
+        frame = h * w
+        hm, wm = h // merge, w // merge
+        windows = [] if side is None else [unit * min(side, hm - y) * min(side, wm - x)
+                                           for y in range(0, hm, side) for x in range(0, wm, side)]
+        total += 2 * patches * vc.in_channels * vc.temporal_patch_size * patch * patch * d
+        for block in range(depth):
+            total += 2 * patches * d * d * 4 + 2 * patches * d * inter * (3 if gated else 2)
+            spans = [frame] if block in full_blocks else windows
+            total += t * sum(2 * span * span * d * 2 for span in spans)
+        merged = patches // unit
+        total += mergers * (2 * merged * (unit * d) ** 2 + 2 * merged * unit * d * vc.out_hidden_size)
+    return total
+
+
+def merged_vmtc_flops(vc: Any, grids: Sequence[Sequence[int]], stages: Sequence[Any], iters: int) -> int:
+    """VMTC's own work after the merger (estimate): the last full-attention block's q/k re-projected
+    and its attention scored over each frame, then K-means over the redundant merged tokens and the merge.
+    ``stages``: the ``Stage`` of each input's frames."""
+    d, out = vc.hidden_size, vc.out_hidden_size
+    total = 0
+    for (t, h, w), stage in zip(grids, stages):
+        frame = h * w
+        total += 2 * t * frame * d * d * 2 + t * 2 * frame * frame * d
+        redundant = stage.n_in - stage.keep
+        if stage.clusters:
+            total += t * iters * (2 * redundant * stage.clusters * out + 2 * redundant * out) + t * 2 * redundant * out
+    return total
+
+
+def merger_prefill_flops(vc: Any, t: TextShape, *, grids: Sequence[Sequence[int]], prompt_tokens: int,
+                         visual_tokens: int, batch: int = 1, vmtc: int = 0, cmai_layers: int = 0) -> PrefillFlops:
+    """Time-to-first-token FLOPs of a merger tower + LLM: ``batch`` samples of one image (``grids[0]``) each.
+    The merger is counted in ``vision`` (``projector`` is 0); ``vmtc``: VMTC's own FLOPs per image."""
+    seq = prompt_tokens + visual_tokens
+    return PrefillFlops(
+        vision=batch * (merger_tower_flops(vc, grids[:1]) + vmtc),
+        projector=0,
         llm=batch * llm_prefill_flops(t, seq),
         cmai=batch * cmai_flops(t, seq, prompt_tokens, visual_tokens, cmai_layers),
         batch=batch, detail={"seq_len": seq})

@@ -36,7 +36,7 @@ def patch(model, config):
         warnings.simplefilter("ignore", ProcessorHint)
         return _patch(model, config)
 from ..runtime import resolve_device_dtype
-from .flops import TextShape, VisionShape, prefill_flops
+from .flops import TextShape, VisionShape, merged_vmtc_flops, merger_prefill_flops, prefill_flops
 from .methods import Method, parse_method
 from .timing import Clock, median, peak_memory
 
@@ -131,27 +131,31 @@ def fit_method(model, method: Method) -> Method:
     from ..models import adapter_for
 
     vmtc = method.config.vmtc
-    if vmtc is None or vmtc.layers is not None:
+    adapter = adapter_for(model)
+    if vmtc is None or vmtc.layers is not None or adapter.reduces_after_merger:  # one stage after a merger: no layers
         return method
-    used = adapter_for(model).tower_geometry(model).layers_before_features
+    used = adapter.tower_geometry(model).layers_before_features
     if vmtc.stages <= used:
         return method
     config = method.config.replace(vmtc=dataclasses.replace(vmtc, stages=used))
     return Method(method.name, config, method.attn_implementation)
 
 
-def _vision_call(model, pixel_values: torch.Tensor) -> Callable[[], Any]:
+def _vision_call(model, vision: dict[str, torch.Tensor]) -> Callable[[], Any]:
     from ..models import adapter_for
 
     adapter = adapter_for(model)
-    return lambda: adapter.image_features(model, pixel_values)
+    return lambda: adapter.image_features(model, **vision)
 
 
-def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str, Any]:
-    """Visual token count and per-layer token schedule of the patched vision path (one image)."""
+def probe_vision(model, method: Method, vision: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Visual token count (first image) and per-layer token schedule of the patched vision path, run on the whole
+    batch: PruMerge's adaptive count is taken over the batch."""
     from ..models import adapter_for
 
-    layers = adapter_for(model).encoder_layers(model)
+    adapter = adapter_for(model)
+    # a merger tower keeps every patch through its blocks (packed rows, no batch axis): no schedule to record
+    layers = [] if adapter.reduces_after_merger else adapter.encoder_layers(model)
     schedule: list[tuple[int, int]] = []
 
     def record(module, args, kwargs, output):
@@ -162,9 +166,14 @@ def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str,
     hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
     try:
         with method_applied(model, method) as handle, torch.inference_mode():
-            feats = _vision_call(model, pixel_values[:1])()[0]
-            vision = handle.vision if handle is not None else None
-            stages = vision.stage_plan() if vision is not None else []
+            # the whole batch: PruMerge's adaptive count is taken over it, and every image gets that count
+            feats = _vision_call(model, vision)()[0]
+            method_ = handle.vision if handle is not None else None
+            stages = method_.stage_plan() if method_ is not None else []
+            if method_ is not None and getattr(method_, "merged", False):
+                merge = adapter.core(model).visual.spatial_merge_size
+                stages = [stage for t, h, w in vision["image_grid_thw"][:1].tolist()
+                          if not (stage := method_.merged_stage_for((h // merge) * (w // merge))).is_identity]
     finally:
         for h in hooks:
             h.remove()
@@ -214,7 +223,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     clock = Clock(device)
     model = build_model(opts, device, dtype)
     cfg = model.config
-    vshape, tshape = VisionShape.from_config(cfg.vision_config), TextShape.from_config(cfg.text_config)
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    vshape = None if adapter.reduces_after_merger else VisionShape.from_config(cfg.vision_config)
+    tshape = TextShape.from_config(cfg.text_config)
     gen = torch.Generator().manual_seed(opts.seed)
     report: dict[str, Any] = {
         "meta": {"preset": opts.preset if not opts.model else None, "model": opts.model, "dtype": str(dtype).replace("torch.", ""),
@@ -223,43 +236,61 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                  "batches": opts.batches, "seed": opts.seed, **_environment(device)},
         "runs": [],
     }
-    vc = cfg.vision_config
     for batch in opts.batches:
-        pixel_values = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size,
-                                   vc.image_size, generator=gen).to(device=device, dtype=dtype)
+        vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in adapter.random_pixel_inputs(model, batch, gen).items()}
         text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, opts.prompt_tokens), generator=gen)
-        text_ids = text_ids.masked_fill(text_ids == cfg.image_token_id, 1).to(device)
-        report["runs"].append(_run_batch(model, opts, clock, batch, pixel_values, text_ids, vshape, tshape))
+        specials = [getattr(cfg, k) for k in ("image_token_id", "video_token_id") if getattr(cfg, k, None) is not None]
+        text_ids = text_ids.masked_fill(torch.isin(text_ids, torch.tensor(specials)), 1).to(device)
+        report["runs"].append(_run_batch(model, opts, clock, batch, vision, text_ids, vshape, tshape))
     return report
 
 
-def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values: torch.Tensor,
-               text_ids: torch.Tensor, vshape: VisionShape, tshape: TextShape) -> dict[str, Any]:
+def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict[str, torch.Tensor],
+               text_ids: torch.Tensor, vshape: VisionShape | None, tshape: TextShape) -> dict[str, Any]:
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
     cfg = model.config
     n_new = opts.new_tokens
     plans: dict[str, dict[str, Any]] = {}
     for m in opts.methods:
         m = fit_method(model, m)
-        info = probe_vision(model, m, pixel_values)
+        info = probe_vision(model, m, vision)
         ids = make_input_ids(text_ids, info["visual_tokens"], cfg.image_token_id)
         cmai_layers = 0
         if m.config.cmai is not None:
             cmai_layers = sum(g > 0 for g in m.config.cmai.gammas(tshape.layers))
-        flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens, visual_tokens=info["visual_tokens"],
-                              batch=batch, vision_schedule=info["schedule"], vmtc_stages=info["vmtc_stages"],
-                              cmai_layers=cmai_layers)
-        plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops}
+        if vshape is None:  # a merger tower (Qwen): its own formula, VMTC's stage after the merger
+            grids = vision["image_grid_thw"].tolist()
+            extra = merged_vmtc_flops(cfg.vision_config, grids[:1], info["vmtc_stages"], m.config.vmtc.kmeans_iters) \
+                if m.config.vmtc is not None and info["vmtc_stages"] else 0
+            flops = merger_prefill_flops(cfg.vision_config, tshape, grids=grids, prompt_tokens=opts.prompt_tokens,
+                                         visual_tokens=info["visual_tokens"], batch=batch, vmtc=extra,
+                                         cmai_layers=cmai_layers)
+            info["vmtc_stages"] = [(s.n_in, s.keep, s.clusters, m.config.vmtc.kmeans_iters) for s in info["vmtc_stages"]]
+        else:
+            layer_seq = None
+            if m.config.fastv is not None:  # image tokens leave the LLM after layer K
+                from ..prune.fastv_method import layer_positions
+
+                layer_seq = layer_positions(m.config.fastv, tshape.layers, opts.prompt_tokens, info["visual_tokens"])
+            flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens,
+                                  visual_tokens=info["visual_tokens"], batch=batch, vision_schedule=info["schedule"],
+                                  vmtc_stages=info["vmtc_stages"], cmai_layers=cmai_layers, llm_layer_seq=layer_seq)
+        plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops,
+                         "extra": adapter.prompt_inputs(model, ids)}
 
     def calls(name: str) -> dict[str, Callable[[], Any]]:
         plan = plans[name]
-        ids, mask = plan["ids"], plan["mask"]
-        out = {"vision": _vision_call(model, pixel_values)}
+        ids, mask, extra = plan["ids"], plan["mask"], plan["extra"]
+        out = {"vision": _vision_call(model, vision)}
         if not opts.vision_only:
-            out["ttft"] = lambda: model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+            out["ttft"] = lambda: model(input_ids=ids, attention_mask=mask, **vision, **extra,
                                         use_cache=True, logits_to_keep=1)
             if n_new > 0:
                 def generate():
-                    seq = model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+                    seq = model.generate(input_ids=ids, attention_mask=mask, **vision, **extra,
                                          max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
                                          use_cache=True, pad_token_id=0)
                     decoded[name] = seq.shape[1] - ids.shape[1]
@@ -272,7 +303,7 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
     names = list(plans)
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
     if mode == "step":
-        return _finish(_run_lockstep(model, opts, clock, batch, pixel_values, plans), plans, batch, n_new, mode,
+        return _finish(_run_lockstep(model, opts, clock, batch, vision, plans), plans, batch, n_new, mode,
                        None)
     rounds = opts.warmup + opts.repeats
     for r in range(rounds):
@@ -356,7 +387,7 @@ def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[st
             "seq_len_stock": plans[stock]["flops"].detail["seq_len"], "methods": results}
 
 
-def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values: torch.Tensor,
+def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict[str, torch.Tensor],
                   plans: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Step interleave: one patched copy per method; calls alternate one by one, decode steps in lockstep."""
     import copy
@@ -380,12 +411,12 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
 
     def prefill(name: str):
         plan = plans[name]
-        return models[name](input_ids=plan["ids"], pixel_values=pixel_values, attention_mask=plan["mask"],
+        return models[name](input_ids=plan["ids"], attention_mask=plan["mask"], **vision, **plan["extra"],
                             use_cache=True, logits_to_keep=1)
 
     try:
         with torch.inference_mode():
-            stages = [("vision", lambda n: _vision_call(models[n], pixel_values))]
+            stages = [("vision", lambda n: _vision_call(models[n], vision))]
             if not opts.vision_only:
                 stages.append(("ttft", lambda n: (lambda: prefill(n))))
             for stage, make in stages:

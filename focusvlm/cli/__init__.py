@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("generate", "demo", "ifbench", "evaluate", "compare", "report", "bench", "show")
+COMMAND_MODULES = ("generate", "demo", "ifbench", "evaluate", "compare", "report", "bench", "show", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

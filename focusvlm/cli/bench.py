@@ -25,11 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # no `choices`: listing the presets imports torch and transformers, which `--help` must not wait for;
     # an unknown name is refused by the family registry with the known presets named
     p.add_argument("--preset", default="mid",
-                   help="random-weight architecture to build, e.g. tiny, mid, llava-1.5-7b (default: mid)")
-    p.add_argument("--model", help="measure this LLaVA checkpoint (hub id or folder) instead of a preset")
+                   help="random-weight architecture to build, e.g. tiny, mid, llava-1.5-7b, qwen2.5-vl-mid (default: mid; "
+                        "an unknown name is answered with the full list)")
+    p.add_argument("--model", help="measure this checkpoint (hub id or folder) instead of a preset")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], vmtc[:target], "
-                        "cmai[:gamma_max], vmtc+cmai (default: all)")
+                   help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], visionzip[:tokens], "
+                        "divprune[:budget], vmtc[:target], cmai[:gamma_max], fastv[:R|keep], vmtc+cmai ... "
+                        "Equal budgets: stock,vmtc:192,visionzip:192,prumerge:192,divprune:192,fastv:192 "
+                        "(default: " + ",".join(DEFAULT_METHODS) + ")")
     p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,16 (default: 1)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens around the image (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate, exactly (default: 128)")

@@ -1,4 +1,4 @@
-"""`focusvlm show`: draw which image patches survive VMTC (per stage), PruMerge or SPD."""
+"""`focusvlm show`: draw which image patches survive VMTC (per stage), PruMerge(+), VisionZip, DivPrune or SPD."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("show", help="picture of the image tokens a vision-side reduction keeps",
                               description="Draw the image with the tokens a vision-side reduction keeps (per VMTC "
                                           "stage: primary patches outlined, merged patches tinted by cluster; the "
-                                          "PruMerge / SPD views likewise), plus the final token count. The reduction "
-                                          "comes from --config; without one, --method picks it with its defaults.")
+                                          "PruMerge / VisionZip / DivPrune / SPD views likewise), plus the final "
+                                          "token count. The reduction comes from --config; without one, --method "
+                                          "picks it with its defaults.")
     p.add_argument("--image", required=True, type=Path, help="image file (jpg, png, ...)")
     p.add_argument("--method", default="vmtc", metavar="NAME[:VALUE]",
-                   help="vision-side method used when --config sets none, e.g. vmtc, vmtc:0.25, spd, prumerge:0.25 "
+                   help="vision-side method used when --config sets none, e.g. vmtc, vmtc:0.25, spd, prumerge:0.125, "
+                        "visionzip:64, divprune "
                         "(default: vmtc)")
     p.add_argument("--target", type=float, help="VMTC target (share of patches, or a count if > 1)")
     p.add_argument("--stages", type=int, help="VMTC stages (overrides the config)")

@@ -1,8 +1,10 @@
 """LLaVA-PruMerge / PruMerge+ as a registered method: config and binding.
 
-The tensor functions are in ``baselines.py``; this module reads the CLS
-attention and keys of the layer whose output the LLM uses and reduces the
-features before the projector (through the family adapter).
+The tensor functions are in ``prumerge.py`` and follow the official code
+(42Shawn/LLaVA-PruMerge, clip_encoder.py). The binding hands them what that
+code hooks: the q/k projections of the LAST encoder layer on its layer-normed
+input, which is the hidden state LLaVA reads its features from, and the patch
+features before the projector (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -14,45 +16,66 @@ import torch
 
 from ..config import ConfigError, fail
 from ..methods import VisionMethod, register_method
-from . import baselines
+from . import prumerge
 
 
 @dataclass(frozen=True)
 class PruMergeConfig:
-    """LLaVA-PruMerge baseline (and PruMerge+ with ``plus=True``).
+    """LLaVA-PruMerge baseline (and PruMerge+ with ``plus=True``), as the official code computes it.
 
-    budget: None keeps PruMerge's adaptive (IQR outlier) count, which differs
-        per image, so only batch size 1 works; an int or a fraction fixes the
-        number of kept tokens so batches keep one shape.
-    neighbours: how many key-nearest tokens each kept token absorbs.
-    plus: add spatially uniform samples (PruMerge+).
+    budget: None (default) runs the official adaptive path: the kept count comes
+        from the IQR outliers of the batch's CLS attention, so it is only known
+        after the tower ran (no processor can emit matching placeholders). A
+        fraction in (0, 1] is the official ``reduction_ratio`` of the fixed path
+        (1/8: 72 kept + 1 merged = 73 tokens of 576; PruMerge+ 145). A whole
+        number >= 2 is the number of tokens the LLM receives: the fixed path
+        runs at the ratio that yields it (PruMerge+ may land one short).
+    neighbours: key-nearest tokens merged into each kept token (official: 32).
+    plus: PruMerge+ (uniform spatial samples added to the kept tokens).
     """
 
     budget: int | float | None = None
-    neighbours: int = 32
+    neighbours: int = prumerge.NEIGHBOURS
     plus: bool = False
 
     def __post_init__(self) -> None:
         b = self.budget
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0):
-            fail("PruMergeConfig", "budget", f"must be None, a fraction in (0, 1] or a positive count, got {b!r}")
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            fail("PruMergeConfig", "budget",
+                 f"must be None (adaptive), a fraction in (0, 1] or a token count, got {b!r}")
         if isinstance(b, float) and b > 1.0:
             if not b.is_integer():
                 fail("PruMergeConfig", "budget", f"a value above 1 is a token count and must be whole, got {b!r}")
             object.__setattr__(self, "budget", int(b))
+        if isinstance(self.budget, int) and self.budget == 1:
+            fail("PruMergeConfig", "budget", "the integer 1 is ambiguous: write 1.0 for the reduction ratio 1 or a "
+                 "token count of at least 2 (one kept token + the merged one)")
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
             fail("PruMergeConfig", "neighbours", f"must be a positive integer, got {self.neighbours!r}")
         if not isinstance(self.plus, bool):
             fail("PruMergeConfig", "plus", f"must be true or false, got {self.plus!r}")
 
+    @property
+    def adaptive(self) -> bool:
+        return self.budget is None
+
+    def ratio(self, num_patches: int) -> float:
+        """The official ``reduction_ratio`` of the fixed path for ``num_patches`` patches."""
+        if self.budget is None:
+            raise ConfigError("PruMergeConfig.budget: the adaptive path has no fixed ratio")
+        if isinstance(self.budget, float):
+            return self.budget
+        return prumerge.ratio_for_count(num_patches, self.budget, self.plus)
+
 
 @register_method
 class PruMerge(VisionMethod):
-    """PruMerge bound to a model: CLS attention of the feature layer decides, before the projector."""
+    """PruMerge(+) bound to a model: CLS attention of the last encoder layer decides, before the projector."""
 
     name = "prumerge"
     config_class = PruMergeConfig
-    summary = "prumerge[:budget] LLaVA-PruMerge (budget: fraction or count; none = adaptive)"
+    summary = ("prumerge[:budget] LLaVA-PruMerge, official code (budget: tokens, or the reduction ratio if <= 1; "
+               "none = adaptive)")
     cli_arg = "budget"
 
     def __init__(self, model: Any, adapter: Any, config: PruMergeConfig, processor: Any | None = None):
@@ -64,13 +87,23 @@ class PruMerge(VisionMethod):
             raise UnsupportedModelError("PruMerge needs a single vision_feature_layer (its CLS attention decides)")
         if not g.has_cls:
             raise UnsupportedModelError("PruMerge needs a vision tower with a CLS token (CLIP)")
-        self.budget = None
-        if config.budget is not None:
-            self.budget = baselines.resolve_budget(g.num_patches, config.budget)
-        elif processor is not None:
+        # the official code reads layer 23 of CLIP-L: the layer whose INPUT is the feature hidden state
+        self.layer = g.feature_layers[0]
+        if self.layer >= g.num_layers:
+            raise UnsupportedModelError(
+                f"PruMerge reads the q/k of the encoder layer after the feature layer, but the LLM reads the last "
+                f"encoder layer's output (vision_feature_layer={g.feature_layers[0] - g.num_layers - 1})")
+        self.ratio = None
+        try:
+            if config.budget is not None:
+                self.ratio = config.ratio(g.num_patches)
+                prumerge.token_count(g.num_patches, self.ratio, config.plus)  # fails now on an impossible ratio
+        except ValueError as exc:
+            raise ConfigError(f"PruMergeConfig.budget: {exc}") from None
+        if processor is not None:
             self.output_patches(g.grid)  # raises the adaptive-count error
-        self.records: list[dict] = []
-        self._take, undo_capture = adapter.capture_layer_input(model, g.feature_layers[0] - 1)
+        self.records: list[prumerge.PruMergeRecord] = []
+        self._take, undo_capture = adapter.capture_layer_input(model, self.layer)
         self._undo = [undo_capture]
         try:
             self._undo.append(adapter.reduce_projector_input(model, self._reduce))
@@ -79,28 +112,36 @@ class PruMerge(VisionMethod):
             raise
 
     def _reduce(self, patches: torch.Tensor) -> torch.Tensor:
-        layer, z = self._take()
-        q, k, scale = self.adapter.tower_cls_qk(layer, layer.layer_norm1(z))
-        from .vmtc import cls_importance
-
-        attn = cls_importance(q, k, scale)
-        keys = k.transpose(1, 2).flatten(2)  # (B, 1 + n, D): the heads side by side, as the layer's k_proj output
-        keep = baselines.prumerge_keep(attn, self.budget, self.config.plus)
-        out, kept, near = baselines.prumerge_merge(patches, keys[:, 1:], attn, keep, self.config.neighbours)
+        layer, h = self._take()
+        q, k, _ = self.adapter.tower_cls_qk(layer, layer.layer_norm1(h))
+        # the raw projection outputs, as the official forward hooks see them: heads side by side, no scaling
+        cls_query = q.flatten(1)                                   # (B, C)
+        keys = k.transpose(1, 2).flatten(2)                        # (B, 1 + N, C)
+        try:
+            out, record = prumerge.prumerge(patches, cls_query, keys, plus=self.config.plus,
+                                            adaptive=self.config.adaptive, ratio=self.ratio or prumerge.DEFAULT_RATIO,
+                                            neighbours=self.config.neighbours)
+        except ValueError as exc:
+            raise ValueError(f"PruMerge{'+' if self.config.plus else ''}: {exc}") from None
         if self.record:
-            self.records = [{"kind": "prumerge", "kept": kept, "neighbours": near, "attention": attn}]
+            self.records = [record]
         return out
 
     def output_patches(self, grid: tuple[int, int]) -> int:
-        if self.config.budget is None:
-            raise ConfigError("PruMergeConfig.budget: the adaptive (IQR) count is only known after the image is "
-                              "seen, so a processor cannot emit matching placeholders; set a budget")
-        return baselines.resolve_budget(grid[0] * grid[1], self.config.budget)
+        if self.config.adaptive:
+            raise ConfigError("PruMergeConfig.budget: the adaptive (IQR) count is only known after the image is seen, "
+                              "so a processor cannot emit matching placeholders; set a budget (e.g. 0.125, the "
+                              "official fixed path, or a token count)")
+        n = grid[0] * grid[1]
+        ratio = self.config.ratio(n)
+        return prumerge.token_count(n, ratio, self.config.plus)
 
     def panels(self, sample: int = 0) -> list[Any]:
         from .. import viz
 
-        return [viz.prumerge_panel(self.records[0], self.geometry.num_patches)] if self.records else []
+        if not self.records:
+            return []
+        return [viz.prumerge_panel(self.records[0], self.geometry.num_patches, sample, plus=self.config.plus)]
 
     def remove(self, processor: Any | None = None) -> None:
         for undo in reversed(self._undo):

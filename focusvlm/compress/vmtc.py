@@ -372,6 +372,10 @@ class VMTC(VisionMethod):
 
     def __init__(self, model: Any, adapter: Any, config: VMTCConfig, processor: Any | None = None):
         super().__init__(model, adapter, config, processor)
+        if getattr(adapter, "reduces_after_merger", False):  # Qwen: one stage after the 2x2 merger
+            self._bind_after_merger()
+            return
+        self.merged = False
         self.geometry = g = adapter.tower_geometry(model)
         if not g.has_cls:
             from ..models import UnsupportedModelError
@@ -409,6 +413,35 @@ class VMTC(VisionMethod):
             self.remove()
             raise
 
+    # ------------------------------------------------------------------ after a patch merger (vmtc_merged.py)
+    def _bind_after_merger(self) -> None:
+        """SPEC (Other model families): one stage on the merged tokens of every frame, sized by the frame alone."""
+        if self.config.layers is not None:
+            raise ConfigError("VMTCConfig.layers: this tower compresses once, after its patch merger; "
+                              "layers= does not apply (stages= is ignored too)")
+        self.merged = True
+        self.layers, self.stages, self.records, self._undo = [], [], [], []
+        if self.config.target == 1.0 and isinstance(self.config.target, float):
+            return  # keeps every token: the stock model
+        self._undo.append(self.adapter.add_merger_stage(self.model, self._merged_stage))
+
+    def merged_stage_for(self, n: int) -> Stage:
+        """The stage of a frame of ``n`` merged tokens; a count target above n keeps the frame whole."""
+        if isinstance(self.config.target, int) and self.config.target >= n:
+            return Stage(n, n, 0)
+        try:
+            return stage_schedule(n, self.config.target, 1, self.config.cluster_frac, self.config.prune_only)[0]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _merged_stage(self, call: Any) -> Any:
+        from ..models.base import MergedResult
+        from .vmtc_merged import reduce_call
+
+        features, extras, sources = reduce_call(call, self.merged_stage_for, self.config.kmeans_iters,
+                                                self.config.merge, self.config.prune_only)
+        return MergedResult(tuple(features), tuple(tuple(level) for level in extras), tuple(sources))
+
     def _stage_fn(self, index: int, stage: Stage):
         def run(layer: Any, normed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             q, k, scale = self.adapter.tower_cls_qk(layer, normed)
@@ -423,8 +456,17 @@ class VMTC(VisionMethod):
 
     def output_patches(self, grid: tuple[int, int]) -> int:
         h, w = grid
+        if self.merged:  # grid = one frame's merged tokens
+            return self.merged_stage_for(h * w).n_out
         return stage_schedule(h * w, self.config.target, len(self.layers), self.config.cluster_frac,
                               self.config.prune_only)[-1].n_out
+
+    def image_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        if self.merged:
+            if grid is None:
+                raise ValueError("this tower's token count depends on the image size: pass its merged grid")
+            return self.output_patches(grid)
+        return super().image_tokens(grid)
 
     def stage_plan(self) -> list[tuple[int, int, int, int]]:
         return [(s.n_in + 1, s.keep, s.clusters, self.config.kmeans_iters) for s in self.stages if not s.is_identity]

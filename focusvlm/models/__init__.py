@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import CallInputs, FamilyAdapter, TowerGeometry, UnsupportedModelError
+from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry, UnsupportedModelError
 
-BUILTIN_FAMILIES = ("focusvlm.models.llava",)
+BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 _loaded = False
@@ -73,6 +73,13 @@ def adapter_for(model: Any) -> FamilyAdapter:
                                 "(docs/architecture.md).")
 
 
+def read_checkpoint_config(source: Any, **kwargs: Any) -> Any:
+    """A checkpoint's config (transformers' AutoConfig), to pick the family adapter before loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
 def adapter_for_preset(preset: str) -> FamilyAdapter:
     """The adapter that builds random-weight preset ``preset``."""
     for adapter in list_families():
@@ -82,6 +89,7 @@ def adapter_for_preset(preset: str) -> FamilyAdapter:
     raise ValueError(f"unknown preset {preset!r}; known: {', '.join(known)}")
 
 
-__all__ = ["CallInputs", "FamilyAdapter", "TowerGeometry", "UnsupportedModelError", "adapter_for",
-           "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families", "register_family",
+__all__ = ["CallInputs", "FamilyAdapter", "MergedCall", "MergedResult", "TowerGeometry", "UnsupportedModelError",
+           "adapter_for", "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families",
+           "read_checkpoint_config", "register_family",
            "supported"]

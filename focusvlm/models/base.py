@@ -66,6 +66,60 @@ class TowerGeometry:
         return min(self.feature_layers)
 
 
+# the keyword inputs of a transformers 5 decoder layer that token removal rewrites
+_DECODER_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "past_key_values")
+
+@dataclass(frozen=True)
+class MergedCall:
+    """One vision-tower call (all images, or all videos, of a forward) after a patch merger.
+
+    For towers that merge patch groups into LLM tokens (Qwen's 2x2 merger), where one
+    reduction stage runs on the merged tokens (SPEC: Other model families).
+
+    features: per visual input, (t * h * w, D) merged tokens, frame-major raster order of the
+        merged grid (what the LLM would receive).
+    extras: per feature level, per visual input, (t * h * w, D') tensors aligned with ``features``
+        that must be reduced with the same selection and weights (Qwen3's deepstack features).
+    grids: (inputs, 3) merged grid (t, h, w) of each input.
+    q, k: (S, heads, d) queries / keys (rotary applied) of the last full-attention tower block,
+        S = every patch of the call, in the tower's row order.
+    scale: that block's attention scale.
+    segments: (frames + 1,) cumulative row offsets of the block's attention segments (one per frame).
+    group_index: (S / unit,) the merged token (index over the call, inputs and frames concatenated in
+        order) that each run of ``unit`` consecutive rows of q/k forms.
+    unit: patches per merged token (4 for a 2x2 merger).
+    modality: "image" or "video".
+    """
+
+    features: tuple[torch.Tensor, ...]
+    extras: tuple[tuple[torch.Tensor, ...], ...]
+    grids: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    segments: torch.Tensor
+    group_index: torch.Tensor
+    unit: int
+    modality: str
+
+
+@dataclass(frozen=True)
+class MergedResult:
+    """What a merger stage hands back: the reduced tokens and where each one sits.
+
+    features / extras: as in ``MergedCall``, each input reduced to its new count.
+    sources: per input, (m,) long, ascending: the merged token (index into that input's
+        t * h * w tokens) whose 3-D rope position each output token takes.
+    """
+
+    features: tuple[torch.Tensor, ...]
+    extras: tuple[tuple[torch.Tensor, ...], ...]
+    sources: tuple[torch.Tensor, ...]
+
+
+MergerStage = Callable[[MergedCall], MergedResult]
+
+
 TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
 ``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
@@ -116,6 +170,47 @@ class FamilyAdapter:
         """Token types of one call, from the arguments ``call_module`` received."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ language side (token removal: FastV)
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every decoder layer of the language model, in order (pre-hook targets of token removal)."""
+        layers = getattr(self.core(model).language_model, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(f"the language model of {self.title} has no `.layers`")
+        return list(layers)
+
+    def decoder_layer_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What a decoder layer was called with: hidden_states, attention_mask, position_embeddings,
+        position_ids, past_key_values (transformers 5 decoder layers: hidden states first, the rest by keyword)."""
+        out = {name: kwargs.get(name) for name in _DECODER_LAYER_KWARGS}
+        out["hidden_states"] = args[0] if args else kwargs.get("hidden_states")
+        return out
+
+    def with_decoder_layer_inputs(self, args: tuple, kwargs: dict, **changes: Any) -> tuple[tuple, dict]:
+        """(args, kwargs) of a decoder-layer call with some inputs replaced (names as ``decoder_layer_inputs``)."""
+        args, kwargs = tuple(args), dict(kwargs)
+        if "hidden_states" in changes:
+            hidden = changes.pop("hidden_states")
+            if args:
+                args = (hidden,) + args[1:]
+            else:
+                kwargs["hidden_states"] = hidden
+        unknown = set(changes) - set(_DECODER_LAYER_KWARGS)
+        if unknown:
+            raise ValueError(f"unknown decoder-layer inputs {sorted(unknown)}")
+        kwargs.update(changes)
+        return args, kwargs
+
+    def decoder_query_key(self, attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: Any,
+                          query_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A decoder attention's queries at ``query_rows`` and its keys at every position, as it forms them.
+
+        hidden_states (B, Q, D) is the attention's input (after the layer's norm),
+        ``position_embeddings`` what the layer received, query_rows (B,) one row
+        per sample. Returns (q (B, H, 1, d), k (B, H, Q, d) with the key heads
+        repeated to the query heads, scale), positions embedded as the layer does.
+        """
+        raise UnsupportedModelError(f"{self.title}: no decoder q/k")
+
     # ------------------------------------------------------------------ vision side
     def tower_geometry(self, model: torch.nn.Module) -> TowerGeometry:
         raise UnsupportedModelError(f"{self.title}: vision-side methods are not supported yet")
@@ -141,6 +236,34 @@ class FamilyAdapter:
         """Apply ``reduce`` to the patch features (B, N, D; CLS excluded) before the projector; returns the undo."""
         raise UnsupportedModelError(f"{self.title}: no projector hook")
 
+    def capture_layer_output(self, model: torch.nn.Module,
+                             layer_idx: int) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """(take, undo): ``take()`` returns (layer, its input, its output) hidden states of the last forward, once."""
+        raise UnsupportedModelError(f"{self.title}: no layer-output capture")
+
+    def replace_projector_input(self, model: torch.nn.Module,
+                                replace: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        """Hand the projector ``replace(features)`` instead of its input; returns the undo.
+
+        Unlike ``reduce_projector_input`` the whole input is replaced: ``features``
+        is what the projector would receive (CLS included when the family keeps it)
+        and the result is projected as it is (for methods that choose CLS
+        themselves, e.g. VisionZip)."""
+        raise UnsupportedModelError(f"{self.title}: no projector hook")
+
+    def reduce_projector_output(self, model: torch.nn.Module,
+                                reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        """Apply ``reduce`` to the projected image features (images, tokens, LLM width); returns the undo."""
+        raise UnsupportedModelError(f"{self.title}: no projector hook")
+
+    # a tower whose tokens are reduced once, after its patch merger (Qwen), instead of inside encoder layers
+    reduces_after_merger: ClassVar[bool] = False
+
+    def add_merger_stage(self, model: torch.nn.Module, stage: MergerStage) -> Callable[[], None]:
+        """Run ``stage`` on every vision call's merged tokens, and make the LLM's positions follow
+        (``MergedResult.sources``); returns the undo. Only where ``reduces_after_merger``."""
+        raise UnsupportedModelError(f"{self.title}: no merger hook")
+
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the vision path (tower + projector) alone; returns (images, tokens, hidden)."""
         raise UnsupportedModelError(f"{self.title}: no image-feature call")
@@ -160,6 +283,19 @@ class FamilyAdapter:
                      attn_implementation: str = "sdpa", **overrides: Any) -> torch.nn.Module:
         """A model of a preset's shape with seeded random weights, in eval mode (tests, benchmarks)."""
         raise UnsupportedModelError(f"{self.title}: no random-weight presets")
+
+    # ------------------------------------------------------------------ benchmark inputs
+    def random_pixel_inputs(self, model: torch.nn.Module, batch: int, generator: torch.Generator) -> dict[str, Any]:
+        """Vision inputs of ``batch`` random images, as the model's forward takes them (bench).
+
+        Default: a fixed-size square image per sample (LLaVA-style ``pixel_values``)."""
+        vc = model.config.vision_config
+        return {"pixel_values": torch.randn(batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size,
+                                            generator=generator)}
+
+    def prompt_inputs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+        """Extra forward inputs a prompt of ``input_ids`` needs besides ids, mask and pixels (bench)."""
+        return {}
 
     def image_token_id(self, model: torch.nn.Module) -> int:
         return int(model.config.image_token_id)

@@ -60,6 +60,25 @@ def _vision_model(core: LlavaModel):
     return vision_model
 
 
+def _wrap_projector(core: LlavaModel, fn: Callable[[Callable, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """Route the projector's forward through ``fn(stock_forward, features)``; returns the exact undo."""
+    projector = core.multi_modal_projector
+    saved = projector.__dict__.get("forward")
+    stock_forward = projector.forward
+
+    def forward(features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return fn(lambda x: stock_forward(x, *args, **kwargs), features)
+
+    projector.forward = forward
+
+    def undo() -> None:
+        if saved is None:
+            projector.__dict__.pop("forward", None)
+        else:
+            projector.forward = saved
+    return undo
+
+
 # --------------------------------------------------------------------------- presets
 
 @dataclass(frozen=True)
@@ -168,6 +187,28 @@ class LlavaAdapter(FamilyAdapter):
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
         return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
 
+    def decoder_query_key(self, attention, hidden_states, position_embeddings, query_rows):
+        import sys
+
+        # the rotary function of the attention's own modeling module (Llama, Mistral, Qwen2 ... each define one)
+        rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+        if rotary is None or position_embeddings is None:
+            raise UnsupportedModelError(f"{type(attention).__name__}: no rotary position embedding to follow")
+        B, Q, _ = hidden_states.shape
+        d = attention.head_dim
+        cos, sin = position_embeddings
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        batch = torch.arange(B, device=hidden_states.device)
+        rows = hidden_states[batch, query_rows].unsqueeze(1)                               # (B, 1, D)
+        q = attention.q_proj(rows).view(B, 1, -1, d).transpose(1, 2)                       # (B, H, 1, d)
+        k = attention.k_proj(hidden_states).view(B, Q, -1, d).transpose(1, 2)               # (B, Hkv, Q, d)
+        # rotate the query with its own row's angles and the keys with theirs (one call each, as the layer does)
+        q, _ = rotary(q, q, cos[batch, query_rows].unsqueeze(1), sin[batch, query_rows].unsqueeze(1))
+        _, k = rotary(k, k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        return q, k, attention.scaling
+
     # ------------------------------------------------------------------ vision side
     def tower_geometry(self, model) -> TowerGeometry:
         core = self.core(model)
@@ -250,6 +291,28 @@ class LlavaAdapter(FamilyAdapter):
         def undo() -> None:
             del projector.forward
         return undo
+
+    def capture_layer_output(self, model, layer_idx: int):
+        layer = _vision_model(self.core(model)).encoder.layers[layer_idx]
+        box: dict[str, Any] = {}
+
+        def grab(module, args, kwargs, output):
+            box["io"] = (args[0] if args else kwargs["hidden_states"],
+                         output[0] if isinstance(output, (tuple, list)) else output)
+
+        handle = layer.register_forward_hook(grab, with_kwargs=True)
+
+        def take():
+            if "io" not in box:
+                raise RuntimeError(f"encoder layer {layer_idx}'s output was not captured in this forward")
+            return (layer, *box.pop("io"))
+        return take, handle.remove
+
+    def replace_projector_input(self, model, replace):
+        return _wrap_projector(self.core(model), lambda stock, features: stock(replace(features)))
+
+    def reduce_projector_output(self, model, reduce):
+        return _wrap_projector(self.core(model), lambda stock, features: reduce(stock(features)))
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         core = self.core(model)

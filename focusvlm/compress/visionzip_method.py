@@ -1,0 +1,124 @@
+"""VisionZip as a registered method: config and binding.
+
+The tensor function is in ``visionzip.py`` and follows the official code
+(dvlab-research/VisionZip). The binding hands it what that code reads, all
+from the encoder layer whose output the LLM reads (layer 22 of CLIP-L for
+LLaVA-1.5): its output with CLS, the CLS row of its attention per head and
+its keys averaged over heads, both recomputed from its own q/k projections
+so the tower keeps its fused attention. The dominant + contextual tokens
+(CLS among them) replace the projector's whole input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, fail
+from ..methods import VisionMethod, register_method
+from . import visionzip
+
+
+@dataclass(frozen=True)
+class VisionZipConfig:
+    """VisionZip: ``dominant`` tokens by CLS attention (CLS counted among them) + ``contextual`` merged tokens.
+
+    Official LLaVA-1.5 setting: 54 + 10 = 64 tokens to the LLM. On the command
+    line ``visionzip:192`` gives a total, split in the README's 54:10
+    proportion (``visionzip.split_budget``: 192 -> 162 + 30).
+    """
+
+    dominant: int = visionzip.DEFAULT_DOMINANT
+    contextual: int = visionzip.DEFAULT_CONTEXTUAL
+
+    def __post_init__(self) -> None:
+        for name in ("dominant", "contextual"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail("VisionZipConfig", name, f"must be a positive integer, got {v!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.dominant + self.contextual
+
+
+@register_method
+class VisionZip(VisionMethod):
+    """VisionZip bound to a model: dominant + contextual tokens of the feature layer replace the projector input."""
+
+    name = "visionzip"
+    config_class = VisionZipConfig
+    summary = "visionzip[:tokens] VisionZip, official code (default 54 dominant + 10 contextual = 64 tokens)"
+    cli_arg = "tokens"
+
+    @classmethod
+    def parse(cls, value: str | None) -> VisionZipConfig:
+        if value is None or value == "":
+            return cls.default_config()
+        try:
+            total = float(value)
+        except ValueError:
+            raise ConfigError(f"method 'visionzip': {value!r} is not a number") from None
+        if not total.is_integer():
+            raise ConfigError(f"method 'visionzip': the budget is a token count (dominant + contextual), got {value}")
+        try:
+            dominant, contextual = visionzip.split_budget(int(total))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return VisionZipConfig(dominant=dominant, contextual=contextual)
+
+    def __init__(self, model: Any, adapter: Any, config: VisionZipConfig, processor: Any | None = None):
+        from ..models import UnsupportedModelError
+
+        super().__init__(model, adapter, config, processor)
+        self.geometry = g = adapter.tower_geometry(model)
+        if len(g.feature_layers) != 1:
+            raise UnsupportedModelError("VisionZip needs a single vision_feature_layer")
+        if not g.has_cls:
+            raise UnsupportedModelError("VisionZip needs a vision tower with a CLS token (CLIP)")
+        if g.feature_layers[0] == 0:
+            raise UnsupportedModelError("VisionZip reads an encoder layer's attention, but the LLM reads the "
+                                        "embeddings")
+        self.layer = g.feature_layers[0] - 1     # the layer whose output the LLM reads (official: layers[-2])
+        try:
+            visionzip.token_count(g.num_patches, config.dominant, config.contextual)
+        except ValueError as exc:
+            raise ConfigError(f"VisionZipConfig: {exc}") from None
+        self.records: list[visionzip.VisionZipRecord] = []
+        self._take, undo_capture = adapter.capture_layer_output(model, self.layer)
+        self._undo = [undo_capture]
+        try:
+            self._undo.append(adapter.replace_projector_input(model, self._replace))
+        except Exception:
+            self.remove()
+            raise
+
+    def _replace(self, features: torch.Tensor) -> torch.Tensor:
+        layer, layer_input, hidden = self._take()
+        q, k, scale = self.adapter.tower_cls_qk(layer, layer.layer_norm1(layer_input))
+        heads = k.shape[1]
+        keys = k.transpose(1, 2).flatten(2)                                     # k_proj output (B, 1 + N, C)
+        cls_attn = visionzip.multihead_cls_attention(q.flatten(1), keys, heads, scale)
+        metric = visionzip.head_mean_keys(keys, heads)
+        out, record = visionzip.visionzip(hidden, cls_attn, metric, self.config.dominant, self.config.contextual)
+        if self.record:
+            self.records = [record]
+        return out
+
+    def output_patches(self, grid: tuple[int, int]) -> int:
+        total = visionzip.token_count(grid[0] * grid[1], self.config.dominant, self.config.contextual)
+        # ``image_tokens`` adds one for a kept CLS; VisionZip's total already holds it, whatever the strategy
+        return total - (1 if self.geometry.keeps_cls else 0)
+
+    def panels(self, sample: int = 0) -> list[Any]:
+        from .. import viz
+
+        return [viz.visionzip_panel(self.records[0], self.geometry.num_patches, sample)] if self.records else []
+
+    def remove(self, processor: Any | None = None) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        self.records = []

@@ -1,0 +1,457 @@
+"""Training runs: model set-up, the transformers Trainer, saving.
+
+``train(...)`` runs one LLaVA-1.5 stage with focusvlm's methods switched on:
+the FocusConfig is applied with ``focusvlm.patch`` before training (so the
+trained parts see what VMTC and CMAI change, and the processor emits the
+compressed placeholder count), the transformers ``Trainer`` (with
+accelerate; DeepSpeed/FSDP through the usual launch configs) trains, and the
+output folder receives a stock, ``from_pretrained``-loadable model and
+processor (saved unpatched) with ``focus_config.yaml`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import FocusConfig, patch, unpatch
+from .callbacks import LOSS_PNG, METRICS_FILE, MetricsCallback, ProgressCallback, StopAtStep, read_metrics
+from .data import Collator, ModalityGroupedSampler, SupervisedDataset
+from .recipe import Recipe, RecipeError
+
+DEMO = "demo"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+FOCUS_CONFIG_FILE = "focus_config.yaml"
+RECIPE_FILE = "recipe.yaml"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    samples: int
+    skipped: int
+    bad: int
+    losses: list[float] = field(default_factory=list)
+    runtime_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- model set-up
+
+def load_model(model: str | None, vision: str | None, lm: str | None, dtype: torch.dtype, seed: int):
+    """(model, processor), stock: the demo, a LLaVA checkpoint (hub id or folder), or vision + LM composed."""
+    if model is not None and (vision or lm):
+        raise ValueError("give either --model or --vision with --lm, not both")
+    if model is None:
+        if not (vision and lm):
+            raise ValueError("stage 1 from scratch needs --vision and --lm (or --model to start from a LLaVA model)")
+        from ..models.compose import compose_llava
+
+        return compose_llava(vision, lm, dtype=dtype, seed=seed)
+    if model == DEMO:
+        from ..models.factory import demo_model
+
+        m, processor = demo_model()
+        return _plain_weights(m.to(dtype)), processor
+    from ..runtime import load_model
+
+    m, processor = load_model(model, "cpu", dtype)  # the Trainer / accelerate place it afterwards
+    return _plain_weights(m.train()), processor
+
+
+def _plain_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the GGUF marker a model keeps when its LM came from a GGUF file (the demo): transformers
+    dequantizes GGUF weights on load, so they are ordinary float tensors, but the marker makes the Trainer
+    refuse to train and would be saved into the trained model's config."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return model
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+    return model
+
+
+def parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """The LLaVA parts by role (projector, language model incl. lm_head, vision tower)."""
+    core = model.model
+    return {"projector": [core.multi_modal_projector], "lm": [core.language_model, model.lm_head],
+            "vision": [core.vision_tower]}
+
+
+def set_trainable(model: torch.nn.Module, projector: bool, lm: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups = parts(model)
+    for name, on in (("projector", projector), ("lm", lm)):
+        if on:
+            for module in groups[name]:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """Full names of every Linear layer of the language model (LLaVA's LoRA targets; not the projector,
+    the vision tower or lm_head)."""
+    prefix = "model.language_model."
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix)]
+    if not names:
+        raise RuntimeError("no Linear layer found in the language model for LoRA")
+    return names
+
+
+def wrap_lora(model: torch.nn.Module, recipe: Recipe):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("--lora needs peft: pip install 'focusvlm[train]'") from exc
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM",
+                        modules_to_save=["multi_modal_projector"] if recipe.train_projector else None)
+    return get_peft_model(model, config)
+
+
+def base_llava(model: torch.nn.Module) -> torch.nn.Module:
+    """The LlavaForConditionalGeneration inside a PEFT / DDP / DeepSpeed wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+# --------------------------------------------------------------------------- trainer
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FocusTrainer(Trainer):
+        """Trainer with LLaVA-1.5's sampler (grouped by modality), a projector learning rate, and the
+        vision path kept in every step's graph: a text-only batch runs the tower and projector on a blank
+        image with weight 0 (as LLaVA-1.5 does), so the projector gets a zero gradient instead of none.
+        Without it, one process's text-only batch would leave DDP / ZeRO-3 waiting for a gradient, and
+        AdamW would skip the projector on text-only steps in 1 process but not in N."""
+
+        def __init__(self, *args, recipe: Recipe, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recipe = recipe
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.recipe.group_by_modality_length and isinstance(dataset, SupervisedDataset):
+                group = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return ModalityGroupedSampler(dataset.lengths, dataset.has_image, group, seed)
+            return super()._get_train_sampler(train_dataset)
+
+        def create_optimizer(self, model=None):
+            if self.recipe.projector_lr is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, p in opt_model.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
+            param_groups = []
+            for (is_projector, decays), params in groups.items():
+                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                if is_projector:
+                    group["lr"] = self.recipe.projector_lr
+                param_groups.append(group)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+            return self.optimizer
+
+        def _save(self, output_dir=None, state_dict=None):
+            """Checkpoints keep the module names as they are (save_original_format=False): transformers
+            5.23 writes LLaVA weights under their legacy names by default, which the Trainer's own resume
+            (a plain load_state_dict) does not map back, so a resumed run would silently keep its initial
+            weights. The final model (``final_save``) is written in the default, legacy-compatible layout."""
+            from transformers import PreTrainedModel
+
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if getattr(self, "final_save", False) or not isinstance(model, PreTrainedModel):
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True, save_original_format=False)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if "pixel_values" in inputs:
+                return out
+            loss = out[0] if return_outputs else out
+            loss = loss + 0.0 * _vision_keepalive(base_llava(model), inputs["input_ids"].device)
+            return (loss, out[1]) if return_outputs else loss
+
+    return FocusTrainer
+
+
+def _vision_keepalive(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The vision path on one blank image, summed: a zero-weight term that gives every process the
+    same graph (and the projector a zero gradient) when its batch has no image."""
+    core = model.model
+    vc = core.config.vision_config
+    dtype = next(core.vision_tower.parameters()).dtype
+    pixels = torch.zeros(1, 3, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    out = core.get_image_features(pixel_values=pixels)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        return sum(f.float().sum() for f in feats)
+    return feats.float().sum()
+
+
+_CHECKPOINT_PROBE: bool | None = None
+
+
+def cmai_checkpointing_is_exact() -> bool:
+    """Whether CMAI gives the same gradients with activation checkpointing as without (a ~1 s self-test on
+    a tiny random model). Recomputing a layer must not change CMAI's cached rows; until focusvlm/inhibit
+    guarantees that, training warns instead of silently using different gradients."""
+    global _CHECKPOINT_PROBE
+    if _CHECKPOINT_PROBE is not None:
+        return _CHECKPOINT_PROBE
+    from .. import CMAIConfig
+    from ..models.factory import random_llava
+
+    model = random_llava("tiny", seed=0).train()
+    vc = model.config.vision_config
+    n_img = (vc.image_size // vc.patch_size) ** 2
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(1, model.config.text_config.vocab_size - 2, (1, 12), generator=gen)
+    ids = torch.cat([text[:, :2], torch.full((1, n_img), model.config.image_token_id), text[:, 2:]], dim=1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(ids == model.config.image_token_id, -100),
+             "pixel_values": torch.randn(1, 3, vc.image_size, vc.image_size, generator=gen)}
+    patch(model, FocusConfig(cmai=CMAIConfig(gamma_max=0.6)))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        ckpt = grads()
+        _CHECKPOINT_PROBE = len(plain) == len(ckpt) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+                                                            for a, b in zip(plain, ckpt))
+    except Exception:
+        _CHECKPOINT_PROBE = False
+    unpatch(model)
+    return _CHECKPOINT_PROBE
+
+
+def _deepspeed_path(value: str | None) -> str | None:
+    if not value:
+        return None
+    shipped = CONFIG_DIR / f"{value}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if not Path(value).is_file():
+        raise RecipeError(f"Recipe.deepspeed: no such file {value!r} (shipped: zero2, zero3, zero3_offload)")
+    return value
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, cuda: bool, world_size: int):
+    from transformers import TrainingArguments
+
+    bf16 = recipe.bf16 if recipe.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    tf32 = recipe.tf32 if recipe.tf32 is not None else (True if cuda else None)
+    workers = recipe.dataloader_num_workers if recipe.dataloader_num_workers is not None else (4 if cuda else 0)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=recipe.per_device_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation(world_size),
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=recipe.warmup_ratio,
+        weight_decay=recipe.weight_decay,
+        bf16=bf16,
+        tf32=tf32,
+        activation_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        report_to=recipe.report_to,
+        deepspeed=_deepspeed_path(recipe.deepspeed),
+        dataloader_num_workers=workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        ddp_find_unused_parameters=False,
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder: str | Path | None = None,
+          model: str | None = None, vision: str | None = None, lm: str | None = None,
+          focus_config: FocusConfig | str | Path | None = None, recipe: Recipe | None = None,
+          recipe_file: str | Path | None = None, overrides: dict[str, Any] | None = None, lora: bool = False,
+          resume: str | bool | None = None, callbacks: Sequence[Any] = (), progress: bool = True,
+          stop_at_step: int | None = None) -> TrainResult:
+    """Run one training stage; see ``focusvlm train --help`` and docs/training.md.
+
+    ``resume``: a checkpoint folder, or True for the newest checkpoint in ``output_dir``.
+    """
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    if recipe is None:
+        recipe = Recipe.build(stage, lora=lora, file=recipe_file, overrides=overrides)
+    elif recipe.stage != stage:
+        raise RecipeError(f"Recipe.stage is {recipe.stage!r} but stage is {stage!r}")
+    if isinstance(focus_config, (str, Path)):
+        focus_config = FocusConfig.load(focus_config)
+    focus_config = focus_config or FocusConfig()
+    world = _world_size()
+    cuda = torch.cuda.is_available()
+    args = training_arguments(recipe, output_dir, cuda, world)  # fails early on a bad batch split
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # weights: bf16 when training in bf16 on a GPU; trainable parts in fp32 unless DeepSpeed keeps master copies
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    net, processor = load_model(model, vision, lm, dtype, recipe.seed)
+    set_trainable(net, projector=recipe.train_projector, lm=recipe.train_lm and not recipe.lora)
+    if dtype != torch.float32 and not args.deepspeed:
+        for p in net.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    tokenizer = processor.tokenizer  # the collator pads on the right itself; the saved processor is left as it was
+    image_token_id = net.config.image_token_id
+    if tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>")) != image_token_id:
+        raise ValueError("the processor's image token does not match the model's image_token_id")
+
+    if recipe.gradient_checkpointing and focus_config.cmai is not None and _is_main() \
+            and not cmai_checkpointing_is_exact():
+        print("focusvlm train: WARNING: with CMAI on, activation checkpointing currently recomputes with CMAI's "
+              "cached text rows appended twice, so gradients differ slightly (~1%) from a run without it (the "
+              "loss is the same). Pass --no-gradient-checkpointing for exact gradients if memory allows.",
+              file=sys.stderr)
+    handle = None if focus_config.is_stock else patch(net, focus_config, processor=processor)
+    trained = wrap_lora(net, recipe) if recipe.lora else net
+
+    dataset = SupervisedDataset(data, image_folder, processor, image_token_id, recipe.format, recipe.max_length,
+                                pad_square=recipe.pad_to_square, skip_bad=recipe.skip_bad,
+                                progress=progress and _is_main(), skipped_log=output_dir / "skipped.jsonl")
+    if _is_main():
+        dataset.skipped.write(output_dir)
+        recipe.save(output_dir / RECIPE_FILE, extra={
+            "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "bf16": args.bf16, "deepspeed": args.deepspeed, "model": model, "vision": vision, "lm": lm,
+            "data": str(data), "image_folder": str(image_folder) if image_folder else None,
+            "image_tokens_per_image": dataset.per_image, "samples": len(dataset),
+            "skipped_bad": dataset.bad, "skipped_unsupervised": dataset.unsupervised})
+        focus_config.save(output_dir / FOCUS_CONFIG_FILE)
+        print(f"focusvlm train: {len(dataset)} samples, {dataset.bad} bad skipped, {dataset.unsupervised} without "
+              f"a supervised token skipped (listed in {output_dir / 'skipped.jsonl'}); {dataset.per_image} "
+              f"tokens per image; trainable parameters: {_count_trainable(trained):,}", file=sys.stderr)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from transformers import PrinterCallback
+
+    trainer = _trainer_class()(model=trained, args=args, train_dataset=dataset, data_collator=Collator(pad_id),
+                               recipe=recipe)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(MetricsCallback(output_dir))
+    trainer.add_callback(ProgressCallback(enabled=progress))
+    if stop_at_step:
+        trainer.add_callback(StopAtStep(stop_at_step))
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    if resume is True:
+        resume = _latest_checkpoint(output_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    stopped_early = stop_at_step is not None and trainer.state.global_step < trainer.state.max_steps
+    if not stopped_early:
+        save_final(trainer, net, processor, handle, recipe, output_dir)
+    metrics = read_metrics(output_dir / METRICS_FILE) if (output_dir / METRICS_FILE).is_file() else []
+    result = TrainResult(output_dir, trainer.state.global_step, len(dataset), dataset.bad + dataset.unsupervised,
+                         dataset.bad, [m["loss"] for m in metrics], time.perf_counter() - started)
+    if _is_main():
+        (output_dir / "train_summary.json").write_text(json.dumps({
+            "steps": result.steps, "samples": result.samples, "skipped": result.skipped, "bad": result.bad,
+            "final_loss": result.losses[-1] if result.losses else None, "runtime_s": round(result.runtime_s, 1),
+            "complete": not stopped_early, "loss_curve": LOSS_PNG}, indent=2))
+    return result
+
+
+def save_final(trainer, net, processor, handle, recipe: Recipe, output_dir: Path) -> None:
+    """The stock model (unpatched) and processor, plus the adapter with LoRA."""
+    if handle is not None:
+        unpatch(net, processor)
+    trainer.final_save = True
+    if recipe.lora:
+        trainer.save_model(str(output_dir / ADAPTER_DIR))  # the adapter (+ the fully trained projector)
+        if recipe.merge_lora:
+            if trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) and \
+                    trainer.args.hf_deepspeed_config.is_zero3():
+                print("focusvlm train: LoRA under ZeRO-3: merge the adapter with `focusvlm train --merge-lora` "
+                      "after training", file=sys.stderr)
+            else:
+                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+                if trainer.is_world_process_zero():
+                    merged.save_pretrained(str(output_dir))
+    else:
+        trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(output_dir))
+
+
+def merge_lora(base: str, adapter: str | Path, output_dir: str | Path) -> Path:
+    """Merge a saved adapter into its base model and save the full model + processor."""
+    from peft import PeftModel
+
+    net, processor = load_model(base, None, None, torch.float32, 0)
+    merged = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+    out = Path(output_dir)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    src = Path(adapter).parent / FOCUS_CONFIG_FILE
+    if src.is_file() and not (out / FOCUS_CONFIG_FILE).is_file():
+        (out / FOCUS_CONFIG_FILE).write_text(src.read_text())
+    return out
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir}")
+    return Path(last)
+
+
+def _count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,206 @@
+"""Training with the methods on (tiny preset, CPU): VMTC/CMAI active in training forwards, gradient
+checkpointing, loss falls, stop/resume, LoRA, saved output."""
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from focusvlm import CMAIConfig, FocusConfig, VMTCConfig, patch, unpatch
+from focusvlm.train import train
+from focusvlm.train.data import Collator, SupervisedDataset
+
+BOTH = FocusConfig(vmtc=VMTCConfig(target=0.5, stages=2), cmai=CMAIConfig(gamma_max=0.6))
+FAST = dict(format="vicuna_v1", global_batch_size=4, per_device_batch_size=4, learning_rate=2e-3,
+            gradient_checkpointing=False, save_steps=1000, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.save_tiny(root / "base")
+    data = tiny.dataset(root, n=16)
+    return root
+
+
+def batch_for(model, proc, root, n=4, config=None):
+    ds = SupervisedDataset(root / "data.json", root / "images", proc, tiny.IMAGE_ID, "vicuna_v1", 2048)
+    return Collator(0)([ds[i] for i in range(n)])
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_placeholders_match_vmtc_and_both_methods_act_in_training(base):
+    model, proc = tiny.model(), tiny.processor()
+    model.train()
+    stock_batch = batch_for(model, proc, base)
+    stock_loss, _ = loss_and_grads(model, stock_batch)
+    handle = patch(model, BOTH, processor=proc)
+    batch = batch_for(model, proc, base)
+    # the processor now emits VMTC's count, and that many features reach the language model
+    want = handle.vision.image_tokens()
+    assert want == 32
+    assert ((batch["input_ids"] == tiny.IMAGE_ID).sum(1) == torch.tensor([32, 32, 32, 0])).all()
+    seen, rows = {}, {}
+
+    def grab(module, args, out):
+        seen["shape"] = tuple(out.shape)
+
+    hook = model.model.multi_modal_projector.register_forward_hook(grab)
+    state = handle.cmai.state
+    extend = state.extend_rows
+
+    def count_rows(layer, new):
+        rows[layer] = int(new.valid.sum())
+        return extend(layer, new)
+
+    state.extend_rows = count_rows
+    loss, grads = loss_and_grads(model, batch)
+    hook.remove()
+    del state.extend_rows
+    assert seen["shape"][:2] == (3, 32)
+    assert rows and all(v > 0 for v in rows.values())  # CMAI redid text rows in the inhibited layers
+    # CMAI changes the loss: the same compressed batch with CMAI switched off
+    unpatch(model, proc)
+    patch(model, FocusConfig(vmtc=BOTH.vmtc), processor=proc)
+    vmtc_only, _ = loss_and_grads(model, batch)
+    assert not torch.allclose(loss, vmtc_only) and not torch.allclose(loss, stock_loss)
+    assert grads["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
+    unpatch(model, proc)
+
+
+def gc_equivalence(base, config):
+    model, proc = tiny.model(), tiny.processor()
+    patch(model, config, processor=proc)
+    model.train()
+    batch = batch_for(model, proc, base)
+    loss, grads = loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_gradient_checkpointing_same_loss_and_gradients_with_vmtc(base):
+    gc_equivalence(base, FocusConfig(vmtc=BOTH.vmtc))
+
+
+@pytest.mark.xfail(strict=True, reason="CMAI's per-layer text-row cache (focusvlm/inhibit/state.py, extend_rows) is "
+                   "appended again when checkpointing recomputes a layer (51 -> 102 rows per layer here), so the "
+                   "recomputed focus scores and the gradients differ (~1%); the loss is unchanged. Owned by "
+                   "focusvlm/inhibit/; this test passes once recomputation no longer appends twice.")
+def test_gradient_checkpointing_same_loss_and_gradients_with_cmai(base):
+    gc_equivalence(base, BOTH)
+
+
+def test_loss_falls_and_resume_continues_the_same_run(base, tmp_path):
+    common = dict(stage="finetune", model=str(base / "base"), data=base / "data.json", image_folder=base / "images",
+                  focus_config=BOTH, progress=False)
+    full = train(output_dir=tmp_path / "full", overrides={**FAST, "max_steps": 24, "save_steps": 12}, **common)
+    assert len(full.losses) == 24
+    first, last = sum(full.losses[:4]) / 4, sum(full.losses[-4:]) / 4
+    assert last < 0.7 * first, full.losses
+    # the same run, stopped after the checkpoint at step 12 and resumed from it
+    part = train(output_dir=tmp_path / "part", overrides={**FAST, "max_steps": 24, "save_steps": 12},
+                 stop_at_step=12, **common)
+    assert part.steps == 12 and not (tmp_path / "part" / "model.safetensors").exists()
+    resumed = train(output_dir=tmp_path / "part", overrides={**FAST, "max_steps": 24, "save_steps": 12},
+                    resume=True, **common)
+    assert resumed.steps == 24
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+
+
+def test_output_is_a_stock_checkpoint_with_its_focus_config(base, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = tmp_path / "ft"
+    train(stage="finetune", model=str(base / "base"), data=base / "data.json", image_folder=base / "images",
+          focus_config=BOTH, output_dir=out, overrides={**FAST, "max_steps": 2}, progress=False)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    proc = AutoProcessor.from_pretrained(out)
+    assert FocusConfig.load(out / "focus_config.yaml") == BOTH
+    assert model.config.text_config._attn_implementation in (None, "sdpa", "eager")
+    assert model.config.text_config.use_cache is not False
+    # saved unpatched: the stock processor count, stock encoder layers
+    assert proc._get_num_multimodal_tokens(image_sizes=[[112, 112]]).num_image_tokens == [64]
+    assert all(type(l).__name__ == "CLIPEncoderLayer" for l in model.model.vision_tower.encoder.layers)
+    base_model = LlavaForConditionalGeneration.from_pretrained(base / "base")
+    sd, sd0 = model.state_dict(), base_model.state_dict()
+    changed = {k for k in sd if not torch.equal(sd[k], sd0[k])}
+    assert not any("vision_tower" in k for k in changed)  # frozen
+    assert any("multi_modal_projector" in k for k in changed) and any("language_model" in k for k in changed)
+    recipe = (out / "recipe.yaml").read_text()
+    assert "gradient_accumulation_steps: 1" in recipe and "image_tokens_per_image: 32" in recipe
+    assert (out / "loss.png").stat().st_size > 1000
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "learning_rate", "tokens_per_second"} <= set(recs[0])
+    # patch(load) again: the trained model runs with its saved config
+    patch(model, FocusConfig.load(out / "focus_config.yaml"), processor=proc)
+    assert proc._get_num_multimodal_tokens(image_sizes=[[112, 112]]).num_image_tokens == [32]
+
+
+def test_pretrain_trains_only_the_projector(base, tmp_path):
+    out = tmp_path / "pt"
+    train(stage="pretrain", model=str(base / "base"), data=tiny.dataset(tmp_path, n=8, captions=True),
+          image_folder=tmp_path / "images", focus_config=BOTH, output_dir=out,
+          overrides={**FAST, "format": "plain", "max_steps": 2}, progress=False)
+    from transformers import LlavaForConditionalGeneration
+
+    sd = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    sd0 = LlavaForConditionalGeneration.from_pretrained(base / "base").state_dict()
+    changed = {k.split(".")[1] for k in sd if not torch.equal(sd[k], sd0[k])}
+    assert changed == {"multi_modal_projector"}
+
+
+def test_lora_trains_adapters_and_projector_only(base, tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration, TrainerCallback
+
+    trainable = {}
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            trainable.update({n: p.numel() for n, p in model.named_parameters() if p.requires_grad})
+
+    out = tmp_path / "lora"
+    train(stage="finetune", model=str(base / "base"), data=base / "data.json", image_folder=base / "images",
+          focus_config=BOTH, output_dir=out, lora=True,
+          overrides={**FAST, "max_steps": 3, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "projector_lr": 1e-3},
+          callbacks=[Grab()], progress=False)
+    assert trainable and all(("lora_" in n) or ("multi_modal_projector" in n and "modules_to_save" in n)
+                             for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    # adapter saved and mergeable: base + adapter merged == the merged model written to the output folder
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    again = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base / "base"),
+                                      out / "adapter").merge_and_unload().state_dict()
+    assert merged.keys() == again.keys()
+    for k in merged:
+        assert torch.allclose(merged[k], again[k], atol=1e-6), k
+    sd0 = LlavaForConditionalGeneration.from_pretrained(base / "base").state_dict()
+    changed = {k for k in merged if not torch.equal(merged[k], sd0[k])}
+    assert any("multi_modal_projector" in k for k in changed) and any("q_proj" in k for k in changed)
+    assert not any(("vision_tower" in k) or ("norm" in k) or ("embed_tokens" in k) for k in changed)
+
+
+def test_runtime_probe_agrees_with_the_checkpointing_test(base):
+    """train() warns when CMAI + checkpointing is inexact; its probe must say what the test above finds."""
+    from focusvlm.train.runner import cmai_checkpointing_is_exact
+
+    try:
+        gc_equivalence(base, BOTH)
+        exact = True
+    except AssertionError:
+        exact = False
+    assert cmai_checkpointing_is_exact() == exact

@@ -115,9 +115,10 @@ def _guard_placeholders(handle: FocusHandle, processor: Any | None) -> None:
 
     try:
         patched_count = handle.image_tokens()
-    except Exception:  # noqa: BLE001 - an adaptive count (e.g. PruMerge without a budget) is only known per image
+        stock_count = handle.stock_image_tokens()
+    except Exception:  # noqa: BLE001 - an adaptive count (PruMerge without a budget), a dynamic-resolution tower
         return
-    stock_count = handle.stock_image_tokens()
+
     if patched_count == stock_count:
         return
     name = handle.config.describe()

@@ -77,18 +77,19 @@ def cmai_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
 
 # --------------------------------------------------------------------------- prefill
 
-def head_mean_attention(q_rows: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor,
-                        budget: int) -> torch.Tensor:
+def head_mean_attention(q_rows: torch.Tensor, key: torch.Tensor, scaling: float, hidden: torch.Tensor | None,
+                        budget: int, hidden_from: int = 0) -> torch.Tensor:
     """C1 for some query rows: softmax(q k^T * scaling, hidden keys -inf) averaged over heads, (B, R, Kc) float32.
 
-    q_rows (B, H, R, D), key (B, Hkv, Kc, D) (GQA: each key head serves H / Hkv query heads), allowed
-    (B, R, Kc). Heads are taken a few key heads at a time so the float32 block stays under ``budget``
-    elements.
+    q_rows (B, H, R, D), key (B, Hkv, Kc, D) (GQA: each key head serves H / Hkv query heads);
+    ``hidden`` (B, R, Kc - hidden_from) marks the keys each row must not see among keys ``hidden_from`` and
+    later (every row sees the earlier ones). Heads are taken a few key heads at a time so the float32 block
+    stays under ``budget`` elements.
     """
     b, h, r, d = q_rows.shape
     hkv, kc = key.shape[1], key.shape[2]
     group = h // hkv
-    hidden = ~allowed.unsqueeze(1)                                # (B, 1, R, Kc)
+    hidden = None if hidden is None else hidden.unsqueeze(1)      # (B, 1, R, Kc - hidden_from)
     step = max(1, min(hkv, budget // max(1, b * group * r * kc)))
     total = None
     for k0 in range(0, hkv, step):
@@ -97,7 +98,9 @@ def head_mean_attention(q_rows: torch.Tensor, key: torch.Tensor, scaling: float,
         qg = (q_rows[:, k0 * group:k1 * group] * scaling).reshape(b, k1 - k0, group * r, d)
         scores = torch.matmul(qg, key[:, k0:k1].transpose(-1, -2)).view(b, (k1 - k0) * group, r, kc)
         scores = scores.float() if scores.dtype != torch.float32 else scores
-        probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+        if hidden is not None:
+            scores[..., hidden_from:].masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         if step == hkv:
             return probs.mean(dim=1)
         part = probs.sum(dim=1)
@@ -105,20 +108,30 @@ def head_mean_attention(q_rows: torch.Tensor, key: torch.Tensor, scaling: float,
     return total.div_(h)
 
 
-def _chunk_allowed(plan: CallPlan, chunk: RowChunk, stock_mask: torch.Tensor | None, key_stop: int) -> torch.Tensor:
-    """(B, R, Kc) keys each text row of the chunk attends to in the stock model (causal + padding)."""
-    q_pos = plan.query.pos[:, chunk.start:chunk.stop]
-    if stock_mask is not None and stock_mask.dim() == 4:
+def _chunk_hidden(plan: CallPlan, chunk: RowChunk, stock_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """Keys the chunk's text rows do not see in the stock model (causal + padding), as (hidden, hidden_from)."""
+    s, e, kc = chunk.start, chunk.stop, chunk.key_stop
+    q_pos = plan.query.pos[:, s:e]
+    if stock_mask is None:
+        # causal only: every key below the chunk's first row is seen by all its rows, so only the short
+        # triangle beyond it needs masking
+        lo = chunk.key_first_hidden
+        if lo >= kc:
+            return None, kc
+        hidden = torch.arange(lo, kc, device=q_pos.device) > q_pos.unsqueeze(-1)
+        hidden_from = lo
+    elif stock_mask.dim() == 4:
         batch = torch.arange(q_pos.shape[0], device=q_pos.device).unsqueeze(1)
-        rows = stock_mask[batch, 0, plan.slot[:, chunk.start:chunk.stop], :key_stop]
+        rows = stock_mask[batch, 0, plan.slot[:, s:e], :kc]
         # an additive mask: its minimum (or -inf) hides a key, anything else keeps it
-        allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
-    else:
-        allowed = torch.arange(key_stop, device=q_pos.device) <= q_pos.unsqueeze(-1)
-        if stock_mask is not None:  # a 2-D padding mask (flash-style implementations)
-            allowed = allowed & stock_mask[:, None, :key_stop].bool()
-    # padded slots see every key: their row stays finite and is never used
-    return allowed | ~plan.query.valid[:, chunk.start:chunk.stop].unsqueeze(-1)
+        hidden = ~rows if rows.dtype == torch.bool else rows <= torch.finfo(rows.dtype).min / 2
+        hidden_from = 0
+    else:  # a 2-D padding mask (flash-style implementations)
+        hidden = (torch.arange(kc, device=q_pos.device) > q_pos.unsqueeze(-1)) | ~stock_mask[:, None, :kc].bool()
+        hidden_from = 0
+    if chunk.take is not None:  # padded slots see every key: their row stays finite and is never used
+        hidden = hidden & plan.query.valid[:, s:e].unsqueeze(-1)
+    return hidden, hidden_from
 
 
 def _prefill_attention(link, plan: CallPlan, module, query, key, value, stock_mask, scaling, kwargs, want_weights):
@@ -141,24 +154,28 @@ def _prefill_attention(link, plan: CallPlan, module, query, key, value, stock_ma
             q_pos = plan.query.pos[:, s:e]
             slot = plan.slot[:, s:e]
             q_rows = query.gather(2, slot[:, None, :, None].expand(batch, heads, e - s, dim))
-            a = head_mean_attention(q_rows, key[:, :, :kc], scaling, _chunk_allowed(plan, chunk, stock_mask, kc),
-                                    budget)                              # (B, R, Kc) C1
+            hidden, hidden_from = _chunk_hidden(plan, chunk, stock_mask)
+            a = head_mean_attention(q_rows, key[:, :, :kc], scaling, hidden, budget, hidden_from)   # (B, R, Kc) C1
             # C6's visible set: image keys at or before the row (padded image slots and rows: none)
             visible = (images.valid.unsqueeze(1) & (images.pos.unsqueeze(1) <= q_pos.unsqueeze(2))
                        & plan.query.valid[:, s:e].unsqueeze(2))            # (B, R, N)
-            # padded image slots point at the row's own key: never an image key, so writes there collide with none
-            img_index = torch.where(images.valid.unsqueeze(1), images.pos.unsqueeze(1), q_pos.unsqueeze(2))
-            a_img = a.gather(2, img_index.clamp(max=kc - 1)) * visible      # C2 (0 where the row cannot see)
+            if images.padded:
+                # padded image slots point at the row's own key: never an image key, so writes there collide with none
+                img_index = torch.where(images.valid.unsqueeze(1), images.pos.unsqueeze(1), q_pos.unsqueeze(2))
+            else:
+                img_index = images.pos.unsqueeze(1).expand(batch, e - s, images.count)
+            # image keys beyond the chunk's last row (a later image) are invisible to all its rows
+            a_img = a.gather(2, img_index if images.last < kc else img_index.clamp(max=kc - 1))
+            a_img = a_img * visible                                         # C2 (0 where the row cannot see)
             rows_store[:, start + s:start + e] = a_img
             known = start + e
             a_text = None
             if focus.reads_text_attention:
-                # known rows after this chunk's rows sit at keys the chunk cannot see; their relation weight is 0
-                text_index = known_pos[:, None, :known].expand(batch, e - s, known).clamp(max=kc - 1)
-                a_text = a.gather(2, text_index)
+                # every row known so far (earlier calls, earlier chunks, this chunk) sits at a key below kc
+                a_text = a.gather(2, known_pos[:, None, :known].expand(batch, e - s, known))
             relation = None if plan.relation is None else plan.relation[:, s:e, :known]
             score = focus.score(a_img, a_text, rows_store[:, :known], relation)   # C5 / C10-C12
-            blocked = inhibition_mask(score, visible, gamma)                    # C6, C7
+            blocked = inhibition_mask(score, visible, gamma, chunk.visible_count)  # C6, C7
             hide = torch.zeros(batch, e - s, fused.width, dtype=torch.bool, device=query.device)
             fused.write(chunk, hide.scatter_(2, img_index, blocked))
     return fused.attend(link, module, query, key, value, scaling, kwargs)

@@ -50,6 +50,27 @@ def chunk_budget(device: torch.device) -> int:
     return CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_DEFAULT)
 
 
+def _new_positions_valid(attention_mask: Any, batch: int, past_len: int, q_len: int,
+                         device: torch.device) -> torch.Tensor:
+    """(B, Q) bool: which new positions are real tokens, from a 2-D padding mask or a prepared 4-D mask."""
+    if isinstance(attention_mask, dict):  # one prepared mask per attention type: any of them marks padding
+        attention_mask = next((m for m in attention_mask.values() if m is not None), None)
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2 and attention_mask.shape[1] == past_len + q_len:
+        return attention_mask[:, past_len:].to(device=device, dtype=torch.bool)
+    if attention_mask.dim() == 4 and attention_mask.shape[2] == q_len and attention_mask.shape[3] >= past_len + q_len:
+        # a padding position hides its own key: the diagonal tells real tokens from padding
+        rows = torch.arange(q_len, device=attention_mask.device)
+        diagonal = attention_mask[:, 0, rows, past_len + rows].expand(batch, q_len)
+        if diagonal.dtype != torch.bool:
+            diagonal = diagonal > torch.finfo(diagonal.dtype).min / 2
+        return diagonal.to(device)
+    raise CMAIStateError(
+        f"CMAI needs a 2-D attention mask covering past and new positions ({batch}x{past_len + q_len}) or a 4-D "
+        f"one over the new positions, got shape {tuple(attention_mask.shape)}")
+
+
 def first_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of each row's True entries, in order, padded to the batch maximum (one host sync).
 
@@ -131,6 +152,7 @@ class Images:
     pos: torch.Tensor          # (B, N) key index of each image slot; padded slots 0
     valid: torch.Tensor        # (B, N) real slots
     padded: bool               # some sample has fewer images than N
+    last: int                  # the largest image position (-1 without images)
     first: torch.Tensor        # (B,) position of the first image; NEVER without one
     has_image: torch.Tensor    # (B,)
 
@@ -146,6 +168,8 @@ class RowChunk:
     start: int
     stop: int
     key_stop: int                  # no row of the chunk sees a key at or beyond this index
+    key_first_hidden: int          # nor does causality hide a key below this one from any of its rows
+    visible_count: int | None      # image keys every real row of the chunk sees, when they all see as many
     mask_sample: torch.Tensor      # (n,) sample of each real row of the chunk
     mask_row: torch.Tensor         # (n,) its query row within the call
     take: torch.Tensor | None      # (n,) which of the chunk's B x (stop - start) slots are real; None: all
@@ -175,7 +199,7 @@ class CallPlan:
     store: RowStore
     q_len: int                       # new positions in this call
     query: TextPositions             # (B, Qt) the text rows to inhibit in this call
-    slot: torch.Tensor               # (B, Qt) their query row within the call
+    slot: torch.Tensor | None        # (B, Qt) their query row within the call (decode: None, the only row)
     row_start: int                   # store slot of the call's first row (prefill)
     relation: torch.Tensor | None    # (B, Qt, T) the focus variant's per-call weights (decode: (B, 1, 1, C))
     focus: FocusScore
@@ -229,12 +253,7 @@ class CMAIState:
     def _prefill_plan(self, image_mask, attention_mask, past_len, max_cache_len, keep_rows):
         batch, q_len = image_mask.shape
         device = image_mask.device
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != past_len + q_len):
-            raise CMAIStateError(
-                f"CMAI needs a 2-D attention mask covering past and new positions ({batch}x{past_len + q_len}), "
-                f"got shape {tuple(attention_mask.shape)}")
-        new_valid = (attention_mask[:, past_len:].to(device=device, dtype=torch.bool) if attention_mask is not None
-                     else torch.ones(batch, q_len, dtype=torch.bool, device=device))
+        new_valid = _new_positions_valid(attention_mask, batch, past_len, q_len, device)
         if past_len == 0:
             self.store = self._new_store(image_mask & new_valid, max_cache_len, device)
         else:
@@ -279,7 +298,8 @@ class CMAIState:
         has_image = img_valid.any(dim=1) if img_valid.shape[1] else torch.zeros(batch, dtype=torch.bool, device=device)
         first = (torch.where(has_image, img_pos[:, 0], NEVER) if img_valid.shape[1]
                  else torch.full((batch,), NEVER, dtype=torch.long, device=device))
-        images = Images(pos=img_pos, valid=img_valid, padded=not bool(img_valid.all()), first=first,
+        last = int(img_pos.masked_fill(~img_valid, -1).max()) if img_valid.numel() else -1
+        images = Images(pos=img_pos, valid=img_valid, padded=not bool(img_valid.all()), last=last, first=first,
                         has_image=has_image)
         static = max_cache_len is not None
         store = RowStore(batch, images, max_cache_len if static else 0, static, device)
@@ -305,20 +325,27 @@ class CMAIState:
         batch, count = slot.shape
         size = max(MIN_CHUNK_ROWS, chunk_budget(device) // max(1, batch * self.num_heads * keys))
         bounds = [(s, min(s + size, count)) for s in range(0, count, size)]
-        last_pos = query.pos.masked_fill(~query.valid, -1)
-        stops = torch.stack([last_pos[:, s:e].amax() for s, e in bounds]) + 1
-        all_valid = torch.stack([query.valid[:, s:e].all() for s, e in bounds])
-        stops, all_valid = stops.tolist(), all_valid.tolist()
+        images = self.store.images
+        valid = query.valid
+        last_pos = query.pos.masked_fill(~valid, -1)
+        first_pos = query.pos.masked_fill(~valid, keys)
+        seen = (images.valid.unsqueeze(1) & (images.pos.unsqueeze(1) <= query.pos.unsqueeze(2))).sum(dim=2)
+        most, least = seen.masked_fill(~valid, -1), seen.masked_fill(~valid, images.count + 1)
+        facts = torch.stack([torch.stack([last_pos[:, s:e].amax() + 1, first_pos[:, s:e].amin() + 1,
+                                          valid[:, s:e].all().long(), most[:, s:e].amax(), least[:, s:e].amin()])
+                             for s, e in bounds])
         samples = torch.arange(batch, device=device).unsqueeze(1)
         chunks = []
-        for (s, e), key_stop, full in zip(bounds, stops, all_valid):
+        for (s, e), (key_stop, first_hidden, full, most_seen, least_seen) in zip(bounds, facts.tolist()):
             sample = samples.expand(batch, e - s).reshape(-1)
             row = slot[:, s:e].reshape(-1)
             take = None
             if not full:
                 take = query.valid[:, s:e].reshape(-1).nonzero().squeeze(1)
                 sample, row = sample[take], row[take]
-            chunks.append(RowChunk(s, e, max(int(key_stop), 1), sample, row, take))
+            key_stop = max(int(key_stop), 1)
+            chunks.append(RowChunk(s, e, key_stop, min(int(first_hidden), key_stop),
+                                   int(most_seen) if most_seen == least_seen else None, sample, row, take))
         return tuple(chunks)
 
     # ------------------------------------------------------------------ decode
@@ -367,7 +394,7 @@ class CMAIState:
             img_index, img_pad = images.pos.view(shape), None
         step = DecodeStep(write_index=write_index, img_index=img_index, img_pad=img_pad,
                           text_index=store.pos.view(batch, 1, 1, store.capacity))
-        return CallPlan(store=store, q_len=1, query=query, slot=torch.zeros_like(new_pos), row_start=0,
+        return CallPlan(store=store, q_len=1, query=query, slot=None, row_start=0,
                         relation=relation, focus=self.focus, chunks=(), decode=step, keep_rows=True,
                         workspace=CallWorkspace())
 

@@ -33,8 +33,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .focus import inhibition_mask, quantile_of_sorted, quantile_positions
-from .state import CallPlan, CMAIState, RowChunk, chunk_budget
+from .focus import inhibition_mask, quantile_positions
+from .state import CallPlan, CMAIState, DecodeThreshold, RowChunk, chunk_budget
 
 # the plan travels with the forward call as a keyword argument the language model hands to every layer
 PLAN_KWARG = "focusvlm_cmai_plan"
@@ -320,30 +320,33 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
             scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
                       else scores + stock_mask)
         a = torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2), keepdim=True)  # (B, 1, 1, K) C1
-        a_img = a.gather(-1, step.img_index)                                                  # (B, 1, 1, N) C2
+        constants = step.constants
+        a_img = a.gather(-1, constants.img_index)                                             # (B, 1, 1, N) C2
         rows = store.layer_rows(layer)                                                        # (B, 1, C, N)
         rows.index_copy_(2, step.write_index, a_img)                                          # C13
         a_text = a.gather(-1, step.text_index) if plan.focus.reads_text_attention else None
-        if step.img_pad is not None:  # padded image slots rank last and are never inhibited
-            a_img = a_img + step.img_pad
+        if constants.img_pad is not None:  # padded image slots rank last and are never inhibited
+            a_img = a_img + constants.img_pad
         score = plan.focus.score(a_img, a_text, rows, plan.relation)                         # C5 / C10-C12
-        at = store.decode_quantiles.get(layer)
-        if at is None:
-            at = store.decode_quantiles[layer] = quantile_positions(
-                store.images.valid.sum(dim=1).view(batch, 1, 1), link.gamma, store.images.count)
-        kept = score >= quantile_of_sorted(score.sort(dim=-1).values, at)                   # C6, C7
+        threshold = constants.thresholds.get(layer)
+        if threshold is None:  # a state built without the model's gammas (direct use of the layer function)
+            at = quantile_positions(store.images.valid.sum(dim=1).view(batch, 1, 1), link.gamma, store.images.count)
+            threshold = constants.thresholds[layer] = DecodeThreshold(at.lo, at.hi, at.weight)
+        kept = score >= threshold(score)                                                      # C6, C7
         if stock_mask is None:
             base = plan.workspace.masks.get("ones")
             if base is None:
                 base = plan.workspace.masks["ones"] = torch.ones(batch, 1, 1, key.shape[2], dtype=torch.bool,
                                                                  device=query.device)
-            mask = base.scatter(-1, step.img_index, kept)
-        elif stock_mask.dtype == torch.bool:
-            mask = stock_mask.expand(batch, 1, 1, key.shape[2]).scatter(-1, step.img_index, kept)
+            mask = base.scatter(-1, constants.img_index, kept)
         else:
-            fill = torch.finfo(stock_mask.dtype).min
-            mask = stock_mask.expand(batch, 1, 1, key.shape[2]).scatter(
-                -1, step.img_index, torch.where(kept, 0.0, fill).to(stock_mask.dtype))
+            if stock_mask.shape[0] != batch:  # a mask shared by the batch
+                stock_mask = stock_mask.expand(batch, *stock_mask.shape[1:])
+            if stock_mask.dtype == torch.bool:
+                mask = stock_mask.scatter(-1, constants.img_index, kept)
+            else:
+                fill = torch.finfo(stock_mask.dtype).min
+                mask = stock_mask.scatter(-1, constants.img_index, torch.where(kept, 0.0, fill).to(stock_mask.dtype))
     dropout = kwargs.get("dropout", 0.0)
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)

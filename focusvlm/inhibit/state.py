@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .focus import FocusScore, QuantilePositions, TextPositions, get_focus, quantile_positions
+from .focus import (FocusScore, QuantilePositions, TextPositions, get_focus, quantile_of_sorted,
+                    quantile_positions)
 
 
 class CMAIStateError(RuntimeError):
@@ -106,9 +107,7 @@ class RowStore:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.text_count = torch.zeros(batch, dtype=torch.long, device=device)  # text tokens so far, per sample
         self.rows: dict[int, torch.Tensor] = {}
-        # decode-step constants of each layer: every decode row sees every image key, so the threshold's
-        # sorted positions depend on the layer's gamma only
-        self.decode_quantiles: dict[int, QuantilePositions] = {}
+        self.decode: DecodeConstants | None = None   # set by the sequence's prefill
 
     def reserve(self, length: int) -> None:
         """Room for ``length`` rows (dynamic caches: grow by doubling)."""
@@ -162,6 +161,58 @@ class Images:
 
 
 @dataclass(frozen=True)
+class DecodeThreshold:
+    """C6 for a decode row of one layer: every decode row sees every image key of its sample, so where the
+    quantile reads the sorted focus scores is fixed for the whole generation."""
+
+    lo: int | torch.Tensor      # host ints when every sample has N images, else (B, 1, 1, 1) tensors
+    hi: int | torch.Tensor
+    weight: torch.Tensor
+
+    def __call__(self, score: torch.Tensor) -> torch.Tensor:
+        """tau of (B, 1, 1, N) scores, (B, 1, 1, 1): the same order statistics and interpolation as C6."""
+        if isinstance(self.lo, int):  # two selections instead of a sort
+            x_lo = score.kthvalue(self.lo + 1, dim=-1, keepdim=True).values
+            if self.hi == self.lo:
+                return x_lo
+            return torch.lerp(x_lo, score.kthvalue(self.hi + 1, dim=-1, keepdim=True).values, self.weight)
+        return quantile_of_sorted(score.sort(dim=-1).values, QuantilePositions(self.lo, self.hi, self.weight))
+
+
+@dataclass(frozen=True)
+class DecodeConstants:
+    """What every decode step of a sequence shares: all its images arrived in the prefill."""
+
+    img_index: torch.Tensor               # (B, 1, 1, N) key of each image slot; padded slots: a real text key
+                                          # every decode row sees (never an image key: scatters there collide with none)
+    img_pad: torch.Tensor | None          # (B, 1, 1, N) float32 max on padded image slots (None: none padded)
+    thresholds: dict[int, DecodeThreshold]
+
+    @classmethod
+    def build(cls, images: Images, spare_key: torch.Tensor, gammas: list[float] | None) -> "DecodeConstants":
+        batch, count = images.pos.shape
+        shape = (batch, 1, 1, count)
+        thresholds: dict[int, DecodeThreshold] = {}
+        if images.padded:
+            img_index = torch.where(images.valid, images.pos, spare_key.unsqueeze(1)).view(shape)
+            # the largest float, not +inf: a sample without images then has the threshold lerp(max, max) = max,
+            # where lerp(inf, inf) would be NaN and fail every comparison
+            img_pad = torch.zeros(shape, device=images.pos.device).masked_fill_(
+                ~images.valid.view(shape), torch.finfo(torch.float32).max)
+            seen = images.valid.sum(dim=1).view(batch, 1, 1)
+        else:
+            img_index, img_pad, seen = images.pos.view(shape), None, torch.tensor(count)
+        for layer, gamma in enumerate(gammas or []):
+            if gamma > 0:
+                at = quantile_positions(seen, gamma, count)
+                if images.padded:
+                    thresholds[layer] = DecodeThreshold(at.lo, at.hi, at.weight)
+                else:  # same float arithmetic as the prefill's threshold, read back once per sequence
+                    thresholds[layer] = DecodeThreshold(int(at.lo), int(at.hi), at.weight.to(images.pos.device))
+        return cls(img_index, img_pad, thresholds)
+
+
+@dataclass(frozen=True)
 class RowChunk:
     """Text rows of a prefill call processed together (slots [start, stop) of the plan's rows)."""
 
@@ -180,9 +231,8 @@ class DecodeStep:
     """What a decode step (one new text token per sample) adds to the plan."""
 
     write_index: torch.Tensor        # (1,) store slot of this step's rows
-    img_index: torch.Tensor          # (B, 1, 1, N) key of each image slot; padded slots: the new token's own key
-    img_pad: torch.Tensor | None     # (B, 1, 1, N) float32 max on padded image slots (None: none padded)
     text_index: torch.Tensor         # (B, 1, 1, C) key of each stored text row (0 in empty slots)
+    constants: DecodeConstants
 
 
 @dataclass
@@ -270,6 +320,12 @@ class CMAIState:
         rank = store.text_count.unsqueeze(1) + text.cumsum(dim=1) - 1
         store.text_count = store.text_count + text.sum(dim=1)
         store.seq_len = past_len + q_len
+        if past_len == 0 and images.count:
+            # a key every decode row sees and no image occupies: the sample's last prompt text token, or the
+            # first generated token's own position when the prompt holds no text
+            text_key = torch.where(text, positions, -1).amax(dim=1)
+            spare = torch.where(text_key >= 0, text_key, past_len + q_len)
+            store.decode = DecodeConstants.build(images, spare, self.gammas)
         slot, slot_valid = first_true_indices(redo)
         count = slot.shape[1]
         if count == 0 or images.count == 0:
@@ -302,14 +358,7 @@ class CMAIState:
         images = Images(pos=img_pos, valid=img_valid, padded=not bool(img_valid.all()), last=last, first=first,
                         has_image=has_image)
         static = max_cache_len is not None
-        store = RowStore(batch, images, max_cache_len if static else 0, static, device)
-        if self.gammas is not None and images.count:
-            # every decode row sees every image key of its sample: its threshold positions are fixed per layer
-            visible = img_valid.sum(dim=1).view(batch, 1, 1)
-            for layer, gamma in enumerate(self.gammas):
-                if gamma > 0:
-                    store.decode_quantiles[layer] = quantile_positions(visible, gamma, images.count)
-        return store
+        return RowStore(batch, images, max_cache_len if static else 0, static, device)
 
     def _check_continuation(self, past_len: int) -> None:
         store = self.store
@@ -383,17 +432,8 @@ class CMAIState:
         relation = self.focus.relation(query, store.known(), self.discount)
         if relation is not None:
             relation = relation.unsqueeze(1)                                  # (B, 1, 1, C)
-        shape = (batch, 1, 1, images.count)
-        if images.padded:
-            img_index = torch.where(images.valid, images.pos, new_pos).view(shape)
-            # the largest float, not +inf: a sample without images then has the threshold lerp(max, max) = max,
-            # where lerp(inf, inf) would be NaN and fail every comparison
-            img_pad = torch.zeros(shape, device=device).masked_fill_(~images.valid.view(shape),
-                                                                     torch.finfo(torch.float32).max)
-        else:
-            img_index, img_pad = images.pos.view(shape), None
-        step = DecodeStep(write_index=write_index, img_index=img_index, img_pad=img_pad,
-                          text_index=store.pos.view(batch, 1, 1, store.capacity))
+        step = DecodeStep(write_index=write_index, text_index=store.pos.view(batch, 1, 1, store.capacity),
+                          constants=store.decode)
         return CallPlan(store=store, q_len=1, query=query, slot=None, row_start=0,
                         relation=relation, focus=self.focus, chunks=(), decode=step, keep_rows=True,
                         workspace=CallWorkspace())

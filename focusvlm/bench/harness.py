@@ -30,6 +30,8 @@ from .flops import TextShape, VisionShape, prefill_flops
 from .methods import Method, parse_method
 from .timing import Clock, median, peak_memory
 
+# torch.compile backend of --compile (tests swap in "eager" to check the wiring without inductor's compile time)
+COMPILE_BACKEND = "inductor"
 # text tokens before the image placeholders, as in LLaVA-1.5's "USER: <image>\n..." prompts
 PROMPT_PREFIX = 5
 # a vision-only run keeps the preset's tower and projector input but hangs a token LM behind it
@@ -43,7 +45,7 @@ class BenchOptions:
     model: str | None = None
     methods: list[Method] = field(default_factory=lambda: [parse_method("stock"), parse_method("cmai")])
     batches: list[int] = field(default_factory=lambda: [1])
-    prompt_tokens: int = 64
+    prompt_tokens: int | list[int] = 64      # one length, or a sweep (every length x every batch size)
     new_tokens: int = 128
     repeats: int = 5
     warmup: int = 1
@@ -57,10 +59,23 @@ class BenchOptions:
     # "step": one identical model copy per method, calls interleaved one by one and decode steps in
     # lockstep, so a load swing on a shared CPU hits every method in the same second (CPU default).
     interleave: str = "auto"
+    # "none": memory as the interleave mode measures it; "process": the prefill's peak memory, each method in a
+    # fresh process of its own (CPU: peak RSS; GPU: max allocated), so no allocator history is shared
+    memory: str = "none"
+    # static cache + torch.compile(model.forward, fullgraph=True) for the decode steps (prefill stays eager)
+    compile: bool = False
+    count_ops: bool = False                   # top-level aten ops of one decode step (torch.profiler)
+    clock: str = "wall"                       # "cpu": process CPU time, immune to other jobs taking the cores
 
     def __post_init__(self) -> None:
-        if self.prompt_tokens < PROMPT_PREFIX + 1:
+        lengths = [self.prompt_tokens] if isinstance(self.prompt_tokens, int) else list(self.prompt_tokens)
+        if not lengths or any(p < PROMPT_PREFIX + 1 for p in lengths):
             raise ValueError(f"--prompt-tokens must be at least {PROMPT_PREFIX + 1} (text before and after the image)")
+        self.prompt_lengths = lengths
+        if self.memory not in ("none", "process"):
+            raise ValueError(f"--memory must be none or process, got {self.memory!r}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.new_tokens < 0 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("--new-tokens must be >= 0, --repeats >= 1, --warmup >= 0")
         if any(b < 1 for b in self.batches):
@@ -201,7 +216,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    clock = Clock(device)
+    clock = Clock(device, cpu_time=opts.clock == "cpu")
     model = build_model(opts, device, dtype)
     cfg = model.config
     vshape, tshape = VisionShape.from_config(cfg.vision_config), TextShape.from_config(cfg.text_config)
@@ -210,17 +225,42 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "meta": {"preset": opts.preset if not opts.model else None, "model": opts.model, "dtype": str(dtype).replace("torch.", ""),
                  "vision_only": opts.vision_only, "prompt_tokens": opts.prompt_tokens, "new_tokens": opts.new_tokens,
                  "repeats": opts.repeats, "warmup": opts.warmup, "methods": [m.name for m in opts.methods],
-                 "batches": opts.batches, "seed": opts.seed, **_environment(device)},
+                 "batches": opts.batches, "seed": opts.seed, "memory": opts.memory, "compile": opts.compile,
+                 "clock": opts.clock, **_environment(device)},
         "runs": [],
     }
-    vc = cfg.vision_config
-    for batch in opts.batches:
-        pixel_values = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size,
-                                   vc.image_size, generator=gen).to(device=device, dtype=dtype)
-        text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, opts.prompt_tokens), generator=gen)
-        text_ids = text_ids.masked_fill(text_ids == cfg.image_token_id, 1).to(device)
-        report["runs"].append(_run_batch(model, opts, clock, batch, pixel_values, text_ids, vshape, tshape))
+    for prompt in opts.prompt_lengths:
+        for batch in opts.batches:
+            pixel_values, text_ids = bench_inputs(cfg, batch, prompt, gen, device, dtype)
+            run = _run_batch(model, opts, clock, batch, pixel_values, text_ids, vshape, tshape)
+            run["prompt_tokens"] = prompt
+            if opts.memory == "process":
+                _process_memory(opts, run, batch, prompt)
+            report["runs"].append(run)
     return report
+
+
+def bench_inputs(cfg, batch: int, prompt: int, gen: torch.Generator, device, dtype):
+    """A random image per sample and ``prompt`` random text ids (never the image token)."""
+    vc = cfg.vision_config
+    pixel_values = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size,
+                               vc.image_size, generator=gen).to(device=device, dtype=dtype)
+    text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, prompt), generator=gen)
+    return pixel_values, text_ids.masked_fill(text_ids == cfg.image_token_id, 1).to(device)
+
+
+def _process_memory(opts: BenchOptions, run: dict[str, Any], batch: int, prompt: int) -> None:
+    """Each method's prefill peak memory, measured in a fresh process of its own (``focusvlm.bench.memproc``)."""
+    from .memproc import measure_in_subprocess
+
+    stock = run["reference"]
+    for name, row in run["methods"].items():
+        _log(opts, f"[bench] batch {batch}, {prompt} prompt tokens: prefill memory of {name} (own process)")
+        result = measure_in_subprocess(opts, name, batch, prompt)
+        row["peak_mem_bytes"], row["peak_mem_delta_bytes"] = result["peak"], result["delta"]
+    for name, row in run["methods"].items():
+        row["ratio"]["peak_mem_bytes"] = _ratio(row["peak_mem_bytes"], run["methods"][stock]["peak_mem_bytes"])
+    run["memory_source"] = result["source"]
 
 
 def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values: torch.Tensor,
@@ -235,10 +275,11 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
         cmai_layers = 0
         if m.config.cmai is not None:
             cmai_layers = sum(g > 0 for g in m.config.cmai.gammas(tshape.layers))
-        flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens, visual_tokens=info["visual_tokens"],
+        flops = prefill_flops(vshape, tshape, prompt_tokens=text_ids.shape[1], visual_tokens=info["visual_tokens"],
                               batch=batch, vision_schedule=info["schedule"], vmtc_stages=info["vmtc_stages"],
                               cmai_layers=cmai_layers)
-        plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops}
+        plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops,
+                         "llm_layers": tshape.layers}
 
     def calls(name: str) -> dict[str, Callable[[], Any]]:
         plan = plans[name]
@@ -251,19 +292,27 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
                 def generate():
                     seq = model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
                                          max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
-                                         use_cache=True, pad_token_id=0)
+                                         use_cache=True, pad_token_id=0, **compile_kwargs)
                     decoded[name] = seq.shape[1] - ids.shape[1]
                 out["generate"] = generate
         return out
 
     decoded: dict[str, int] = {}
+    compile_kwargs: dict[str, Any] = {}
+    if opts.compile:  # transformers compiles the decode steps itself with a static cache and a compile config
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+        config._compile_all_devices = True
+        compile_kwargs = dict(cache_implementation="static", compile_config=config)
 
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in plans}
     names = list(plans)
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
+    ops = _decode_ops(model, opts, plans, pixel_values) if opts.count_ops and not opts.vision_only else None
     if mode == "step":
         return _finish(_run_lockstep(model, opts, clock, batch, pixel_values, plans), plans, batch, n_new, mode,
-                       None)
+                       None, ops)
     rounds = opts.warmup + opts.repeats
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -283,7 +332,19 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
         with method_applied(model, plans[name]["method"]), torch.inference_mode():
             fns = calls(name)
             memory[name] = peak_memory(fns.get("generate") or fns.get("ttft") or fns["vision"], clock.device)
-    return _finish(samples, plans, batch, n_new, mode, memory)
+    return _finish(samples, plans, batch, n_new, mode, memory, ops)
+
+
+def _decode_ops(model, opts: BenchOptions, plans: dict[str, dict[str, Any]], pixel_values) -> dict[str, int]:
+    """Top-level aten ops of one decode step of each method (deterministic: measured once, untimed)."""
+    from .opcount import decode_step_ops
+
+    out = {}
+    for name, plan in plans.items():
+        with method_applied(model, plan["method"]):
+            inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], "pixel_values": pixel_values}
+            out[name] = sum(decode_step_ops(model, inputs).values())
+    return out
 
 
 def _paired(a: list[float], b: list[float]) -> float | None:
@@ -293,7 +354,7 @@ def _paired(a: list[float], b: list[float]) -> float | None:
 
 
 def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[str, Any]], batch: int, n_new: int,
-            mode: str, memory: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+            mode: str, memory: dict[str, dict[str, Any]] | None, ops: dict[str, int] | None = None) -> dict[str, Any]:
     names = list(plans)
     if memory is None:
         memory = {n: {"peak": float("nan"), "delta": float("nan"),
@@ -342,6 +403,12 @@ def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[st
             ratio["generate_s"] = (ratio["ttft_s"] * t0 + ratio["decode_s_per_token"] * d0) / (t0 + d0)
             ratio["throughput_tok_s"] = 1.0 / ratio["generate_s"]
         results[name]["ratio"] = ratio
+    if ops is not None:
+        layers = plans[stock]["llm_layers"]
+        for name in names:
+            results[name]["decode_ops"] = ops[name]
+            # the per-layer price of a method's decode step, against stock's step (issue 12: <= 20 for CMAI)
+            results[name]["extra_decode_ops_per_layer"] = (ops[name] - ops[stock]) / layers
     return {"batch": batch, "reference": stock, "interleave": mode, "memory_source": memory[stock]["source"],
             "seq_len_stock": plans[stock]["flops"].detail["seq_len"], "methods": results}
 
@@ -388,20 +455,29 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
             if opts.vision_only or n_new < 2:
                 return samples
             _log(opts, f"[bench] batch {batch}: {n_new - 1} decode steps in lockstep")
-            live = {}
+            live, forwards = {}, {}
             for name in names:
-                out = prefill(name)
-                live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
-            warm = min(opts.warmup * 4, n_new - 2)   # the first steps pay one-off allocations
+                if opts.compile:
+                    live[name], forwards[name] = _compiled_decoder(models[name], plans[name], pixel_values, n_new)
+                else:
+                    out = prefill(name)
+                    live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
+                    forwards[name] = models[name]
+            # the first steps pay one-off allocations (and, compiled, the compilation)
+            warm = min(max(opts.warmup * 4, 3 if opts.compile else 0), n_new - 2)
             for step in range(n_new - 1):
                 for name in rotated(step):
                     cache, token, mask = live[name]
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                    if opts.compile:  # a fixed-length mask: one graph for every step
+                        mask = mask.clone()
+                        mask[:, plans[name]["ids"].shape[1] + step] = 1
+                    else:
+                        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                     result = {}
 
                     def one_step(name=name, cache=cache, token=token, mask=mask, result=result):
-                        result["out"] = models[name](input_ids=token, attention_mask=mask, past_key_values=cache,
-                                                     use_cache=True, logits_to_keep=1)
+                        result["out"] = forwards[name](input_ids=token, attention_mask=mask, past_key_values=cache,
+                                                       use_cache=True, logits_to_keep=1)
 
                     seconds = clock.time(one_step)
                     out = result["out"]
@@ -415,6 +491,21 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
             if m is model and plans[name]["method"].attn_implementation is not None:
                 m.set_attn_implementation(original_attn)
     return samples
+
+
+def _compiled_decoder(model, plan: dict[str, Any], pixel_values: torch.Tensor, n_new: int):
+    """Eager prefill into a static cache; decode steps through torch.compile(model.forward, fullgraph=True)."""
+    from transformers import StaticCache
+
+    ids, mask = plan["ids"], plan["mask"]
+    length = ids.shape[1] + n_new
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    out = model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    full = torch.zeros(ids.shape[0], length, dtype=mask.dtype, device=mask.device)
+    full[:, :ids.shape[1]] = mask
+    return [cache, out.logits[:, -1:].argmax(-1), full], torch.compile(model.forward, fullgraph=True,
+                                                                       backend=COMPILE_BACKEND)
 
 
 RATIO_FIELDS = ("vision_s", "ttft_s", "decode_s_per_token", "generate_s", "throughput_tok_s", "peak_mem_bytes",

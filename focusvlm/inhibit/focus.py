@@ -7,10 +7,10 @@ Equation numbers (C1 ...) refer to docs/method.md. Shapes used throughout
     N   image key slots of each sample (padded to the batch maximum)
     T   text rows known so far in this layer: earlier calls' and this call's
 
-All weights here are head-averaged, pre-inhibition attention weights (C1).
+All weights here are head-averaged, pre-inhibition attention weights (C1, C2).
 Nothing in this file imports transformers.
 
-A focus score (C6, C12-C14) is a registered ``FocusScore``: ``relation``
+A focus score (C3-C5, C10-C12) is a registered ``FocusScore``: ``relation``
 says how each new text row weighs every known text row; it depends only on
 positions, so it is computed once per forward call and shared by every layer.
 ``score`` combines it with one layer's weights.
@@ -34,7 +34,7 @@ class TextPositions:
 
 
 class FocusScore:
-    """One way of turning text-row attention into a text-to-image focus score F (C6)."""
+    """One way of turning text-row attention into a text-to-image focus score F (C5, C10-C12)."""
 
     name: ClassVar[str]
     # score() reads a_text, the new rows' weights on earlier text rows (gathering it costs a pass over A)
@@ -85,7 +85,7 @@ def _up_to(query: TextPositions, known: TextPositions) -> torch.Tensor:
 
 @register_focus("neighborhood")
 class NeighborhoodFocus(FocusScore):
-    """C6: F_j = A_t2i[j] + sum_{h text, h < j} A[j, h] A_t2i[h]  (the paper's method)."""
+    """C3-C5: F_j = A_t2i[j] + sum_{h text, h < j} A[j, h] A_t2i[h]  (the paper's method)."""
 
     reads_text_attention = True
 
@@ -99,7 +99,7 @@ class NeighborhoodFocus(FocusScore):
 
 @register_focus("tia")
 class TextImageFocus(FocusScore):
-    """C12: F_j = A_t2i[j]."""
+    """C10: F_j = A_t2i[j]."""
 
     def score(self, a_img, a_text, rows, relation):
         return a_img
@@ -107,7 +107,7 @@ class TextImageFocus(FocusScore):
 
 @register_focus("sum")
 class SumFocus(FocusScore):
-    """C13: F_j = sum_{h text, h <= j} A_t2i[h]."""
+    """C11: F_j = sum_{h text, h <= j} A_t2i[h]."""
 
     def relation(self, query, known, discount):
         return _up_to(query, known).float()
@@ -118,7 +118,7 @@ class SumFocus(FocusScore):
 
 @register_focus("discounted")
 class DiscountedFocus(FocusScore):
-    """C14: F_j = sum_{h text, h <= j} discount^(rank_j - rank_h) A_t2i[h]."""
+    """C12: F_j = sum_{h text, h <= j} discount^(rank_j - rank_h) A_t2i[h]."""
 
     def relation(self, query, known, discount):
         gap = (query.rank.unsqueeze(2) - known.rank.unsqueeze(1)).clamp(min=0).float()
@@ -140,12 +140,12 @@ class FocusInputs:
 
 
 def focus_score(variant: str, inputs: FocusInputs, discount: float = 0.9) -> torch.Tensor:
-    """Text-to-image focus score F of each new text row, shape (B, Qt, N) (C6, C12-C14)."""
+    """Text-to-image focus score F of each new text row, shape (B, Qt, N) (C5, C10-C12)."""
     focus = get_focus(variant)
     return focus.score(inputs.a_img, inputs.a_text, inputs.rows, focus.relation(inputs.query, inputs.known, discount))
 
 
-# --------------------------------------------------------------------------- thresholds (C7, C8)
+# --------------------------------------------------------------------------- thresholds (C6, C7)
 
 @dataclass(frozen=True)
 class QuantilePositions:
@@ -204,7 +204,7 @@ def masked_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torc
 
 
 def uniform_quantile(values: torch.Tensor, count: int, q: float) -> torch.Tensor:
-    """The q-quantile of the ``count`` smallest entries of every row (the rest are +inf), shape (..., 1).
+    """C6's q-quantile of the ``count`` smallest entries of every row (the rest are +inf), shape (..., 1).
 
     For rows that all hold the same number of valid entries (C6's visible set is the same size for every
     text row after the last image): a partial selection of the two order statistics the quantile
@@ -234,7 +234,7 @@ def uniform_quantile(values: torch.Tensor, count: int, q: float) -> torch.Tensor
 
 def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
                     visible_count: int | None = None) -> torch.Tensor:
-    """Image keys each text row stops attending to: F below the row's gamma-quantile (C8).
+    """Image keys each text row stops attending to: F below the row's gamma-quantile (C7).
 
     The quantile runs over the image keys the row can see; a row that sees no
     image key is left alone. ``visible_count``: every row that matters sees

@@ -75,8 +75,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             row = run["methods"][t.method]
             value = row.get(t.field) if t.absolute else row["ratio"].get(t.field)
-            if t.absolute and value is None:
-                continue   # not measured in this run (e.g. without --count-ops)
+            if value is None:
+                continue   # not measured in this run (no generate with --new-tokens 0, no --count-ops, ...)
             if t.field == "peak_mem_bytes" and "own process" not in str(run.get("memory_source", "")):
                 continue   # the memory target is stated for per-process measurements (--memory process)
             out.append({"target": t.label, "batch": run["batch"], "prompt_tokens": prompt, "method": t.method,

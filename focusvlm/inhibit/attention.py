@@ -281,8 +281,10 @@ def stock_allowed(stock_mask: torch.Tensor | None, query: torch.Tensor, key: tor
     q_len, k_len = query.shape[2], key.shape[2]
     if stock_mask is not None and stock_mask.dim() == 4:
         return stock_mask if stock_mask.dtype == torch.bool else stock_mask > torch.finfo(stock_mask.dtype).min / 2
-    # no mask: causal, the queries being the last q_len keys
-    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    # no mask: causal. Queries are the last q_len keys, except in a prefill into an empty static cache, where the
+    # keys run on past the queries (stock SDPA crops them there, as transformers only skips the mask then)
+    diagonal = 0 if q_len > 1 else k_len - q_len
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=diagonal)
     causal = causal.view(1, 1, q_len, k_len)
     if stock_mask is not None:  # 2-D padding mask
         causal = causal & stock_mask[:, None, None, :k_len].bool()

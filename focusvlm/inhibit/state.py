@@ -307,6 +307,9 @@ class CMAIState:
         if past_len == 0:
             self.store = self._new_store(image_mask & new_valid, max_cache_len, device)
         else:
+            if self.store is not None and self.store.static:
+                # compiled decode steps count on the device only: catch the host-side counters up
+                self.store.length, self.store.seq_len = int(self.store.fill), past_len
             self._check_continuation(past_len)
             if bool(image_mask.any()):
                 raise CMAIStateError("CMAI needs all image tokens in the first forward call of a sequence "

@@ -110,6 +110,7 @@ class CMAIBinding:
             # the plan rides along as a keyword argument: a layer recomputed under gradient checkpointing gets
             # the arguments of its own call, so it reads its own call's plan, never a later one
             language_model(adapter, model).register_forward_pre_hook(self._hand_plan, with_kwargs=True),
+            language_model(adapter, model).register_forward_hook(self._release_scratch),
         ]
 
     def _before_forward(self, module, args, kwargs):
@@ -123,6 +124,13 @@ class CMAIBinding:
 
     def _hand_plan(self, module, args, kwargs):
         return args, {**kwargs, PLAN_KWARG: self.state.plan}
+
+    def _release_scratch(self, module, args, output):
+        # the masks a call's layers shared are dead once the last layer ran; the plan itself stays (the
+        # state keeps the latest one) and must not keep them alive through the next decode steps
+        if self.state.plan is not None:
+            self.state.plan.workspace.masks.clear()
+        return None
 
     def remove(self) -> None:
         for hook in self.hooks:

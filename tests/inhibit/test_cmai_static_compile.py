@@ -154,3 +154,33 @@ def test_state_error_is_raised_for_prefill_under_compile_directly():
     assert "compile the decode steps" in COMPILED_PREFILL_ERROR
     assert issubclass(CMAIStateError, RuntimeError)
     assert CMAIState("neighborhood", 0.9).plan is None
+
+
+def test_a_second_prompt_continues_a_static_cache(model):
+    """Multi-turn: prefill, decode steps, then more prompt text into the same static cache."""
+    inputs = make_inputs(model, [[5, "img", 7]], seed=12)
+    extra = torch.randint(1, 400, (1, 6), generator=torch.Generator().manual_seed(3))
+    prompt = inputs["input_ids"].shape[1]
+
+    def run(cache):
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for _ in range(3):
+                mask = torch.ones(1, prompt + len(tokens), dtype=torch.long)
+                out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                tokens.append(out.logits[:, -1:].argmax(-1))
+            mask = torch.ones(1, prompt + 3 + extra.shape[1], dtype=torch.long)
+            follow = model(input_ids=extra, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        sequence = torch.cat([inputs["input_ids"]] + tokens[:-1] + [extra], dim=1)
+        return follow, sequence
+
+    with patched(model, FocusConfig(cmai=CMAIConfig())):
+        static, sequence = run(StaticCache(config=model.config, max_cache_len=prompt + 16))
+        dynamic, _ = run(None)
+        with torch.no_grad():
+            full = model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                         pixel_values=inputs["pixel_values"], use_cache=False).logits
+    assert (static - dynamic).abs().max().item() <= 1e-5
+    assert (static - full[:, -extra.shape[1]:]).abs().max().item() <= 1e-5

@@ -426,17 +426,18 @@ class CMAIState:
             new_pos = past_len.to(device=device, dtype=torch.long).reshape(1, 1).expand(batch, 1)
         else:
             new_pos = torch.full((batch, 1), past_len, dtype=torch.long, device=device)
-        query = TextPositions(new_pos, store.text_count.view(batch, 1), images.has_image.view(batch, 1))
+        # copies, not views: the store's counters move on below, the plan's facts must not
+        query = TextPositions(new_pos, store.text_count.view(batch, 1).clone(), images.has_image.view(batch, 1))
         write_index = store.fill.view(1).clone()
         for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
             dst.index_copy_(1, write_index, src)
-        store.fill.add_(1)
-        store.text_count.add_(1)
         relation = self.focus.relation(query, store.known(), self.discount)
         if relation is not None:
             relation = relation.unsqueeze(1)                                  # (B, 1, 1, C)
         step = DecodeStep(write_index=write_index, text_index=store.pos.view(batch, 1, 1, store.capacity),
                           constants=store.decode)
+        store.fill.add_(1)
+        store.text_count.add_(1)
         return CallPlan(store=store, q_len=1, query=query, slot=None, row_start=0,
                         relation=relation, focus=self.focus, chunks=(), decode=step, keep_rows=True,
                         workspace=CallWorkspace())

@@ -41,10 +41,15 @@ def test_beam_search_is_refused(model):
         model.generate(**inputs, num_beams=2, max_new_tokens=2)
 
 
-def test_static_cache_is_refused(model):
+def test_static_cache_is_accepted_and_evicting_caches_are_refused(model):
+    # a static cache works since issue 12 (tests/inhibit/test_cmai_static_compile.py checks its outputs)
     inputs = make_inputs(model, [[3, "img", 4]])
-    with patched(model, CMAI), pytest.raises(NotImplementedError, match="static"):
-        model.generate(**inputs, cache_implementation="static", max_new_tokens=2)
+    with patched(model, CMAI), torch.no_grad():
+        static = model.generate(**inputs, cache_implementation="static", max_new_tokens=2, do_sample=False)
+        dynamic = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert torch.equal(static, dynamic)
+        with pytest.raises(NotImplementedError, match="sliding_window"):
+            model.generate(**inputs, cache_implementation="sliding_window", max_new_tokens=2)
 
 
 def test_contrastive_search_is_refused(model):

@@ -89,10 +89,12 @@ def test_flops_hand_count_tiny():
     attn = 76 * 76 * 64 * 2                              # causal halves of QK^T and AV
     mlp = 2 * 76 * 64 * 128 * 3
     assert flops.llm_prefill_flops(t, 76) == 3 * (proj + attn + mlp) + 2 * 64 * 512 == 19_093_504
-    # CMAI: 12 text rows against 76 keys (scores + values over d=64), focus 12x12 by 12x64, two layers
-    assert flops.cmai_flops(t, 76, 12, 64, 2) == 2 * (2 * 12 * 76 * 64 * 2 + 2 * 12 * 12 * 64) == 503_808
+    # CMAI (issue 12: one fused call replaces the stock one): the 12 text rows' scores against the keys each
+    # sees (64 before them, then causal: 12*13/2) over d=64, and the focus product (12*11/2 earlier-row pairs
+    # by 64 image columns), two layers
+    assert flops.cmai_flops(t, 76, 12, 64, 2) == 2 * (2 * 64 * (12 * 64 + 78) + 2 * 64 * 66) == 233_472
     total = flops.prefill_flops(v, t, prompt_tokens=12, visual_tokens=64, batch=2, cmai_layers=2)
-    assert total.total == 2 * (8_831_488 + 786_432 + 19_093_504 + 503_808)
+    assert total.total == 2 * (8_831_488 + 786_432 + 19_093_504 + 233_472)
 
 
 def test_flops_vmtc_layer_shrinks_mlp_only():

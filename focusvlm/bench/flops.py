@@ -126,14 +126,16 @@ def llm_prefill_flops(t: TextShape, seq: int, layer_seq: Sequence[int] | None = 
 
 
 def cmai_flops(t: TextShape, seq: int, text_rows: int, image_tokens: int, inhibited_layers: int) -> int:
-    """CMAI's extra work per inhibited layer: the text query rows recomputed explicitly.
+    """CMAI's extra work per inhibited layer (docs/method.md C1-C5): what the stock kernel does not give.
 
-    Scores and value product of ``text_rows`` rows against all ``seq`` keys
-    (full rows: the explicit path does not skip masked keys), then the
-    neighbourhood focus score, a (rows x rows) by (rows x image) product.
+    The fused attention call replaces the stock one at the same cost, so the extra is the text rows'
+    head-averaged attention (C1: Q.K^T of each text row against the keys it sees, the last ``text_rows``
+    of ``seq`` positions, causal) and the neighbourhood product A_t2n @ A_t2i (C4: each row against the
+    text rows before it, over the image columns).
     """
-    per_layer = 2 * text_rows * seq * t.hidden * 2 + 2 * text_rows * text_rows * image_tokens
-    return inhibited_layers * per_layer
+    scores = 2 * t.hidden * (text_rows * (seq - text_rows) + text_rows * (text_rows + 1) // 2)
+    focus = 2 * image_tokens * (text_rows * (text_rows - 1) // 2)
+    return inhibited_layers * (scores + focus)
 
 
 @dataclass

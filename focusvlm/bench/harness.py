@@ -40,6 +40,8 @@ from .flops import TextShape, VisionShape, merged_vmtc_flops, merger_prefill_flo
 from .methods import Method, parse_method
 from .timing import Clock, median, peak_memory
 
+# torch.compile backend of --compile (tests swap in "eager" to check the wiring without inductor's compile time)
+COMPILE_BACKEND = "inductor"
 # text tokens before the image placeholders, as in LLaVA-1.5's "USER: <image>\n..." prompts
 PROMPT_PREFIX = 5
 # a vision-only run keeps the preset's tower and projector input but hangs a token LM behind it
@@ -53,7 +55,7 @@ class BenchOptions:
     model: str | None = None
     methods: list[Method] = field(default_factory=lambda: [parse_method("stock"), parse_method("cmai")])
     batches: list[int] = field(default_factory=lambda: [1])
-    prompt_tokens: int = 64
+    prompt_tokens: int | list[int] = 64      # one length, or a sweep (every length x every batch size)
     new_tokens: int = 128
     repeats: int = 5
     warmup: int = 1
@@ -67,10 +69,23 @@ class BenchOptions:
     # "step": one identical model copy per method, calls interleaved one by one and decode steps in
     # lockstep, so a load swing on a shared CPU hits every method in the same second (CPU default).
     interleave: str = "auto"
+    # "none": memory as the interleave mode measures it; "process": the prefill's peak memory, each method in a
+    # fresh process of its own (CPU: peak RSS; GPU: max allocated), so no allocator history is shared
+    memory: str = "none"
+    # static cache + torch.compile(model.forward, fullgraph=True) for the decode steps (prefill stays eager)
+    compile: bool = False
+    count_ops: bool = False                   # top-level aten ops of one decode step (torch.profiler)
+    clock: str = "wall"                       # "cpu": process CPU time, immune to other jobs taking the cores
 
     def __post_init__(self) -> None:
-        if self.prompt_tokens < PROMPT_PREFIX + 1:
+        lengths = [self.prompt_tokens] if isinstance(self.prompt_tokens, int) else list(self.prompt_tokens)
+        if not lengths or any(p < PROMPT_PREFIX + 1 for p in lengths):
             raise ValueError(f"--prompt-tokens must be at least {PROMPT_PREFIX + 1} (text before and after the image)")
+        self.prompt_lengths = lengths
+        if self.memory not in ("none", "process"):
+            raise ValueError(f"--memory must be none or process, got {self.memory!r}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.new_tokens < 0 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("--new-tokens must be >= 0, --repeats >= 1, --warmup >= 0")
         if any(b < 1 for b in self.batches):
@@ -220,7 +235,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    clock = Clock(device)
+    clock = Clock(device, cpu_time=opts.clock == "cpu")
     model = build_model(opts, device, dtype)
     cfg = model.config
     from ..models import adapter_for
@@ -233,17 +248,48 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "meta": {"preset": opts.preset if not opts.model else None, "model": opts.model, "dtype": str(dtype).replace("torch.", ""),
                  "vision_only": opts.vision_only, "prompt_tokens": opts.prompt_tokens, "new_tokens": opts.new_tokens,
                  "repeats": opts.repeats, "warmup": opts.warmup, "methods": [m.name for m in opts.methods],
-                 "batches": opts.batches, "seed": opts.seed, **_environment(device)},
+                 "batches": opts.batches, "seed": opts.seed, "memory": opts.memory, "compile": opts.compile,
+                 "clock": opts.clock, **_environment(device)},
         "runs": [],
     }
-    for batch in opts.batches:
-        vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                  for k, v in adapter.random_pixel_inputs(model, batch, gen).items()}
-        text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, opts.prompt_tokens), generator=gen)
-        specials = [getattr(cfg, k) for k in ("image_token_id", "video_token_id") if getattr(cfg, k, None) is not None]
-        text_ids = text_ids.masked_fill(torch.isin(text_ids, torch.tensor(specials)), 1).to(device)
-        report["runs"].append(_run_batch(model, opts, clock, batch, vision, text_ids, vshape, tshape))
+    for prompt in opts.prompt_lengths:
+        for batch in opts.batches:
+            vision, text_ids = bench_inputs(model, batch, prompt, gen, device, dtype)
+            run = _run_batch(model, opts, clock, batch, vision, text_ids, vshape, tshape)
+            run["prompt_tokens"] = prompt
+            if opts.memory == "process":
+                _process_memory(opts, run, batch, prompt)
+            report["runs"].append(run)
     return report
+
+
+def bench_inputs(model, batch: int, prompt: int, gen: torch.Generator, device, dtype):
+    """(the family's random vision inputs for ``batch`` samples, ``prompt`` random text ids per sample).
+
+    Text ids never hit an image or video token, so only the placeholders added later carry images.
+    """
+    from ..models import adapter_for
+
+    cfg = model.config
+    vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+              for k, v in adapter_for(model).random_pixel_inputs(model, batch, gen).items()}
+    text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, prompt), generator=gen)
+    specials = [getattr(cfg, k) for k in ("image_token_id", "video_token_id") if getattr(cfg, k, None) is not None]
+    return vision, text_ids.masked_fill(torch.isin(text_ids, torch.tensor(specials)), 1).to(device)
+
+
+def _process_memory(opts: BenchOptions, run: dict[str, Any], batch: int, prompt: int) -> None:
+    """Each method's prefill peak memory, measured in a fresh process of its own (``focusvlm.bench.memproc``)."""
+    from .memproc import measure_in_subprocess
+
+    stock = run["reference"]
+    for name, row in run["methods"].items():
+        _log(opts, f"[bench] batch {batch}, {prompt} prompt tokens: prefill memory of {name} (own process)")
+        result = measure_in_subprocess(opts, name, batch, prompt)
+        row["peak_mem_bytes"], row["peak_mem_delta_bytes"] = result["peak"], result["delta"]
+    for name, row in run["methods"].items():
+        row["ratio"]["peak_mem_bytes"] = _ratio(row["peak_mem_bytes"], run["methods"][stock]["peak_mem_bytes"])
+    run["memory_source"] = result["source"]
 
 
 def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict[str, torch.Tensor],
@@ -261,11 +307,12 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
         cmai_layers = 0
         if m.config.cmai is not None:
             cmai_layers = sum(g > 0 for g in m.config.cmai.gammas(tshape.layers))
+        prompt_tokens = text_ids.shape[1]
         if vshape is None:  # a merger tower (Qwen): its own formula, VMTC's stage after the merger
             grids = vision["image_grid_thw"].tolist()
             extra = merged_vmtc_flops(cfg.vision_config, grids[:1], info["vmtc_stages"], m.config.vmtc.kmeans_iters) \
                 if m.config.vmtc is not None and info["vmtc_stages"] else 0
-            flops = merger_prefill_flops(cfg.vision_config, tshape, grids=grids, prompt_tokens=opts.prompt_tokens,
+            flops = merger_prefill_flops(cfg.vision_config, tshape, grids=grids, prompt_tokens=prompt_tokens,
                                          visual_tokens=info["visual_tokens"], batch=batch, vmtc=extra,
                                          cmai_layers=cmai_layers)
             info["vmtc_stages"] = [(s.n_in, s.keep, s.clusters, m.config.vmtc.kmeans_iters) for s in info["vmtc_stages"]]
@@ -274,12 +321,12 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
             if m.config.fastv is not None:  # image tokens leave the LLM after layer K
                 from ..prune.fastv_method import layer_positions
 
-                layer_seq = layer_positions(m.config.fastv, tshape.layers, opts.prompt_tokens, info["visual_tokens"])
-            flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens,
+                layer_seq = layer_positions(m.config.fastv, tshape.layers, prompt_tokens, info["visual_tokens"])
+            flops = prefill_flops(vshape, tshape, prompt_tokens=prompt_tokens,
                                   visual_tokens=info["visual_tokens"], batch=batch, vision_schedule=info["schedule"],
                                   vmtc_stages=info["vmtc_stages"], cmai_layers=cmai_layers, llm_layer_seq=layer_seq)
         plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops,
-                         "extra": adapter.prompt_inputs(model, ids)}
+                         "extra": adapter.prompt_inputs(model, ids), "llm_layers": tshape.layers}
 
     def calls(name: str) -> dict[str, Callable[[], Any]]:
         plan = plans[name]
@@ -292,19 +339,27 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
                 def generate():
                     seq = model.generate(input_ids=ids, attention_mask=mask, **vision, **extra,
                                          max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
-                                         use_cache=True, pad_token_id=0)
+                                         use_cache=True, pad_token_id=0, **compile_kwargs)
                     decoded[name] = seq.shape[1] - ids.shape[1]
                 out["generate"] = generate
         return out
 
     decoded: dict[str, int] = {}
+    compile_kwargs: dict[str, Any] = {}
+    if opts.compile:  # transformers compiles the decode steps itself with a static cache and a compile config
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+        config._compile_all_devices = True
+        compile_kwargs = dict(cache_implementation="static", compile_config=config)
 
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in plans}
     names = list(plans)
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
+    ops = _decode_ops(model, opts, plans, vision) if opts.count_ops and not opts.vision_only else None
     if mode == "step":
         return _finish(_run_lockstep(model, opts, clock, batch, vision, plans), plans, batch, n_new, mode,
-                       None)
+                       None, ops)
     rounds = opts.warmup + opts.repeats
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -324,7 +379,20 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
         with method_applied(model, plans[name]["method"]), torch.inference_mode():
             fns = calls(name)
             memory[name] = peak_memory(fns.get("generate") or fns.get("ttft") or fns["vision"], clock.device)
-    return _finish(samples, plans, batch, n_new, mode, memory)
+    return _finish(samples, plans, batch, n_new, mode, memory, ops)
+
+
+def _decode_ops(model, opts: BenchOptions, plans: dict[str, dict[str, Any]],
+                vision: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Top-level aten ops of one decode step of each method (deterministic: measured once, untimed)."""
+    from .opcount import decode_step_ops
+
+    out = {}
+    for name, plan in plans.items():
+        with method_applied(model, plan["method"]):
+            inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], **vision, **plan["extra"]}
+            out[name] = sum(decode_step_ops(model, inputs).values())
+    return out
 
 
 def _paired(a: list[float], b: list[float]) -> float | None:
@@ -334,7 +402,7 @@ def _paired(a: list[float], b: list[float]) -> float | None:
 
 
 def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[str, Any]], batch: int, n_new: int,
-            mode: str, memory: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+            mode: str, memory: dict[str, dict[str, Any]] | None, ops: dict[str, int] | None = None) -> dict[str, Any]:
     names = list(plans)
     if memory is None:
         memory = {n: {"peak": float("nan"), "delta": float("nan"),
@@ -383,6 +451,12 @@ def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[st
             ratio["generate_s"] = (ratio["ttft_s"] * t0 + ratio["decode_s_per_token"] * d0) / (t0 + d0)
             ratio["throughput_tok_s"] = 1.0 / ratio["generate_s"]
         results[name]["ratio"] = ratio
+    if ops is not None:
+        layers = plans[stock]["llm_layers"]
+        for name in names:
+            results[name]["decode_ops"] = ops[name]
+            # the per-layer price of a method's decode step, against stock's step (issue 12: <= 20 for CMAI)
+            results[name]["extra_decode_ops_per_layer"] = (ops[name] - ops[stock]) / layers
     return {"batch": batch, "reference": stock, "interleave": mode, "memory_source": memory[stock]["source"],
             "seq_len_stock": plans[stock]["flops"].detail["seq_len"], "methods": results}
 
@@ -429,20 +503,29 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
             if opts.vision_only or n_new < 2:
                 return samples
             _log(opts, f"[bench] batch {batch}: {n_new - 1} decode steps in lockstep")
-            live = {}
+            live, forwards = {}, {}
             for name in names:
-                out = prefill(name)
-                live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
-            warm = min(opts.warmup * 4, n_new - 2)   # the first steps pay one-off allocations
+                if opts.compile:
+                    live[name], forwards[name] = _compiled_decoder(models[name], plans[name], vision, n_new)
+                else:
+                    out = prefill(name)
+                    live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
+                    forwards[name] = models[name]
+            # the first steps pay one-off allocations (and, compiled, the compilation)
+            warm = min(max(opts.warmup * 4, 3 if opts.compile else 0), n_new - 2)
             for step in range(n_new - 1):
                 for name in rotated(step):
                     cache, token, mask = live[name]
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                    if opts.compile:  # a fixed-length mask: one graph for every step
+                        mask = mask.clone()
+                        mask[:, plans[name]["ids"].shape[1] + step] = 1
+                    else:
+                        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                     result = {}
 
                     def one_step(name=name, cache=cache, token=token, mask=mask, result=result):
-                        result["out"] = models[name](input_ids=token, attention_mask=mask, past_key_values=cache,
-                                                     use_cache=True, logits_to_keep=1)
+                        result["out"] = forwards[name](input_ids=token, attention_mask=mask, past_key_values=cache,
+                                                       use_cache=True, logits_to_keep=1)
 
                     seconds = clock.time(one_step)
                     out = result["out"]
@@ -456,6 +539,21 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
             if m is model and plans[name]["method"].attn_implementation is not None:
                 m.set_attn_implementation(original_attn)
     return samples
+
+
+def _compiled_decoder(model, plan: dict[str, Any], vision: dict[str, torch.Tensor], n_new: int):
+    """Eager prefill into a static cache; decode steps through torch.compile(model.forward, fullgraph=True)."""
+    from transformers import StaticCache
+
+    ids, mask = plan["ids"], plan["mask"]
+    length = ids.shape[1] + n_new
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **vision, **plan["extra"])
+    full = torch.zeros(ids.shape[0], length, dtype=mask.dtype, device=mask.device)
+    full[:, :ids.shape[1]] = mask
+    return [cache, out.logits[:, -1:].argmax(-1), full], torch.compile(model.forward, fullgraph=True,
+                                                                       backend=COMPILE_BACKEND)
 
 
 RATIO_FIELDS = ("vision_s", "ttft_s", "decode_s_per_token", "generate_s", "throughput_tok_s", "peak_mem_bytes",

@@ -39,25 +39,39 @@ def _cell(value: Any, ratio: Any, scale: float, fmt: str, reference: Any = None)
     return f"{text} ({ratio:.2f}x)", None
 
 
+# shown when the run counted them (focusvlm bench --count-ops)
+_OPS_COLUMNS = (
+    ("decode_ops", "ops/decode step", 1, "{:.0f}"),
+    ("extra_decode_ops_per_layer", "extra ops/layer", 1, "{:.2f}"),
+)
+
+
 def markdown_tables(report: dict[str, Any]) -> str:
-    """One table per batch size: absolute figures with the ratio to stock in brackets."""
+    """One table per batch size (and prompt length): absolute figures with the ratio to stock in brackets."""
     meta = report["meta"]
     lines = []
     what = meta.get("model") or f"preset {meta.get('preset')}"
+    extras = []
+    if meta.get("compile"):
+        extras.append("static cache, decode steps compiled (fullgraph)")
+    if meta.get("clock") == "cpu":
+        extras.append("times are process CPU time")
     for run in report["runs"]:
+        columns = _COLUMNS + (_OPS_COLUMNS if any("decode_ops" in r for r in run["methods"].values()) else ())
         lines.append(f"**{what}{' (vision tower only)' if meta.get('vision_only') else ''}, {meta['dtype']}, "
-                     f"batch {run['batch']}, {meta['prompt_tokens']} prompt tokens"
-                     f"{'' if meta.get('vision_only') else ', ' + str(meta['new_tokens']) + ' new tokens'}** "
+                     f"batch {run['batch']}, {run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens"
+                     f"{'' if meta.get('vision_only') else ', ' + str(meta['new_tokens']) + ' new tokens'}"
+                     f"{''.join(', ' + e for e in extras)}** "
                      f"(medians of {meta['repeats']} rounds; ratio to {run['reference']} = median of back-to-back pairs, "
                      f"{run.get('interleave', 'round')} interleave; memory: {run['memory_source']})")
         lines.append("")
-        lines.append("| method | " + " | ".join(c[1] for c in _COLUMNS) + " |")
-        lines.append("|---|" + "---|" * len(_COLUMNS))
+        lines.append("| method | " + " | ".join(c[1] for c in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
         ref_row = run["methods"].get(run["reference"], {})
         notes = []
         for name, row in run["methods"].items():
             cells = []
-            for f, header, s, fmt in _COLUMNS:
+            for f, header, s, fmt in columns:
                 text, note = _cell(row.get(f), row["ratio"].get(f) if name != run["reference"] else None, s, fmt,
                                    ref_row.get(f))
                 cells.append(text)
@@ -72,12 +86,13 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lines.append("")
     verdicts = check_targets(report)
     if verdicts:
-        lines.append("| target | batch | ratio | limit | met |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| target | batch | prompt tokens | measured | limit | met |")
+        lines.append("|---|---|---|---|---|---|")
         for v in verdicts:
-            ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.3f}x"
-            lines.append(f"| {v['target']} | {v['batch']} | {ratio} | <= {v['limit']:.2f}x | "
-                         f"{'yes' if v['met'] else 'NO'} |")
+            unit = "" if v.get("absolute") else "x"
+            measured = "n/a" if v["ratio"] is None else f"{v['ratio']:.3f}{unit}"
+            lines.append(f"| {v['target']} | {v['batch']} | {v.get('prompt_tokens', '')} | {measured} | "
+                         f"<= {v['limit']:.2f}{unit} | {'yes' if v['met'] else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -20,9 +20,14 @@ import torch
 
 
 class Clock:
-    def __init__(self, device: torch.device):
+    """Seconds a call takes: CUDA events on a GPU; on a CPU wall time, or with ``cpu_time`` the process's CPU
+    time (user + system of all its threads), which other jobs on a shared machine cannot inflate by taking
+    the cores (they still share caches and memory bandwidth)."""
+
+    def __init__(self, device: torch.device, cpu_time: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.cpu_time = cpu_time and not self.cuda
 
     def sync(self) -> None:
         if self.cuda:
@@ -38,9 +43,10 @@ class Clock:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1000.0
-        begin = time.perf_counter()
+        now = time.process_time if self.cpu_time else time.perf_counter
+        begin = now()
         fn()
-        return time.perf_counter() - begin
+        return now() - begin
 
 
 class _RSSSampler(threading.Thread):

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "Equal budgets: stock,vmtc:192,visionzip:192,prumerge:192,divprune:192,fastv:192 "
                         "(default: " + ",".join(DEFAULT_METHODS) + ")")
     p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,16 (default: 1)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens around the image (default: 64)")
+    p.add_argument("--prompt-tokens", type=_ints, default=[64],
+                   help="text tokens around the image (5 before it, the rest after); a comma-separated list sweeps "
+                        "them, e.g. 64,256,1024 (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate, exactly (default: 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per method (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
@@ -48,6 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="round: one model, whole calls alternate between methods (GPU default; measures memory); "
                         "step: one model copy per method, calls alternate one by one and decode steps run in "
                         "lockstep, so load swings on a shared CPU cancel (CPU default; no memory figure)")
+    p.add_argument("--memory", default="none", choices=["none", "process"],
+                   help="process: measure each method's prefill peak memory in a fresh process of its own "
+                        "(CPU: peak RSS; GPU: max allocated), so no method inherits another's freed memory")
+    p.add_argument("--compile", action="store_true",
+                   help="static cache + torch.compile(model.forward, fullgraph=True) for the decode steps "
+                        "(prefill eager; compilation happens in the warm-up steps)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count the top-level aten ops of one decode step per method (torch.profiler)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: time CPU runs by process CPU time, which other jobs on a shared machine cannot "
+                        "inflate (use with --threads 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the full report (all samples, FLOPs breakdown, targets) here")
@@ -64,10 +77,12 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench.report import environment_line, markdown_tables, plot, write_json
 
     opts = BenchOptions(preset=args.preset, model=args.model, methods=parse_methods(args.methods),
-                        batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                        batches=args.batch, prompt_tokens=args.prompt_tokens if len(args.prompt_tokens) > 1
+                        else args.prompt_tokens[0], new_tokens=args.new_tokens,
                         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
                         seed=args.seed, vision_only=args.vision_only, threads=args.threads, progress=not args.quiet,
-                        interleave=args.interleave)
+                        interleave=args.interleave, memory=args.memory, compile=args.compile,
+                        count_ops=args.count_ops, clock=args.clock)
     report = run_bench(opts)
     command = "focusvlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("focusvlm", "__main__.py")) \
         else "focusvlm bench ..."

@@ -8,7 +8,8 @@ functions the tensors of a CLIP-style encoder layer.
 
 Notation (SPEC, section VMTC): a stage receives CLS + n patch tokens, keeps
 k primary patches unchanged and merges the other n - k into c cluster tokens,
-so it emits CLS + k + c tokens.
+so it emits CLS + k + c tokens. Equation numbers (V1 ... V7) refer to
+docs/method.md.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Stage:
 
 def stage_schedule(num_patches: int, target: float | int, stages: int, cluster_frac: float,
                    prune_only: bool = False) -> list[Stage]:
-    """Per-stage token counts (SPEC: n_s = round(n_{s-1} * r), r = (T / n)^(1/S), last stage = T).
+    """Per-stage token counts (V7; SPEC: n_s = round(n_{s-1} * r), r = (T / n)^(1/S), last stage = T).
 
     Clusters per stage c = max(1, round(cluster_frac * n_s)) (never more than
     n_s). ``prune_only`` drops the redundant tokens (c = 0). A stage whose
@@ -96,7 +97,7 @@ def stage_schedule(num_patches: int, target: float | int, stages: int, cluster_f
 
 
 def default_layers(num_used_layers: int, stages: int) -> list[int]:
-    """``stages`` equally spaced 0-based encoder layers among the first ``num_used_layers``.
+    """``stages`` equally spaced 0-based encoder layers among the first ``num_used_layers`` (V7).
 
     The last stage sits in the last layer whose output the LLM reads, so the
     token set the LLM sees is the compressed one. Layer s is
@@ -111,7 +112,7 @@ def default_layers(num_used_layers: int, stages: int) -> list[int]:
 # --------------------------------------------------------------------------- the steps
 
 def cls_importance(cls_query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Importance IPS_i: CLS-to-patch attention, softmax over all keys (CLS included), mean over heads.
+    """Importance IPS_i (V1): CLS-to-patch attention, softmax over all keys (CLS included), mean over heads.
 
     cls_query: (B, H, Dh) the CLS row of the layer's queries; keys: (B, H, N, Dh)
     with N = 1 + n (CLS first). Returns (B, n) in float32. Only the CLS row of
@@ -123,7 +124,7 @@ def cls_importance(cls_query: torch.Tensor, keys: torch.Tensor, scale: float) ->
 
 
 def select_primary(importance: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Primary / redundant split: the ``keep`` highest-importance patches (ties: lower index first).
+    """Primary / redundant split (V2): the ``keep`` highest-importance patches (ties: lower index first).
 
     Returns (primary, redundant) index tensors of shapes (B, keep) and
     (B, n - keep), each in ascending (spatial) order.
@@ -142,14 +143,14 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_init(m: int, clusters: int, device=None) -> torch.Tensor:
-    """Deterministic initial centre indices: ``clusters`` points evenly spread over the m tokens
+    """Deterministic initial centre indices (V3): ``clusters`` points evenly spread over the m tokens
     (index floor((i + 0.5) * m / c)), so the seeds cover the whole image in raster order."""
     i = torch.arange(clusters, device=device, dtype=torch.float64)
     return torch.floor((i + 0.5) * m / clusters).long()
 
 
 def reseed_empty(labels: torch.Tensor, sim_own: torch.Tensor, clusters: int) -> torch.Tensor:
-    """Give every empty cluster one point, so exactly ``clusters`` clusters are non-empty.
+    """Give every empty cluster one point, so exactly ``clusters`` clusters are non-empty (V3).
 
     The e-th empty cluster (ascending id) takes the e-th point in ascending
     order of similarity to its own centre (ties: lower index), chosen among
@@ -181,7 +182,7 @@ def reseed_empty(labels: torch.Tensor, sim_own: torch.Tensor, clusters: int) -> 
 
 
 def spherical_kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor:
-    """Spherical K-means (cosine similarity on L2-normalised rows) with a fixed iteration count.
+    """Spherical K-means (V3: cosine similarity on L2-normalised rows) with a fixed iteration count.
 
     x: (B, m, D) with m >= clusters. Each iteration assigns every point to the
     most similar centre (ties: lower cluster id), re-seeds empty clusters
@@ -206,7 +207,7 @@ def spherical_kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor
 
 def merge_clusters(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, clusters: int,
                    mode: str = "mean") -> torch.Tensor:
-    """Cluster tokens z_C = sum_{j in C} w_j z_j (SPEC step 4).
+    """Cluster tokens z_C = sum_{j in C} w_j z_j (V4, V5; SPEC step 4).
 
     mode "mean": w_j = IPS_j / sum_{j in C} IPS_j (importance-weighted mean);
     mode "sum": w_j = IPS_j (the paper's literal weighted sum). x (B, m, D),
@@ -241,7 +242,7 @@ class StageRecord:
 
 def compress(z: torch.Tensor, importance: torch.Tensor, stage: Stage, iters: int, merge: str = "mean",
              prune_only: bool = False) -> tuple[torch.Tensor, StageRecord]:
-    """One VMTC stage on z = [CLS, patches] (B, 1 + n, D) -> [CLS, primary, clusters] (B, 1 + keep + c, D).
+    """One VMTC stage on z = [CLS, patches] (B, 1 + n, D) -> [CLS, primary, clusters] (B, 1 + keep + c, D) (V6).
 
     Primary tokens keep their spatial order; redundant tokens are clustered
     (spherical K-means) and merged with importance weights, or dropped when

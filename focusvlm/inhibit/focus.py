@@ -1,94 +1,252 @@
 """CMAI as pure tensor functions: focus scores, quantile thresholds, inhibition.
 
-Shapes used throughout (one decoder layer, one forward call):
+Equation numbers (C1 ...) refer to docs/method.md. Shapes used throughout
+(one decoder layer, one forward call):
     B   batch
-    Qt  text query rows recomputed in this call (padded per batch)
+    Qt  text query rows inhibited in this call (padded per batch)
     N   image key slots of each sample (padded to the batch maximum)
-    T   text rows known so far in this layer: cached earlier ones + this call's
+    T   text rows known so far in this layer: earlier calls' and this call's
 
-All weights here are head-averaged, pre-inhibition attention weights
-(shared/SPEC.md, CMAI). Nothing in this file imports transformers.
+All weights here are head-averaged, pre-inhibition attention weights (C1, C2).
+Nothing in this file imports transformers.
+
+A focus score (C3-C5, C10-C12) is a registered ``FocusScore``: ``relation``
+says how each new text row weighs every known text row; it depends only on
+positions, so it is computed once per forward call and shared by every layer.
+``score`` combines it with one layer's weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
 import torch
 
-# the focus scores focus_score knows (the paper's method first, then its Table 5 ablations)
-FOCUS_VARIANTS = ("neighborhood", "tia", "sum", "discounted")
+
+@dataclass(frozen=True)
+class TextPositions:
+    """Where text rows sit: the new rows of a call, or every row known so far."""
+
+    pos: torch.Tensor    # (B, T) absolute position of each row
+    rank: torch.Tensor   # (B, T) index among the sample's text tokens (text before the image counts)
+    valid: torch.Tensor  # (B, T) bool: real rows (batches pad per-sample counts)
+
+
+class FocusScore:
+    """One way of turning text-row attention into a text-to-image focus score F (C5, C10-C12)."""
+
+    name: ClassVar[str]
+    # score() reads a_text, the new rows' weights on earlier text rows (gathering it costs a pass over A)
+    reads_text_attention: ClassVar[bool] = False
+
+    def relation(self, query: TextPositions, known: TextPositions, discount: float) -> torch.Tensor | None:
+        """Per-call weights of every known row for every new row, (B, Qt, T); None when unused."""
+        return None
+
+    def score(self, a_img: torch.Tensor, a_text: torch.Tensor | None, rows: torch.Tensor,
+              relation: torch.Tensor | None) -> torch.Tensor:
+        """F of the new rows, (B, Qt, N), from their A_t2i rows ``a_img`` (B, Qt, N), their weights on the known
+        text rows ``a_text`` (B, Qt, T), the known rows' A_t2i ``rows`` (B, T, N) and ``relation``."""
+        raise NotImplementedError
+
+
+FOCUS_VARIANTS: dict[str, FocusScore] = {}
+
+
+def register_focus(name: str) -> Callable[[type[FocusScore]], type[FocusScore]]:
+    """Class decorator: make a FocusScore selectable as ``CMAIConfig(focus=name)``."""
+
+    def add(cls: type[FocusScore]) -> type[FocusScore]:
+        if name in FOCUS_VARIANTS:
+            raise ValueError(f"focus score {name!r} is registered twice")
+        cls.name = name
+        FOCUS_VARIANTS[name] = cls()
+        return cls
+    return add
+
+
+def get_focus(name: str) -> FocusScore:
+    try:
+        return FOCUS_VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown focus variant {name!r}; known: {', '.join(FOCUS_VARIANTS)}") from None
+
+
+def _earlier(query: TextPositions, known: TextPositions) -> torch.Tensor:
+    """(B, Qt, T) bool: known row h is a real text row strictly before query row j (h < j, C3)."""
+    return known.valid.unsqueeze(1) & (known.pos.unsqueeze(1) < query.pos.unsqueeze(2))
+
+
+def _up_to(query: TextPositions, known: TextPositions) -> torch.Tensor:
+    """(B, Qt, T) bool: known row h is a real text row at or before query row j (h <= j)."""
+    return known.valid.unsqueeze(1) & (known.pos.unsqueeze(1) <= query.pos.unsqueeze(2))
+
+
+@register_focus("neighborhood")
+class NeighborhoodFocus(FocusScore):
+    """C3-C5: F_j = A_t2i[j] + sum_{h text, h < j} A[j, h] A_t2i[h]  (the paper's method)."""
+
+    reads_text_attention = True
+
+    def relation(self, query, known, discount):
+        return _earlier(query, known)
+
+    def score(self, a_img, a_text, rows, relation):
+        # C4 + C5: (A_t2n = weights on earlier text rows) @ A_t2i, added to A_t2i
+        return a_img + torch.matmul(a_text * relation, rows)
+
+
+@register_focus("tia")
+class TextImageFocus(FocusScore):
+    """C10: F_j = A_t2i[j]."""
+
+    def score(self, a_img, a_text, rows, relation):
+        return a_img
+
+
+@register_focus("sum")
+class SumFocus(FocusScore):
+    """C11: F_j = sum_{h text, h <= j} A_t2i[h]."""
+
+    def relation(self, query, known, discount):
+        return _up_to(query, known).float()
+
+    def score(self, a_img, a_text, rows, relation):
+        return torch.matmul(relation, rows)
+
+
+@register_focus("discounted")
+class DiscountedFocus(FocusScore):
+    """C12: F_j = sum_{h text, h <= j} discount^(rank_j - rank_h) A_t2i[h]."""
+
+    def relation(self, query, known, discount):
+        gap = (query.rank.unsqueeze(2) - known.rank.unsqueeze(1)).clamp(min=0).float()
+        return torch.pow(discount, gap) * _up_to(query, known)
+
+    def score(self, a_img, a_text, rows, relation):
+        return torch.matmul(relation, rows)
+
+
+@dataclass(frozen=True)
+class FocusInputs:
+    """Everything a focus score may read for Qt new text rows (one layer)."""
+
+    a_img: torch.Tensor          # (B, Qt, N) the new rows' A_t2i rows (C2)
+    a_text: torch.Tensor | None  # (B, Qt, T) the new rows' weights on every known text row's key
+    rows: torch.Tensor           # (B, T, N) A_t2i rows of every known text row, the new ones included
+    query: TextPositions         # (B, Qt) the new rows
+    known: TextPositions         # (B, T) the known rows
+
+
+def focus_score(variant: str, inputs: FocusInputs, discount: float = 0.9) -> torch.Tensor:
+    """Text-to-image focus score F of each new text row, shape (B, Qt, N) (C5, C10-C12)."""
+    focus = get_focus(variant)
+    return focus.score(inputs.a_img, inputs.a_text, inputs.rows, focus.relation(inputs.query, inputs.known, discount))
+
+
+# --------------------------------------------------------------------------- thresholds (C6, C7)
+
+@dataclass(frozen=True)
+class QuantilePositions:
+    """Where a linear-interpolation quantile reads a sorted row: lerp(sorted[lo], sorted[hi], weight)."""
+
+    lo: torch.Tensor      # (..., 1) long
+    hi: torch.Tensor      # (..., 1) long
+    weight: torch.Tensor  # (..., 1) float
+
+
+def quantile_positions(count: torch.Tensor, q: float, width: int, dtype: torch.dtype = torch.float32) -> QuantilePositions:
+    """Positions of the q-quantile in rows holding ``count`` valid entries (sorted first), of ``width`` slots."""
+    rank = q * (count - 1).clamp(min=0).to(dtype)
+    lo = rank.floor()
+    weight = rank - lo
+    lo = lo.long().clamp(max=width - 1)
+    hi = rank.ceil().long().clamp(max=width - 1)
+    return QuantilePositions(lo.unsqueeze(-1), hi.unsqueeze(-1), weight.unsqueeze(-1))
+
+
+def quantile_of_sorted(ordered: torch.Tensor, at: QuantilePositions) -> torch.Tensor:
+    """The quantile of rows sorted ascending, shape (..., 1)."""
+    # torch.lerp is what torch.quantile uses, so ties at exact ranks agree bit for bit
+    return torch.lerp(ordered.gather(-1, at.lo), ordered.gather(-1, at.hi), at.weight)
+
+
+def sorted_rows(values: torch.Tensor) -> torch.Tensor:
+    """``values`` sorted along the last axis (float32): the same values in the same order as ``Tensor.sort``.
+
+    Large inputs are sorted as integers: a float's bit pattern, with the magnitude bits flipped for negative
+    numbers, orders exactly like the float, and CPU torch sorts integers with a radix sort, about three times
+    faster than its float comparison sort.
+    """
+    if values.dtype != torch.float32 or values.numel() < 4096:
+        return values.sort(dim=-1).values
+    return _float_order(_float_order(values.view(torch.int32)).sort(dim=-1, stable=True).values).view(torch.float32)
+
+
+def _float_order(bits: torch.Tensor) -> torch.Tensor:
+    """An involution on int32 bit patterns of floats that makes integer order equal float order."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def masked_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-row quantile over the entries where ``valid`` is True.
+    """Per-row quantile over the entries where ``valid`` is True (C6).
 
     Same definition as ``torch.quantile(..., interpolation="linear")`` applied
     to each row's valid entries, but batched over rows that hold different
     numbers of valid entries, and free of torch.quantile's input-size limit.
     Rows with no valid entry get +inf (callers never use them).
     """
-    filled = values.masked_fill(~valid, float("inf"))
-    ordered, _ = filled.sort(dim=-1)
+    ordered = sorted_rows(values.masked_fill(~valid, float("inf")))
     count = valid.sum(dim=-1)
-    rank = q * (count - 1).clamp(min=0).to(values.dtype)
-    lo = rank.floor()
-    weight = rank - lo
-    lo = lo.long().clamp(max=values.shape[-1] - 1)
-    hi = rank.ceil().long().clamp(max=values.shape[-1] - 1)
-    v_lo = ordered.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
-    v_hi = ordered.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
-    # torch.lerp is what torch.quantile uses, so ties at exact ranks agree bit for bit
-    return torch.lerp(v_lo, v_hi, weight).masked_fill(count == 0, float("inf"))
+    tau = quantile_of_sorted(ordered, quantile_positions(count, q, values.shape[-1], values.dtype)).squeeze(-1)
+    return tau.masked_fill(count == 0, float("inf"))
 
 
-def focus_score(
-    variant: str,
-    a_img: torch.Tensor,
-    a_text: torch.Tensor,
-    rows: torch.Tensor,
-    text_pos: torch.Tensor,
-    text_valid: torch.Tensor,
-    text_rank: torch.Tensor,
-    q_pos: torch.Tensor,
-    q_rank: torch.Tensor,
-    discount: float = 0.9,
-) -> torch.Tensor:
-    """Text-to-image focus score F of each new text query row, shape (B, Qt, N).
+def uniform_quantile(values: torch.Tensor, count: int, q: float) -> torch.Tensor:
+    """C6's q-quantile of the ``count`` smallest entries of every row (the rest are +inf), shape (..., 1).
 
-    a_img:     (B, Qt, N) weights of the new text rows on the image keys (A_t2i rows).
-    a_text:    (B, Qt, T) weights of the new text rows on every known text row's key.
-    rows:      (B, T, N)  A_t2i rows of every known text row (the new ones included).
-    text_pos:  (B, T) absolute positions of those rows; text_valid (B, T) marks real ones.
-    text_rank: (B, T) index of each row among the sample's text tokens.
-    q_pos, q_rank: (B, Qt) position and text index of each new query row.
-
-    Variants (shared/SPEC.md):
-      neighborhood  F_j = A_t2i[j] + sum_{h text, h < j} A[j, h] A_t2i[h]
-      tia           F_j = A_t2i[j]
-      sum           F_j = sum_{h text, h <= j} A_t2i[h]
-      discounted    F_j = sum_{h text, h <= j} discount**(rank_j - rank_h) A_t2i[h]
+    For rows that all hold the same number of valid entries (C6's visible set is the same size for every
+    text row after the last image): a partial selection of the two order statistics the quantile
+    interpolates between, instead of a full sort; same values, same interpolation as ``masked_quantile``.
     """
-    if variant == "tia":
-        return a_img
-    earlier = text_valid.unsqueeze(1) & (text_pos.unsqueeze(1) < q_pos.unsqueeze(2))  # (B, Qt, T)
-    if variant == "neighborhood":
-        weights = a_text * earlier
-        return a_img + torch.bmm(weights, rows)
-    up_to = earlier | (text_valid.unsqueeze(1) & (text_pos.unsqueeze(1) == q_pos.unsqueeze(2)))
-    if variant == "sum":
-        return torch.bmm(up_to.to(rows.dtype), rows)
-    if variant == "discounted":
-        gap = (q_rank.unsqueeze(2) - text_rank.unsqueeze(1)).clamp(min=0).to(rows.dtype)
-        weights = torch.pow(torch.full_like(gap, discount), gap) * up_to
-        return torch.bmm(weights, rows)
-    raise ValueError(f"unknown focus variant {variant!r}")
+    if count == 0:
+        return values.new_full(values.shape[:-1] + (1,), float("inf"))
+    width = values.shape[-1]
+    at = quantile_positions(torch.tensor(count), q, width, values.dtype)  # the same float arithmetic, on the host
+    lo, hi = int(at.lo), int(at.hi)
+    if hi + 1 <= width - lo:   # select from the small end: the hi + 1 smallest hold both order statistics
+        small = values.topk(hi + 1, dim=-1, largest=False, sorted=False).values
+        if hi == lo:
+            x_lo = x_hi = small.amax(dim=-1, keepdim=True)
+        else:
+            two = small.topk(2, dim=-1, largest=True, sorted=True).values
+            x_hi, x_lo = two[..., :1], two[..., 1:]
+    else:                      # from the large end: the width - lo largest hold them
+        large = values.topk(width - lo, dim=-1, largest=True, sorted=False).values
+        if hi == lo:
+            x_lo = x_hi = large.amin(dim=-1, keepdim=True)
+        else:
+            two = large.topk(2, dim=-1, largest=False, sorted=True).values
+            x_lo, x_hi = two[..., :1], two[..., 1:]
+    return torch.lerp(x_lo, x_hi, at.weight.to(values.device))
 
 
-def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Image keys each text row stops attending to: F below the row's gamma-quantile.
+def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
+                    visible_count: int | None = None) -> torch.Tensor:
+    """Image keys each text row stops attending to: F below the row's gamma-quantile (C7).
 
     The quantile runs over the image keys the row can see; a row that sees no
-    image key is left alone.
+    image key is left alone. ``visible_count``: every row that matters sees
+    that many keys (lets the threshold be selected rather than sorted).
     """
-    tau = masked_quantile(focus, visible, gamma)
-    return visible & (focus < tau.unsqueeze(-1))
+    if visible_count is None:
+        tau = masked_quantile(focus, visible, gamma).unsqueeze(-1)
+    else:  # every row sees visible_count image keys (the caller knows): select instead of sorting
+        tau = uniform_quantile(focus.masked_fill(~visible, float("inf")), visible_count, gamma)
+    return visible & (focus < tau)
 
+
+__all__ = ["FOCUS_VARIANTS", "FocusInputs", "FocusScore", "QuantilePositions", "TextPositions", "focus_score",
+           "get_focus", "inhibition_mask", "masked_quantile", "quantile_of_sorted", "quantile_positions",
+           "register_focus", "sorted_rows", "uniform_quantile"]

@@ -25,9 +25,10 @@ class CMAIConfig:
         token stops attending to), in [0, 1).
     schedule: "linear" (gamma_l = gamma_max * l / (L - 1), layer 0 never
         inhibited), "constant" (gamma_max in every layer) or an explicit list
-        with one gamma per decoder layer.
-    focus: which text-to-image focus score ranks the image keys
-        ("neighborhood" is the paper's method; the others are its ablations).
+        with one gamma per decoder layer (docs/method.md, C9).
+    focus: which registered text-to-image focus score ranks the image keys
+        ("neighborhood" is the paper's method, C5; "tia", "sum", "discounted"
+        its ablations, C10-C12; ``focus.register_focus`` adds more).
     discount: lambda of the "discounted" focus score, in (0, 1].
     layers: restrict inhibition to these decoder layer indices (None = all).
     """

@@ -7,9 +7,22 @@ How (checked on transformers 5.23):
   the model would silently run with no causal mask);
 * the language model's sub-config switched to it (the adapter knows how);
 * a forward pre-hook on the module that receives the call's inputs (the
-  adapter names it) records the token types of every call: ``generate()``
-  rejects unknown kwargs, so nothing can travel as kwargs;
-* a guard around ``generate`` for decoding modes the cached rows cannot follow.
+  adapter names it) records the token types of every call and builds the
+  call's plan: ``generate()`` rejects unknown kwargs, so the user's call
+  cannot carry it;
+* a forward pre-hook on the language model adds that plan to the keyword
+  arguments the language model hands every layer (and so its attention
+  function), which also makes a recomputed (checkpointed) layer see its own
+  call's plan;
+* a guard around ``generate`` for decoding modes the cached rows cannot
+  follow (beam search reorders them, assisted and contrastive decoding roll
+  the cache back, sliding-window caches evict keys).
+
+Static caches and ``torch.compile(fullgraph=True)`` decode steps work: the
+text-row store is preallocated to the cache length and a decode step's plan
+has fixed shapes and no host synchronisation. A prefill plan has
+data-dependent shapes, so a prefill runs eagerly (transformers' generate
+compiles only the decode steps).
 """
 
 from __future__ import annotations
@@ -23,11 +36,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import LayerLink, cmai_attention_forward
+from .attention import PLAN_KWARG, LayerLink, cmai_attention_forward
 from .state import CMAIState, CMAIStateError
 
-COMPILE_ERROR = ("focusvlm CMAI cannot run under torch.compile: it picks text rows with data-dependent "
-                 "shapes. Compile the model without patching, or unpatch first.")
 _REGISTERED: set[str] = set()
 
 
@@ -53,16 +64,29 @@ def register_attention(implementation: str) -> str:
     return name
 
 
-def past_length(past_key_values: Any) -> int:
-    """Positions already in the cache (0 without one)."""
+def past_length(past_key_values: Any) -> int | torch.Tensor:
+    """Positions already in the cache (0 without one); a static cache answers with a 0-d tensor."""
     if past_key_values is None:
         return 0
-    from transformers.cache_utils import StaticCache
+    return past_key_values.get_seq_length()
 
-    if isinstance(past_key_values, StaticCache):
-        raise NotImplementedError("focusvlm CMAI does not support a static cache (its fixed-length keys hide which "
-                                  "positions are filled); use the default dynamic cache.")
-    return int(past_key_values.get_seq_length())
+
+def static_capacity(past_key_values: Any) -> int | None:
+    """The fixed length of a static (compile-ready) cache; None for a growing one."""
+    if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
+        return None
+    length = past_key_values.get_max_length()
+    return int(length) if length and length > 0 else None
+
+
+def language_model(adapter: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack whose forward hands its keyword arguments to every layer's attention."""
+    from ..models import UnsupportedModelError
+
+    lm = getattr(adapter.core(model), "language_model", None)
+    if lm is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: no `language_model` to hand CMAI's call plan to")
+    return lm
 
 
 class CMAIBinding:
@@ -74,24 +98,43 @@ class CMAIBinding:
         if len(gammas) != len(modules):
             raise ValueError(f"{len(gammas)} gammas for {len(modules)} decoder layers")
         self.original = adapter.text_attn_implementation(model)
-        self.state = CMAIState(focus, discount)
+        heads = getattr(getattr(modules[0], "config", None), "num_attention_heads", None) or 32
+        self.state = CMAIState(focus, discount, gammas, num_heads=int(heads))
         name = register_attention(self.original)
         for module, gamma in zip(modules, gammas):
-            module._focusvlm_cmai = LayerLink(self.state, gamma, stock_attention(self.original, module))
+            module._focusvlm_cmai = LayerLink(self.state, gamma, stock_attention(self.original, module), self.original)
         self.modules = modules
         adapter.set_text_attn_implementation(model, name)
-        self.hook = adapter.call_module(model).register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self.hooks = [
+            adapter.call_module(model).register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            # the plan rides along as a keyword argument: a layer recomputed under gradient checkpointing gets
+            # the arguments of its own call, so it reads its own call's plan, never a later one
+            language_model(adapter, model).register_forward_pre_hook(self._hand_plan, with_kwargs=True),
+            language_model(adapter, model).register_forward_hook(self._release_scratch),
+        ]
 
     def _before_forward(self, module, args, kwargs):
-        if torch.compiler.is_compiling():
-            raise RuntimeError(COMPILE_ERROR)
         call = self.adapter.call_inputs(module, args, kwargs)
-        past = past_length(call.past_key_values)
-        self.state.begin_call(call.image_mask, call.attention_mask, past)
+        cache = call.past_key_values
+        # rows are kept for a later call only when this one can leave a cache behind
+        keep = not module.training and kwargs.get("use_cache") is not False
+        self.state.begin_call(call.image_mask, call.attention_mask, past_length(cache),
+                              max_cache_len=static_capacity(cache), keep_rows=keep)
+        return None
+
+    def _hand_plan(self, module, args, kwargs):
+        return args, {**kwargs, PLAN_KWARG: self.state.plan}
+
+    def _release_scratch(self, module, args, output):
+        # the masks a call's layers shared are dead once the last layer ran; the plan itself stays (the
+        # state keeps the latest one) and must not keep them alive through the next decode steps
+        if self.state.plan is not None:
+            self.state.plan.workspace.masks.clear()
         return None
 
     def remove(self) -> None:
-        self.hook.remove()
+        for hook in self.hooks:
+            hook.remove()
         for module in self.modules:
             del module._focusvlm_cmai
         self.adapter.set_text_attn_implementation(self.model, self.original)
@@ -99,6 +142,10 @@ class CMAIBinding:
 
 
 # --------------------------------------------------------------------------- generate guard
+
+# caches that drop old keys: a key's slot would stop being its position, which CMAI indexes by
+EVICTING_CACHES = ("sliding_window", "hybrid", "hybrid_chunked")
+
 
 def guard_generate(model: torch.nn.Module) -> None:
     """Refuse decoding modes whose cache handling CMAI cannot follow."""
@@ -114,9 +161,10 @@ def guard_generate(model: torch.nn.Module) -> None:
             raise NotImplementedError("focusvlm CMAI does not support beam search (num_beams > 1): the cached text "
                                       "rows would need reordering with the beams. Use greedy or sampling.")
         cache_impl = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-        if cache_impl in ("static", "hybrid", "sliding_window", "offloaded_static"):
-            raise NotImplementedError(f"focusvlm CMAI does not support cache_implementation={cache_impl!r}; "
-                                      "use the default dynamic cache.")
+        if cache_impl in EVICTING_CACHES:
+            raise NotImplementedError(f"focusvlm CMAI does not support cache_implementation={cache_impl!r}: it "
+                                      "evicts old keys, so key slots stop being positions. Use the default dynamic "
+                                      "cache or 'static'.")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") or \
                 (kwargs.get("penalty_alpha") or 0) > 0:
             raise NotImplementedError("focusvlm CMAI does not support assisted or contrastive decoding: "
@@ -130,5 +178,5 @@ def unguard_generate(model: torch.nn.Module) -> None:
     model.__dict__.pop("generate", None)
 
 
-__all__ = ["CMAIBinding", "CMAIStateError", "COMPILE_ERROR", "guard_generate", "unguard_generate",
-           "past_length", "register_attention", "stock_attention"]
+__all__ = ["CMAIBinding", "CMAIStateError", "EVICTING_CACHES", "guard_generate", "language_model", "past_length",
+           "register_attention", "static_capacity", "stock_attention", "unguard_generate"]

@@ -108,3 +108,37 @@ def install(model, ref: ReferenceCMAI):
         model.set_attn_implementation({"text_config": previous})
 
     return undo
+
+
+def blocked_image_keys(focus, image_positions, text_positions, gamma):
+    """C6-C7 for one sample, literally: per text row, the image columns below its gamma-quantile.
+
+    focus: (text rows, image columns); image_positions / text_positions: absolute positions.
+    Returns a bool list of lists (text rows x image columns).
+    """
+    out = []
+    for jj, j in enumerate(text_positions):
+        visible = [c for c, pos in enumerate(image_positions) if pos <= j]
+        row = [False] * len(image_positions)
+        if visible:
+            tau = torch.quantile(focus[jj, visible], gamma)
+            for c in visible:
+                row[c] = bool(focus[jj, c] < tau)
+        out.append(row)
+    return out
+
+
+def head_mean_attention(q, k, scaling, allowed):
+    """C1 for one sample, literally: per head softmax over the allowed keys, then the mean over heads.
+
+    q (H, R, D), k (Hkv, K, D) with H a multiple of Hkv, allowed (R, K) bool. float64.
+    """
+    heads, kv_heads = q.shape[0], k.shape[0]
+    out = torch.zeros(q.shape[1], k.shape[1], dtype=torch.float64)
+    for h in range(heads):
+        kh = k[h // (heads // kv_heads)].double()
+        for r in range(q.shape[1]):
+            logits = (kh @ q[h, r].double()) * scaling
+            logits[~allowed[r]] = float("-inf")
+            out[r] += torch.softmax(logits, dim=0) / heads
+    return out

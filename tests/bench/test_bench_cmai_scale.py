@@ -1,0 +1,86 @@
+"""The benchmark's issue-12 features on the tiny preset: prompt sweep, per-process memory, op counts,
+compiled decode (structure and wiring, not timings)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from focusvlm.bench import harness
+from focusvlm.bench.harness import BenchOptions, run_bench
+from focusvlm.bench.methods import parse_methods
+from focusvlm.bench.report import markdown_tables
+from focusvlm.bench.targets import check_targets
+
+
+def _opts(**kw):
+    base = dict(preset="tiny", methods=parse_methods("stock,cmai"), batches=[1], prompt_tokens=8, new_tokens=4,
+                repeats=1, warmup=0, progress=False)
+    return BenchOptions(**{**base, **kw})
+
+
+def test_prompt_sweep_runs_every_length_and_batch():
+    report = run_bench(_opts(prompt_tokens=[8, 24], batches=[1, 2], new_tokens=3))
+    assert [(r["prompt_tokens"], r["batch"]) for r in report["runs"]] == [(8, 1), (8, 2), (24, 1), (24, 2)]
+    # the analytic prefill FLOPs follow the prompt length
+    flops = [r["methods"]["stock"]["prefill_flops"] for r in report["runs"]]
+    assert flops[2] > flops[0] and flops[3] > flops[1]
+    text = markdown_tables(report)
+    assert "8 prompt tokens" in text and "24 prompt tokens" in text
+
+
+def test_memory_in_a_process_per_method_and_op_counts():
+    report = run_bench(_opts(memory="process", count_ops=True, prompt_tokens=[16]))
+    run = report["runs"][0]
+    assert "own process" in run["memory_source"]
+    stock, cmai = run["methods"]["stock"], run["methods"]["cmai"]
+    for row in (stock, cmai):
+        assert row["peak_mem_bytes"] > 50 * 2 ** 20        # the process holds torch and the model
+        assert row["decode_ops"] > 0
+    assert cmai["ratio"]["peak_mem_bytes"] == pytest.approx(cmai["peak_mem_bytes"] / stock["peak_mem_bytes"])
+    assert stock["extra_decode_ops_per_layer"] == 0
+    assert 0 < cmai["extra_decode_ops_per_layer"] <= 20
+    assert "ops/decode step" in markdown_tables(report)
+
+
+def test_compiled_decode_runs_and_matches_eager_decoding(monkeypatch):
+    monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
+    report = run_bench(_opts(compile=True, new_tokens=6, warmup=1))
+    torch._dynamo.reset()
+    run = report["runs"][0]
+    assert report["meta"]["compile"] is True
+    for row in run["methods"].values():
+        assert row["decode_s_per_token"] > 0
+    assert "decode steps compiled" in markdown_tables(report)
+
+
+def test_targets_know_prompt_lengths_and_absolute_limits():
+    report = {"meta": {"device": "cpu", "preset": "mid", "vision_only": False, "dtype": "float32",
+                       "prompt_tokens": [64, 1024], "new_tokens": 128, "compile": False},
+              "runs": [{"batch": 1, "prompt_tokens": 64, "memory_source": "n/a",
+                        "methods": {"cmai": {"ratio": {"ttft_s": 1.05}, "extra_decode_ops_per_layer": 15.0}}},
+                       {"batch": 4, "prompt_tokens": 1024, "memory_source": "prefill, own process per method",
+                        "methods": {"cmai": {"ratio": {"ttft_s": 1.2, "peak_mem_bytes": 1.02},
+                                             "extra_decode_ops_per_layer": 25.0}}}]}
+    verdicts = {(v["target"], v["batch"]): v for v in check_targets(report)}
+    assert verdicts[("CMAI prefill (TTFT)", 1)]["met"] is True
+    assert verdicts[("CMAI prefill (TTFT)", 4)]["met"] is False
+    assert verdicts[("CMAI prefill peak memory", 4)]["met"] is True
+    assert verdicts[("CMAI extra aten ops per layer per decode step", 4)]["met"] is False
+    assert ("CMAI decode/token, 512 new tokens", 4) not in verdicts       # stated for 512 new tokens only
+    assert not any("compiled" in t for t, _ in verdicts)                 # stated for --compile runs only
+
+
+def test_cli_accepts_the_new_options():
+    from focusvlm.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--prompt-tokens", "64,256,1024", "--memory", "process", "--compile",
+                              "--count-ops", "--clock", "cpu"])
+    assert args.prompt_tokens == [64, 256, 1024] and args.memory == "process" and args.compile
+    assert args.count_ops and args.clock == "cpu"
+    with pytest.raises(ValueError, match="--memory"):
+        _opts(memory="rss")

@@ -1,0 +1,186 @@
+"""CMAI with a static cache and with torch.compile(fullgraph=True) decode steps: same function as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig, StaticCache
+
+from focusvlm import CMAIConfig, FocusConfig, patched
+from focusvlm.inhibit.state import CMAIStateError
+from focusvlm.models.factory import random_llava
+from helpers import make_inputs
+
+LAYOUTS = [[5, "img", 7], [2, "img", 3]]       # left padding in the batch
+STEPS = 5
+SETTINGS = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llava("tiny", seed=0)
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the traced graph as is and counts the graphs it was given.
+
+    The count lives in a shared list: transformers deep-copies the backend with its CompileConfig.
+    """
+
+    def __init__(self):
+        self.seen: list = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def graphs(self) -> int:
+        return len(self.seen)
+
+    def __call__(self, gm, example_inputs):
+        self.seen.append(gm)
+        return gm.forward
+
+
+@pytest.mark.parametrize("focus", ["neighborhood", "discounted"])
+def test_static_cache_generate_matches_dynamic_and_full_forward(model, focus):
+    inputs = make_inputs(model, LAYOUTS, seed=5)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad(), patched(model, FocusConfig(cmai=CMAIConfig(focus=focus, discount=0.8))):
+        dynamic = model.generate(**inputs, **SETTINGS)
+        static = model.generate(**inputs, cache_implementation="static", **SETTINGS)
+        again = model.generate(**inputs, cache_implementation="static", **SETTINGS)   # the cache is reused
+        full_mask = torch.cat([inputs["attention_mask"], torch.ones(2, STEPS, dtype=torch.long)], dim=1)
+        full = model(input_ids=static.sequences, attention_mask=full_mask, pixel_values=inputs["pixel_values"],
+                     use_cache=False).logits
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for step, (s, d, a) in enumerate(zip(static.logits, dynamic.logits, again.logits)):
+        assert (s - d).abs().max().item() <= 1e-5, step
+        assert torch.equal(s, a), step
+        assert (s - full[:, prompt - 1 + step]).abs().max().item() <= 1e-5, step
+    with torch.no_grad():
+        stock = model.generate(**inputs, cache_implementation="static", **SETTINGS)
+    assert not all(torch.allclose(s, c) for s, c in zip(stock.logits, static.logits))
+
+
+def _decode(model, inputs, forward, steps=STEPS):
+    """Eager prefill into a StaticCache, then ``steps`` greedy decode steps through ``forward``."""
+    batch, prompt = inputs["input_ids"].shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 3)
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        mask, token = inputs["attention_mask"], out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            position = mask.cumsum(-1)[:, -1:] - 1
+            out = forward(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                          position_ids=position)
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits)
+
+
+def test_compiled_decode_steps_equal_eager(model):
+    """torch.compile(model.forward, fullgraph=True) for the decode steps: no graph break, same logits."""
+    inputs = make_inputs(model, LAYOUTS, seed=6)
+    backend = CountingBackend()
+    with patched(model, FocusConfig(cmai=CMAIConfig())):
+        eager = _decode(model, inputs, model.forward)
+        compiled = _decode(model, inputs, torch.compile(model.forward, fullgraph=True, backend=backend))
+    torch._dynamo.reset()
+    assert (eager - compiled).abs().max().item() <= 1e-5
+    # one graph, plus one more when the growing 2-D mask makes dynamo mark its length dynamic: not one per step
+    assert 1 <= backend.graphs <= 2
+    with torch.no_grad():
+        stock = _decode(model, inputs, model.forward)
+    assert not torch.allclose(stock, eager)
+
+
+def test_generate_auto_compiles_decode_with_cmai(model):
+    """transformers' own path: static cache + compile_config compiles the decode steps, prefill stays eager."""
+    inputs = make_inputs(model, LAYOUTS, seed=7)
+    backend = CountingBackend()
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None, dynamic=False)
+    config._compile_all_devices = True   # transformers compiles only on accelerators unless told otherwise
+    with torch.no_grad(), patched(model, FocusConfig(cmai=CMAIConfig())):
+        eager = model.generate(**inputs, cache_implementation="static", **SETTINGS)
+        compiled = model.generate(**inputs, cache_implementation="static", compile_config=config, **SETTINGS)
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    assert backend.graphs >= 1
+    assert torch.equal(eager.sequences, compiled.sequences)
+    for e, c in zip(eager.logits, compiled.logits):
+        assert (e - c).abs().max().item() <= 1e-5
+
+
+def test_compiled_prefill_is_refused_with_the_way_out(model):
+    inputs = make_inputs(model, LAYOUTS, seed=8)
+    with patched(model, FocusConfig(cmai=CMAIConfig())):
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+        with torch.no_grad(), pytest.raises(Exception, match="compile the decode steps"):
+            compiled(**inputs)
+    torch._dynamo.reset()
+
+
+def test_compiled_decode_with_dynamic_cache_is_refused(model):
+    inputs = make_inputs(model, LAYOUTS, seed=9)
+    with patched(model, FocusConfig(cmai=CMAIConfig())), torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+        with pytest.raises(Exception, match="static cache"):
+            compiled(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_beams=2), "beam search"),
+    (dict(penalty_alpha=0.5, top_k=4), "contrastive"),
+    (dict(prompt_lookup_num_tokens=2), "assisted"),
+    (dict(cache_implementation="sliding_window"), "evicts"),
+])
+def test_generate_modes_that_cannot_work_are_refused(model, kwargs, message):
+    inputs = make_inputs(model, LAYOUTS, seed=10)
+    with patched(model, FocusConfig(cmai=CMAIConfig())), pytest.raises(NotImplementedError, match=message):
+        model.generate(**inputs, max_new_tokens=2, **kwargs)
+
+
+def test_state_error_is_raised_for_prefill_under_compile_directly():
+    """The message itself, from the state (no model needed)."""
+    from focusvlm.inhibit.state import COMPILED_PREFILL_ERROR, CMAIState
+
+    assert "compile the decode steps" in COMPILED_PREFILL_ERROR
+    assert issubclass(CMAIStateError, RuntimeError)
+    assert CMAIState("neighborhood", 0.9).plan is None
+
+
+def test_a_second_prompt_continues_a_static_cache(model):
+    """Multi-turn: prefill, decode steps, then more prompt text into the same static cache."""
+    inputs = make_inputs(model, [[5, "img", 7]], seed=12)
+    extra = torch.randint(1, 400, (1, 6), generator=torch.Generator().manual_seed(3))
+    prompt = inputs["input_ids"].shape[1]
+
+    def run(cache):
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for _ in range(3):
+                mask = torch.ones(1, prompt + len(tokens), dtype=torch.long)
+                out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                tokens.append(out.logits[:, -1:].argmax(-1))
+            mask = torch.ones(1, prompt + 3 + extra.shape[1], dtype=torch.long)
+            follow = model(input_ids=extra, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        sequence = torch.cat([inputs["input_ids"]] + tokens[:-1] + [extra], dim=1)
+        return follow, sequence
+
+    with patched(model, FocusConfig(cmai=CMAIConfig())):
+        static, sequence = run(StaticCache(config=model.config, max_cache_len=prompt + 16))
+        dynamic, _ = run(None)
+        with torch.no_grad():
+            full = model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                         pixel_values=inputs["pixel_values"], use_cache=False).logits
+    assert (static - dynamic).abs().max().item() <= 1e-5
+    assert (static - full[:, -extra.shape[1]:]).abs().max().item() <= 1e-5

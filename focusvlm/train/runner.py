@@ -218,46 +218,6 @@ def _vision_keepalive(model: torch.nn.Module, device: torch.device) -> torch.Ten
     return feats.float().sum()
 
 
-_CHECKPOINT_PROBE: bool | None = None
-
-
-def cmai_checkpointing_is_exact() -> bool:
-    """Whether CMAI gives the same gradients with activation checkpointing as without (a ~1 s self-test on
-    a tiny random model). Recomputing a layer must not change CMAI's cached rows; until focusvlm/inhibit
-    guarantees that, training warns instead of silently using different gradients."""
-    global _CHECKPOINT_PROBE
-    if _CHECKPOINT_PROBE is not None:
-        return _CHECKPOINT_PROBE
-    from .. import CMAIConfig
-    from ..models.factory import random_llava
-
-    model = random_llava("tiny", seed=0).train()
-    vc = model.config.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
-    gen = torch.Generator().manual_seed(0)
-    text = torch.randint(1, model.config.text_config.vocab_size - 2, (1, 12), generator=gen)
-    ids = torch.cat([text[:, :2], torch.full((1, n_img), model.config.image_token_id), text[:, 2:]], dim=1)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(ids == model.config.image_token_id, -100),
-             "pixel_values": torch.randn(1, 3, vc.image_size, vc.image_size, generator=gen)}
-    patch(model, FocusConfig(cmai=CMAIConfig(gamma_max=0.6)))
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        ckpt = grads()
-        _CHECKPOINT_PROBE = len(plain) == len(ckpt) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-5)
-                                                            for a, b in zip(plain, ckpt))
-    except Exception:
-        _CHECKPOINT_PROBE = False
-    unpatch(model)
-    return _CHECKPOINT_PROBE
-
-
 def _deepspeed_path(value: str | None) -> str | None:
     if not value:
         return None
@@ -352,12 +312,6 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
     if tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>")) != image_token_id:
         raise ValueError("the processor's image token does not match the model's image_token_id")
 
-    if recipe.gradient_checkpointing and focus_config.cmai is not None and _is_main() \
-            and not cmai_checkpointing_is_exact():
-        print("focusvlm train: WARNING: with CMAI on, activation checkpointing currently recomputes with CMAI's "
-              "cached text rows appended twice, so gradients differ slightly (~1%) from a run without it (the "
-              "loss is the same). Pass --no-gradient-checkpointing for exact gradients if memory allows.",
-              file=sys.stderr)
     handle = None if focus_config.is_stock else patch(net, focus_config, processor=processor)
     trained = wrap_lora(net, recipe) if recipe.lora else net
 

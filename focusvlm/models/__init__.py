@@ -18,7 +18,7 @@ from typing import Any
 
 from .base import CallInputs, FamilyAdapter, TowerGeometry, UnsupportedModelError
 
-BUILTIN_FAMILIES = ("focusvlm.models.llava",)
+BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.llava_next", "focusvlm.models.llava_onevision")
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 _loaded = False

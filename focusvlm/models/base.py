@@ -141,9 +141,30 @@ class FamilyAdapter:
         """Apply ``reduce`` to the patch features (B, N, D; CLS excluded) before the projector; returns the undo."""
         raise UnsupportedModelError(f"{self.title}: no projector hook")
 
-    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Run the vision path (tower + projector) alone; returns (images, tokens, hidden)."""
+    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """Run the vision path (tower + projector) alone; returns (images, tokens, hidden).
+
+        ``inputs``: the other image tensors the processor returns, where a family needs them
+        (``image_sizes`` for AnyRes models)."""
         raise UnsupportedModelError(f"{self.title}: no image-feature call")
+
+    def pack_reduced_crops(self, model: torch.nn.Module, tokens_per_crop: int | None) -> Callable[[], None]:
+        """A vision method now hands the projector ``tokens_per_crop`` tokens per crop (None: a count known
+        only per call, e.g. PruMerge's adaptive one), with no patch grid.
+
+        Families that lay several crops of one image out on a grid (AnyRes) switch to a packing that
+        needs no grid; returns the undo. Single-crop families pass features on as they are: nothing to do.
+        """
+        return lambda: None
+
+    def random_pixel_inputs(self, model: torch.nn.Module, batch: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random image inputs of ``batch`` images as the family's processor shapes them (benchmarks).
+
+        Default: one square crop per image at the tower's resolution.
+        """
+        vc = model.config.vision_config
+        return {"pixel_values": torch.randn(batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size,
+                                            generator=generator)}
 
     def patch_processor(self, model: torch.nn.Module, processor: Any,
                         patches_for_grid: Callable[[tuple[int, int]], int]) -> Callable[[], None]:

@@ -241,6 +241,10 @@ class LlavaNextAdapter(LlavaAdapter):
         if getattr(processor.image_processor, "image_grid_pinpoints", None) is None:
             raise UnsupportedModelError(f"the image processor {type(processor.image_processor).__name__} has no "
                                         "image_grid_pinpoints (not an AnyRes processor)")
+        if "pack_image_features" not in self.core(model).__dict__:
+            # the crops keep their grids (e.g. VMTC target 1.0), so the model packs them the stock way
+            # (unpadding, a newline per grid row) and the stock count is already right
+            return lambda: None
         per_crop = self._per_crop(model, processor, patches_for_grid)
         saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
                  if k in processor.__dict__}

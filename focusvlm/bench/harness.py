@@ -130,35 +130,51 @@ def fit_method(model, method: Method) -> Method:
     return Method(method.name, config, method.attn_implementation)
 
 
-def _vision_call(model, pixel_values: torch.Tensor) -> Callable[[], Any]:
+def _vision_call(model, pixels: dict[str, Any]) -> Callable[[], Any]:
     from ..models import adapter_for
 
     adapter = adapter_for(model)
-    return lambda: adapter.image_features(model, pixel_values)
+    return lambda: adapter.image_features(model, **pixels)
 
 
-def probe_vision(model, method: Method, pixel_values: torch.Tensor) -> dict[str, Any]:
-    """Visual token count and per-layer token schedule of the patched vision path (one image)."""
+def random_pixels(model, batch: int, generator: torch.Generator, device, dtype) -> dict[str, Any]:
+    """The family's image inputs for ``batch`` images (pixel_values, plus image_sizes for AnyRes families)."""
+    from ..models import adapter_for
+
+    pixels = adapter_for(model).random_pixel_inputs(model, batch, generator)
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()}
+
+
+def _first(pixels: dict[str, Any]) -> dict[str, Any]:
+    return {k: v[:1] for k, v in pixels.items()}
+
+
+def probe_vision(model, method: Method, pixels: dict[str, Any]) -> dict[str, Any]:
+    """Visual token count and per-layer token schedule of the patched vision path (one image; an AnyRes
+    image is several crops, each its own tower pass: ``crops``)."""
     from ..models import adapter_for
 
     layers = adapter_for(model).encoder_layers(model)
     schedule: list[tuple[int, int]] = []
+    crops: list[int] = []   # tower batch of one image: its crops
 
     def record(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, (tuple, list)) else output
         schedule.append((int(hidden.shape[1]), int(out.shape[1])))
+        crops.append(int(hidden.shape[0]))
 
     hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
     try:
         with method_applied(model, method) as handle, torch.inference_mode():
-            feats = _vision_call(model, pixel_values[:1])()[0]
+            feats = _vision_call(model, _first(pixels))()[0]
             vision = handle.vision if handle is not None else None
             stages = vision.stage_plan() if vision is not None else []
     finally:
         for h in hooks:
             h.remove()
-    return {"visual_tokens": int(feats.shape[0]), "schedule": schedule, "vmtc_stages": stages}
+    return {"visual_tokens": int(feats.shape[0]), "schedule": schedule, "vmtc_stages": stages,
+            "crops": crops[0] if crops else 1}
 
 
 def make_input_ids(text_ids: torch.Tensor, visual_tokens: int, image_token_id: int) -> torch.Tensor:
@@ -213,43 +229,44 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                  "batches": opts.batches, "seed": opts.seed, **_environment(device)},
         "runs": [],
     }
-    vc = cfg.vision_config
     for batch in opts.batches:
-        pixel_values = torch.randn(batch, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size,
-                                   vc.image_size, generator=gen).to(device=device, dtype=dtype)
+        pixels = random_pixels(model, batch, gen, device, dtype)
         text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, opts.prompt_tokens), generator=gen)
-        text_ids = text_ids.masked_fill(text_ids == cfg.image_token_id, 1).to(device)
-        report["runs"].append(_run_batch(model, opts, clock, batch, pixel_values, text_ids, vshape, tshape))
+        for placeholder in (cfg.image_token_id, getattr(cfg, "video_token_id", None)):
+            if placeholder is not None:  # text must not look like an image (or video) position
+                text_ids = text_ids.masked_fill(text_ids == placeholder, 1)
+        text_ids = text_ids.to(device)
+        report["runs"].append(_run_batch(model, opts, clock, batch, pixels, text_ids, vshape, tshape))
     return report
 
 
-def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values: torch.Tensor,
+def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixels: dict[str, Any],
                text_ids: torch.Tensor, vshape: VisionShape, tshape: TextShape) -> dict[str, Any]:
     cfg = model.config
     n_new = opts.new_tokens
     plans: dict[str, dict[str, Any]] = {}
     for m in opts.methods:
         m = fit_method(model, m)
-        info = probe_vision(model, m, pixel_values)
+        info = probe_vision(model, m, pixels)
         ids = make_input_ids(text_ids, info["visual_tokens"], cfg.image_token_id)
         cmai_layers = 0
         if m.config.cmai is not None:
             cmai_layers = sum(g > 0 for g in m.config.cmai.gammas(tshape.layers))
         flops = prefill_flops(vshape, tshape, prompt_tokens=opts.prompt_tokens, visual_tokens=info["visual_tokens"],
                               batch=batch, vision_schedule=info["schedule"], vmtc_stages=info["vmtc_stages"],
-                              cmai_layers=cmai_layers)
+                              cmai_layers=cmai_layers, crops=info["crops"])
         plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops}
 
     def calls(name: str) -> dict[str, Callable[[], Any]]:
         plan = plans[name]
         ids, mask = plan["ids"], plan["mask"]
-        out = {"vision": _vision_call(model, pixel_values)}
+        out = {"vision": _vision_call(model, pixels)}
         if not opts.vision_only:
-            out["ttft"] = lambda: model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+            out["ttft"] = lambda: model(input_ids=ids, **pixels, attention_mask=mask,
                                         use_cache=True, logits_to_keep=1)
             if n_new > 0:
                 def generate():
-                    seq = model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+                    seq = model.generate(input_ids=ids, **pixels, attention_mask=mask,
                                          max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
                                          use_cache=True, pad_token_id=0)
                     decoded[name] = seq.shape[1] - ids.shape[1]
@@ -262,7 +279,7 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values
     names = list(plans)
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
     if mode == "step":
-        return _finish(_run_lockstep(model, opts, clock, batch, pixel_values, plans), plans, batch, n_new, mode,
+        return _finish(_run_lockstep(model, opts, clock, batch, pixels, plans), plans, batch, n_new, mode,
                        None)
     rounds = opts.warmup + opts.repeats
     for r in range(rounds):
@@ -346,7 +363,7 @@ def _finish(samples: dict[str, dict[str, list[float]]], plans: dict[str, dict[st
             "seq_len_stock": plans[stock]["flops"].detail["seq_len"], "methods": results}
 
 
-def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_values: torch.Tensor,
+def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixels: dict[str, Any],
                   plans: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Step interleave: one patched copy per method; calls alternate one by one, decode steps in lockstep."""
     import copy
@@ -370,12 +387,12 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, pixel_val
 
     def prefill(name: str):
         plan = plans[name]
-        return models[name](input_ids=plan["ids"], pixel_values=pixel_values, attention_mask=plan["mask"],
+        return models[name](input_ids=plan["ids"], **pixels, attention_mask=plan["mask"],
                             use_cache=True, logits_to_keep=1)
 
     try:
         with torch.inference_mode():
-            stages = [("vision", lambda n: _vision_call(models[n], pixel_values))]
+            stages = [("vision", lambda n: _vision_call(models[n], pixels))]
             if not opts.vision_only:
                 stages.append(("ttft", lambda n: (lambda: prefill(n))))
             for stage, make in stages:

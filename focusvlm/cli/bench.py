@@ -16,15 +16,18 @@ def _ints(text: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..bench.methods import DEFAULT_METHODS
-    from ..models.factory import PRESETS
 
     p = subparsers.add_parser(
         "bench", help="speed / memory / FLOPs of each method vs the stock model",
         description="Seeded random weights of the preset's exact architecture (no download) or a real "
                     "checkpoint with --model. Every figure comes with its ratio to stock measured in the same "
                     "process (warm-up, interleaved rounds, medians; CUDA events on GPU).")
-    p.add_argument("--preset", default="mid", choices=list(PRESETS), help="architecture to build (default: mid)")
-    p.add_argument("--model", help="measure this LLaVA checkpoint (hub id or folder) instead of a preset")
+    # any family's preset; checked when the run starts, so building the parser imports no model family
+    p.add_argument("--preset", default="mid",
+                   help="random-weight architecture to build (default: mid): tiny, mid, llava-1.5-7b, llava-1.5-13b, "
+                        "next-tiny, next-mid, llava-v1.6-vicuna-7b, onevision-tiny, onevision-mid, "
+                        "llava-onevision-qwen2-7b")
+    p.add_argument("--model", help="measure this checkpoint (hub id or folder) instead of a preset")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], vmtc[:target], "
                         "cmai[:gamma_max], vmtc+cmai (default: all)")

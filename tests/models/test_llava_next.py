@@ -249,3 +249,19 @@ def test_load_from_folder_generates_with_the_chat_template(tmp_path, model, proc
     tiles = [anyres_tiles((im.height, im.width), loaded.config.image_grid_pinpoints, (56, 56)) for im in images]
     assert [o.image_tokens for o in out] == [8 * (1 + r * c) + r * c for r, c in tiles]
     assert all(o.new_tokens == 3 for o in out)
+
+
+def test_bench_runs_the_anyres_preset_with_crops_counted():
+    from focusvlm.bench.harness import BenchOptions, run_bench
+    from focusvlm.bench.methods import parse_methods
+
+    opts = BenchOptions(preset="next-tiny", methods=parse_methods("stock,vmtc,cmai"), batches=[2], prompt_tokens=8,
+                        new_tokens=2, repeats=1, warmup=0, progress=False)
+    rows = run_bench(opts)["runs"][0]["methods"]
+    # one 112 px image = base crop + 2x2 tiles of 4x4 patches: 16 + 8x8 + 8 newlines stock, 8 x 5 + 4 with VMTC
+    assert rows["stock"]["visual_tokens"] == 88 and rows["vmtc"]["visual_tokens"] == 44
+    assert rows["cmai"]["ratio"]["decode_s_per_token"] is not None
+    from focusvlm.bench.flops import VisionShape, vision_flops
+
+    one_crop = vision_flops(VisionShape.from_config(random_llava_next("next-tiny").config.vision_config))
+    assert rows["stock"]["flops"]["vision"] == 2 * 5 * one_crop   # two images, five tower passes each

@@ -306,3 +306,14 @@ def test_load_from_folder_generates_with_the_chat_template(tmp_path, model, proc
     out = HFGenerator(loaded, proc).generate(["w1 w2", "w3"], images, 3)
     tiles = [anyres_tiles((im.height, im.width), loaded.config.image_grid_pinpoints, (56, 56)) for im in images]
     assert [o.image_tokens for o in out] == [8 * (1 + r * c) + r * c for r, c in tiles]
+
+
+def test_bench_runs_the_onevision_preset():
+    from focusvlm.bench.harness import BenchOptions, run_bench
+    from focusvlm.bench.methods import parse_methods
+
+    opts = BenchOptions(preset="onevision-tiny", methods=parse_methods("stock,vmtc+cmai"), batches=[1],
+                        prompt_tokens=8, new_tokens=2, repeats=1, warmup=0, progress=False)
+    rows = run_bench(opts)["runs"][0]["methods"]
+    assert rows["stock"]["visual_tokens"] == 88 and rows["vmtc+cmai"]["visual_tokens"] == 44
+    assert rows["vmtc+cmai"]["ratio"]["ttft_s"] is not None

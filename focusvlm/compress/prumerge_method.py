@@ -102,7 +102,7 @@ class PruMerge(VisionMethod):
     def panels(self, sample: int = 0) -> list[Any]:
         from .. import viz
 
-        return [viz.prumerge_panel(self.records[0], self.geometry.num_patches)] if self.records else []
+        return [viz.prumerge_panel(self.records[0], self.geometry.num_patches, sample)] if self.records else []
 
     def remove(self, processor: Any | None = None) -> None:
         for undo in reversed(self._undo):

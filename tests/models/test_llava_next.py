@@ -265,3 +265,31 @@ def test_bench_runs_the_anyres_preset_with_crops_counted():
 
     one_crop = vision_flops(VisionShape.from_config(random_llava_next("next-tiny").config.vision_config))
     assert rows["stock"]["flops"]["vision"] == 2 * 5 * one_crop   # two images, five tower passes each
+
+
+def test_show_draws_one_token_map_per_crop(tmp_path, model, processor, capsys):
+    import argparse
+
+    from PIL import Image
+
+    from focusvlm.cli import show
+    from focusvlm.models.factory import demo_image_path
+
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    ap = argparse.ArgumentParser()
+    show.register(ap.add_subparsers(dest="command"))
+    single = None
+    for method in (["--method", "vmtc", "--target", "0.5", "--stages", "2"], ["--method", "spd"]):
+        out = tmp_path / f"{method[1]}.png"
+        args = ap.parse_args(["show", "--image", str(demo_image_path("chelsea")), "--model", str(tmp_path / "m"),
+                              "--device", "cpu", "-o", str(out)] + method)
+        assert args.func(args) == 0
+        image = Image.open(demo_image_path("chelsea"))
+        rows, cols = anyres_tiles((image.height, image.width), model.config.image_grid_pinpoints, (56, 56))
+        per_crop = 8 if method[1] == "vmtc" else 4
+        text = capsys.readouterr().out
+        assert f"({per_crop * (1 + rows * cols) + rows * cols} image tokens, {1 + rows * cols} crops)" in text
+        picture = Image.open(out)
+        single = single or picture.height // (1 + rows * cols)
+        assert picture.height == (1 + rows * cols) * single     # one strip per crop, base crop first

@@ -213,8 +213,8 @@ def test_clear_errors(model):
     assert getattr(model, "_focusvlm", None) is None
     assert all(type(l).__name__ == "CLIPEncoderLayer" for l in model.model.vision_tower.encoder.layers)
     model.model.vision_tower.embeddings._parameters["class_embedding"] = None  # a SigLIP-like tower: no CLS
-    with pytest.raises(UnsupportedModelError, match="CLS"):
-        patch(model, FocusConfig(vmtc=VMTCConfig(stages=2)))
+    with pytest.raises(UnsupportedModelError, match="CLS"):  # no CLS query to rank by (SPEC: use "received")
+        patch(model, FocusConfig(vmtc=VMTCConfig(stages=2, importance="cls")))
 
 
 def test_records_trace_every_patch(model):

@@ -159,14 +159,15 @@ class PrefillFlops:
 def prefill_flops(v: VisionShape, t: TextShape, *, prompt_tokens: int, visual_tokens: int, batch: int = 1,
                   vision_schedule: Sequence[tuple[int, int]] | None = None,
                   vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0,
-                  llm_layer_seq: Sequence[int] | None = None) -> PrefillFlops:
+                  llm_layer_seq: Sequence[int] | None = None, crops: int = 1) -> PrefillFlops:
     """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each.
 
     llm_layer_seq: positions per decoder layer when tokens leave inside the LLM (FastV).
+    ``crops``: tower passes per image (AnyRes models encode a base crop and every tile).
     """
     seq = prompt_tokens + visual_tokens
     return PrefillFlops(
-        vision=batch * vision_flops(v, vision_schedule, vmtc_stages),
+        vision=batch * crops * vision_flops(v, vision_schedule, vmtc_stages),
         projector=batch * projector_flops(v, t, visual_tokens),
         llm=batch * llm_prefill_flops(t, seq, llm_layer_seq),
         cmai=batch * cmai_flops(t, seq, prompt_tokens, visual_tokens, cmai_layers),

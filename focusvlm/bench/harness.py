@@ -172,11 +172,13 @@ def probe_vision(model, method: Method, vision: dict[str, torch.Tensor]) -> dict
     # a merger tower keeps every patch through its blocks (packed rows, no batch axis): no schedule to record
     layers = [] if adapter.reduces_after_merger else adapter.encoder_layers(model)
     schedule: list[tuple[int, int]] = []
+    crops: list[int] = []   # tower batch of one image: its crops
 
     def record(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, (tuple, list)) else output
         schedule.append((int(hidden.shape[1]), int(out.shape[1])))
+        crops.append(int(hidden.shape[0]))
 
     hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
     try:
@@ -192,7 +194,9 @@ def probe_vision(model, method: Method, vision: dict[str, torch.Tensor]) -> dict
     finally:
         for h in hooks:
             h.remove()
-    return {"visual_tokens": int(feats.shape[0]), "schedule": schedule, "vmtc_stages": stages}
+    images = int(vision["pixel_values"].shape[0]) if "pixel_values" in vision and not adapter.reduces_after_merger else 1
+    return {"visual_tokens": int(feats.shape[0]), "schedule": schedule, "vmtc_stages": stages,
+            "crops": crops[0] // images if crops else 1}
 
 
 def make_input_ids(text_ids: torch.Tensor, visual_tokens: int, image_token_id: int) -> torch.Tensor:
@@ -324,7 +328,8 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
                 layer_seq = layer_positions(m.config.fastv, tshape.layers, prompt_tokens, info["visual_tokens"])
             flops = prefill_flops(vshape, tshape, prompt_tokens=prompt_tokens,
                                   visual_tokens=info["visual_tokens"], batch=batch, vision_schedule=info["schedule"],
-                                  vmtc_stages=info["vmtc_stages"], cmai_layers=cmai_layers, llm_layer_seq=layer_seq)
+                                  vmtc_stages=info["vmtc_stages"], cmai_layers=cmai_layers, llm_layer_seq=layer_seq,
+                                  crops=info["crops"])
         plans[m.name] = {"method": m, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops,
                          "extra": adapter.prompt_inputs(model, ids), "llm_layers": tshape.layers}
 

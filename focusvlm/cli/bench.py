@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # no `choices`: listing the presets imports torch and transformers, which `--help` must not wait for;
     # an unknown name is refused by the family registry with the known presets named
     p.add_argument("--preset", default="mid",
-                   help="random-weight architecture to build, e.g. tiny, mid, llava-1.5-7b, qwen2.5-vl-mid (default: mid; "
-                        "an unknown name is answered with the full list)")
+                   help="random-weight architecture to build (default: mid), e.g. tiny, mid, llava-1.5-7b, "
+                        "llava-v1.6-vicuna-7b, llava-onevision-qwen2-7b, qwen2.5-vl-mid, qwen3-vl-8b "
+                        "(an unknown name is answered with the full list)")
     p.add_argument("--model", help="measure this checkpoint (hub id or folder) instead of a preset")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: stock, eager, spd[:factor], prumerge[:budget], visionzip[:tokens], "

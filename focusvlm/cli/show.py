@@ -74,22 +74,50 @@ def run(args: argparse.Namespace) -> int:
         method, adapter = handle.vision, handle.adapter
         geometry = adapter.tower_geometry(model)
         method.record = True
-        pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
-        with torch.no_grad():
-            tokens = int(adapter.image_features(model, pixels).shape[1])
         ip = processor.image_processor
-        seen = viz.denormalize(pixels[0], ip.image_mean, ip.image_std)
-        panels = method.panels()
-        if not panels:  # e.g. VMTC target 1.0: nothing compresses, show the plain grid
-            n = geometry.num_patches
-            panels = [viz.Panel("stock", np.full(n, viz.PRIMARY), np.full(n, -1))]
-        footer = (f"{geometry.num_patches} patches -> {tokens} image tokens to the LLM "
-                  f"({type(config.vision).__name__}; white outline = kept as is, tint = merged group, dark = dropped)")
-        picture = viz.render(seen, geometry.grid, panels, footer)
+        processed = ip(images=[image], return_tensors="pt")
+        param = next(model.parameters())
+        pixels = processed["pixel_values"].to(device=param.device, dtype=param.dtype)
+        # AnyRes processors also return each image's size, which the model needs to place its tiles
+        extra = {k: processed[k] for k in ("image_sizes",) if k in processed}
+        with torch.no_grad():
+            tokens = int(adapter.image_features(model, pixels, **extra)[0].shape[0])
+        # one picture per crop: a single-crop model draws one; AnyRes draws the base crop then every tile
+        crops = pixels[0] if pixels.dim() == 5 else pixels
+        pictures = []
+        for index, crop in enumerate(crops):
+            panels = method.panels(sample=index)
+            if not panels:  # e.g. VMTC target 1.0: nothing compresses, show the plain grid
+                n = geometry.num_patches
+                panels = [viz.Panel("stock", np.full(n, viz.PRIMARY), np.full(n, -1))]
+            if len(crops) == 1:
+                count = f"{geometry.num_patches} patches -> {tokens} image tokens to the LLM"
+            else:
+                where = "base crop" if index == 0 else f"tile {index}/{len(crops) - 1}"
+                count = f"{where}, {geometry.num_patches} patches; the image -> {tokens} tokens to the LLM"
+            footer = (f"{count} ({type(config.vision).__name__}; white outline = kept as is, tint = merged group, "
+                      "dark = dropped)")
+            seen = viz.denormalize(crop, ip.image_mean, ip.image_std)
+            pictures.append(viz.render(seen, geometry.grid, panels, footer))
+        picture = _stack(pictures)
     finally:
         unpatch(model)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(args.output)
-    print(f"wrote {args.output} ({tokens} image tokens) with {config.describe()}")
+    print(f"wrote {args.output} ({tokens} image tokens{'' if len(pictures) == 1 else f', {len(pictures)} crops'}) "
+          f"with {config.describe()}")
     return 0
+
+
+def _stack(pictures):
+    """PIL pictures one below the other (left aligned, white background)."""
+    if len(pictures) == 1:
+        return pictures[0]
+    from PIL import Image
+
+    canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
+    y = 0
+    for p in pictures:
+        canvas.paste(p, (0, y))
+        y += p.height
+    return canvas

@@ -70,7 +70,17 @@ class SPD(VisionMethod):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.records: list[dict] = []
-        self._undo = adapter.reduce_projector_input(model, self._reduce)
+        undo_reduce = adapter.reduce_projector_input(model, self._reduce)
+        try:  # pooled crops are packed without their grid by AnyRes families (factor 1 pools nothing)
+            undo_pack = adapter.pack_reduced_crops(model, self.image_tokens()) if config.factor > 1 else (lambda: None)
+        except Exception:
+            undo_reduce()
+            raise
+
+        def undo() -> None:
+            undo_pack()
+            undo_reduce()
+        self._undo = undo
 
     def _reduce(self, patches: torch.Tensor) -> torch.Tensor:
         if self.record:

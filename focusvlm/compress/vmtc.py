@@ -123,6 +123,23 @@ def cls_importance(cls_query: torch.Tensor, keys: torch.Tensor, scale: float) ->
     return probs.mean(dim=1)[:, 1:]
 
 
+def received_importance(query: torch.Tensor, keys: torch.Tensor, scale: float, prefix: int = 0) -> torch.Tensor:
+    """Importance of each patch as the attention it receives (SPEC, towers without a CLS token).
+
+    Softmax over all keys of every query row, then the mean over query
+    positions and heads of each key's column. query, keys: (B, H, N, Dh);
+    ``prefix`` leading tokens (a CLS token) are not ranked. Returns
+    (B, N - prefix) in float32. One head at a time, so the largest temporary
+    is a single (B, N, N) matrix.
+    """
+    B, H, N, _ = query.shape
+    received = torch.zeros(B, N, device=query.device, dtype=torch.float32)
+    for h in range(H):
+        logits = query[:, h].float() @ keys[:, h].float().transpose(-1, -2) * scale   # (B, N, N)
+        received += logits.softmax(dim=-1).sum(dim=1)
+    return (received / (H * N))[:, prefix:]
+
+
 def select_primary(importance: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Primary / redundant split (V2): the ``keep`` highest-importance patches (ties: lower index first).
 
@@ -241,21 +258,22 @@ class StageRecord:
 
 
 def compress(z: torch.Tensor, importance: torch.Tensor, stage: Stage, iters: int, merge: str = "mean",
-             prune_only: bool = False) -> tuple[torch.Tensor, StageRecord]:
+             prune_only: bool = False, prefix: int = 1) -> tuple[torch.Tensor, StageRecord]:
     """One VMTC stage on z = [CLS, patches] (B, 1 + n, D) -> [CLS, primary, clusters] (B, 1 + keep + c, D) (V6).
 
     Primary tokens keep their spatial order; redundant tokens are clustered
     (spherical K-means) and merged with importance weights, or dropped when
-    ``prune_only``.
+    ``prune_only``. ``prefix``: leading tokens passed through untouched (1 for
+    the CLS token, 0 for a tower without one, e.g. SigLIP).
     """
     B, N, D = z.shape
-    n = N - 1
+    n = N - prefix
     if n != stage.n_in:
         raise ValueError(f"stage expects {stage.n_in} patch tokens, got {n}")
     primary, redundant = select_primary(importance, stage.keep)
-    patches = z[:, 1:]
+    patches = z[:, prefix:]
     kept = patches.gather(1, primary.unsqueeze(-1).expand(-1, -1, D))
-    parts = [z[:, :1], kept]
+    parts = [z[:, :prefix], kept]
     labels = redundant.new_zeros((B, 0))
     if not prune_only and stage.clusters > 0:
         rest = patches.gather(1, redundant.unsqueeze(-1).expand(-1, -1, D))
@@ -285,6 +303,7 @@ def owners_after(owner: torch.Tensor, record: StageRecord) -> torch.Tensor:
 # --------------------------------------------------------------------------- config and binding
 
 VMTC_MERGES = ("mean", "sum")
+VMTC_IMPORTANCES = ("auto", "cls", "received")
 
 
 @dataclass(frozen=True)
@@ -304,6 +323,11 @@ class VMTCConfig:
     merge: "mean" (importance-weighted mean) or "sum" (the paper's literal
         importance-weighted sum).
     prune_only: drop redundant tokens instead of merging them (ablation).
+    importance: how patches are ranked: "cls" (attention from the CLS query, the
+        paper's IPS), "received" (attention each patch receives, averaged over
+        query positions and heads: the SPEC's choice for towers without a CLS
+        token such as OneVision's SigLIP, and selectable for CLIP), or "auto"
+        (cls where the tower has a CLS token, received otherwise).
     """
 
     target: float | int = 0.5
@@ -313,6 +337,7 @@ class VMTCConfig:
     kmeans_iters: int = 10
     merge: str = "mean"
     prune_only: bool = False
+    importance: str = "auto"
 
     def __post_init__(self) -> None:
         name = "VMTCConfig"
@@ -335,6 +360,8 @@ class VMTCConfig:
             fail(name, "kmeans_iters", f"must be a positive integer, got {self.kmeans_iters!r}")
         if self.merge not in VMTC_MERGES:
             fail(name, "merge", f"unknown merge {self.merge!r}; use one of {', '.join(VMTC_MERGES)}")
+        if self.importance not in VMTC_IMPORTANCES:
+            fail(name, "importance", f"unknown importance {self.importance!r}; use one of {', '.join(VMTC_IMPORTANCES)}")
         if not isinstance(self.prune_only, bool):
             fail(name, "prune_only", f"must be true or false, got {self.prune_only!r}")
         if self.prune_only and self.merge != "mean":
@@ -378,10 +405,13 @@ class VMTC(VisionMethod):
             return
         self.merged = False
         self.geometry = g = adapter.tower_geometry(model)
-        if not g.has_cls:
+        self.importance = config.importance if config.importance != "auto" else ("cls" if g.has_cls else "received")
+        if self.importance == "cls" and not g.has_cls:
             from ..models import UnsupportedModelError
 
-            raise UnsupportedModelError("VMTC needs a vision tower with a CLS token (CLIP); this tower has none")
+            raise UnsupportedModelError("VMTCConfig.importance='cls' needs a vision tower with a CLS token (CLIP); "
+                                        "this tower has none: use importance='received' (or 'auto')")
+        self.prefix = 1 if g.has_cls else 0  # tokens ahead of the patches that every stage passes through
         used = g.layers_before_features
         if used == 0:
             raise ConfigError("VMTCConfig: the LLM reads the embedding output (vision_feature_layer=0); "
@@ -410,6 +440,8 @@ class VMTC(VisionMethod):
             for index, (layer_idx, stage) in enumerate(zip(layers, self.stages)):
                 if not stage.is_identity:  # nothing to do there; the layer stays stock
                     self._undo.append(adapter.add_tower_stage(model, layer_idx, self._stage_fn(index, stage)))
+            if self._undo:  # crops lose their grid: AnyRes families pack them without one
+                self._undo.append(adapter.pack_reduced_crops(model, self.image_tokens()))
         except Exception:
             self.remove()
             raise
@@ -445,9 +477,14 @@ class VMTC(VisionMethod):
 
     def _stage_fn(self, index: int, stage: Stage):
         def run(layer: Any, normed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            q, k, scale = self.adapter.tower_cls_qk(layer, normed)
-            out, record = compress(z, cls_importance(q, k, scale), stage, self.config.kmeans_iters,
-                                   self.config.merge, self.config.prune_only)
+            if self.importance == "cls":
+                q, k, scale = self.adapter.tower_cls_qk(layer, normed)
+                importance = cls_importance(q, k, scale)
+            else:
+                q, k, scale = self.adapter.tower_qk(layer, normed)
+                importance = received_importance(q, k, scale, self.prefix)
+            out, record = compress(z, importance, stage, self.config.kmeans_iters, self.config.merge,
+                                   self.config.prune_only, self.prefix)
             if self.record:
                 if index == 0 or not self.records:
                     self.records = []
@@ -470,7 +507,8 @@ class VMTC(VisionMethod):
         return super().image_tokens(grid)
 
     def stage_plan(self) -> list[tuple[int, int, int, int]]:
-        return [(s.n_in + 1, s.keep, s.clusters, self.config.kmeans_iters) for s in self.stages if not s.is_identity]
+        return [(s.n_in + self.prefix, s.keep, s.clusters, self.config.kmeans_iters)
+                for s in self.stages if not s.is_identity]
 
     def panels(self, sample: int = 0) -> list[Any]:
         from .. import viz

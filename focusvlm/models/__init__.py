@@ -18,7 +18,8 @@ from typing import Any
 
 from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry, UnsupportedModelError
 
-BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
+BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.llava_next", "focusvlm.models.llava_onevision",
+                    "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 _loaded = False

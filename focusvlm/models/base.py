@@ -264,9 +264,21 @@ class FamilyAdapter:
         (``MergedResult.sources``); returns the undo. Only where ``reduces_after_merger``."""
         raise UnsupportedModelError(f"{self.title}: no merger hook")
 
-    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Run the vision path (tower + projector) alone; returns (images, tokens, hidden)."""
+    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """Run the vision path (tower + projector) alone; returns (images, tokens, hidden).
+
+        ``inputs``: the other image tensors the processor returns, where a family needs them
+        (``image_sizes`` for AnyRes models)."""
         raise UnsupportedModelError(f"{self.title}: no image-feature call")
+
+    def pack_reduced_crops(self, model: torch.nn.Module, tokens_per_crop: int | None) -> Callable[[], None]:
+        """A vision method now hands the projector ``tokens_per_crop`` tokens per crop (None: a count known
+        only per call, e.g. PruMerge's adaptive one), with no patch grid.
+
+        Families that lay several crops of one image out on a grid (AnyRes) switch to a packing that
+        needs no grid; returns the undo. Single-crop families pass features on as they are: nothing to do.
+        """
+        return lambda: None
 
     def patch_processor(self, model: torch.nn.Module, processor: Any,
                         patches_for_grid: Callable[[tuple[int, int]], int]) -> Callable[[], None]:

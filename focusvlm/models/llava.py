@@ -147,6 +147,7 @@ class LlavaAdapter(FamilyAdapter):
     title = "LLaVA-1.5"
     model_types = ("llava",)
     presets = tuple(PRESETS)
+    model_class = LlavaForConditionalGeneration  # what ``load`` builds
 
     def core(self, model):
         if isinstance(model, LlavaForConditionalGeneration):
@@ -156,35 +157,48 @@ class LlavaAdapter(FamilyAdapter):
         return None
 
     # ------------------------------------------------------------------ language side
+    call_args = _CALL_ARGS  # the positional order of the core's forward
+
+    def modalities(self, module) -> tuple[tuple[int, tuple[str, ...], str], ...]:
+        """(placeholder token id, pixel arguments, ``mm_encoder_outputs`` key) of every modality whose
+        features the core scatters into the sequence; subclasses with videos add theirs."""
+        return ((module.config.image_token_id, ("pixel_values",), "image"),)
+
     def call_inputs(self, module, args, kwargs) -> CallInputs:
-        given = dict(zip(_CALL_ARGS, args))
+        given = dict(zip(self.call_args, args))
         given.update(kwargs)
         input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
-        # generate() may hand the prefill precomputed features (mm_encoder_outputs) instead of pixels
-        pixels = given.get("pixel_values") is not None or (given.get("mm_encoder_outputs") or {}).get("image") is not None
-        image_id = module.config.image_token_id
-        if input_ids is not None:
-            # positions are typed by what they receive: without pixels nothing receives image features,
-            # so a generated token that happens to have the image token's id is text
-            image_mask = input_ids == image_id if pixels else torch.zeros_like(input_ids, dtype=torch.bool)
-        elif embeds is not None:
-            # the same test LlavaModel.get_placeholder_mask applies before features are scattered in
-            marker = module.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-            image_mask = (embeds == marker).all(-1)
-            if not pixels:
-                past = given.get("past_key_values")
-                if (past is None or past.get_seq_length() == 0) and not bool(image_mask.any()):
-                    from ..inhibit.state import CMAIStateError
-
-                    raise CMAIStateError(
-                        "CMAI cannot find image positions in an inputs_embeds-only call: the image features are "
-                        "already merged. Pass input_ids (with <image> tokens) or inputs_embeds holding the "
-                        "<image> token embedding together with pixel_values.")
-                image_mask = torch.zeros_like(image_mask)
-        else:
+        if input_ids is None and embeds is None:
             from ..inhibit.state import CMAIStateError
 
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
+        # generate() may hand the prefill precomputed features (mm_encoder_outputs) instead of pixels
+        encoded = given.get("mm_encoder_outputs") or {}
+        image_mask = None
+        features = markers = False
+        for token_id, pixel_args, encoded_key in self.modalities(module):
+            carried = any(given.get(a) is not None for a in pixel_args) or encoded.get(encoded_key) is not None
+            if input_ids is not None:
+                here = input_ids == token_id
+            else:
+                # the same test get_placeholder_mask applies before features are scattered in
+                marker = module.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+                here = (embeds == marker).all(-1)
+                markers = markers or bool(here.any())
+            features = features or carried
+            # positions are typed by what they receive: without pixels nothing receives features,
+            # so a generated token that happens to have a placeholder's id is text
+            here = here if carried else torch.zeros_like(here)
+            image_mask = here if image_mask is None else image_mask | here
+        if input_ids is None and not features:
+            past = given.get("past_key_values")
+            if (past is None or past.get_seq_length() == 0) and not markers:
+                from ..inhibit.state import CMAIStateError
+
+                raise CMAIStateError(
+                    "CMAI cannot find image positions in an inputs_embeds-only call: the image features are "
+                    "already merged. Pass input_ids (with <image> tokens) or inputs_embeds holding the "
+                    "<image> token embedding together with pixel_values.")
         return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
 
     def decoder_query_key(self, attention, hidden_states, position_embeddings, query_rows):
@@ -371,7 +385,7 @@ class LlavaAdapter(FamilyAdapter):
     def load(self, source, dtype=None, device=None, **kwargs):
         from transformers import AutoProcessor
 
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
+        model = self.model_class.from_pretrained(source, dtype=dtype, **kwargs)
         if device is not None and "device_map" not in kwargs:
             model = model.to(device)
         processor = AutoProcessor.from_pretrained(source)

@@ -1,0 +1,277 @@
+"""LLaVA-NeXT adapter (``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``: CLIP tower, AnyRes).
+
+AnyRes: the processor picks a grid pinpoint for each image (``select_best_resolution``), cuts the
+resized, padded image into tiles of the tower's resolution and adds a base crop of the whole image;
+every crop is its own tower pass (crops sit in the batch dimension of the tower). Stock packing lays
+the tiles' patch grids out as one big grid, crops the padding away ("unpadding") and ends every grid
+row with ``image_newline``.
+
+What this adapter adds to the LLaVA-1.5 one (which it subclasses: tower hooks, q/k, projector hook,
+layer capture are the same CLIP code):
+* image positions: the core's forward takes ``image_sizes`` third, so the positional order differs;
+* ``pack_reduced_crops``: once a vision method reduces each crop to a token set with no grid, an
+  instance-level ``pack_image_features`` on the core packs per SPEC ("Other model families"): the
+  base crop's tokens, then each tile's tokens in raster order of tiles, each tile followed by one
+  ``image_newline``; no unpadding. An image with no tiles (OneVision's multi-image mode) keeps the
+  stock layout for that case: its crop followed by one newline;
+* ``patch_processor``: the processor's placeholder count follows the same rule, with the tiles from
+  the processor's own pinpoint choice: ``per_crop * (1 + tiles) + tiles``;
+* presets with the real AnyRes geometry (llava-v1.6-vicuna-7b) and small ones for tests / CPU bench.
+Every hook returns its undo; the stock classes are never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.image_processing_utils import select_best_resolution
+
+from . import register_family
+from .base import TowerGeometry, UnsupportedModelError
+from .llava import LlavaAdapter
+
+# the positional order of LlavaNextModel.forward
+_CALL_ARGS = ("input_ids", "pixel_values", "image_sizes", "attention_mask", "position_ids", "past_key_values",
+              "inputs_embeds")
+
+
+# --------------------------------------------------------------------------- AnyRes arithmetic (pure)
+
+def anyres_tiles(image_size: tuple[int, int], pinpoints: list, crop: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of tiles the processor cuts an image of ``image_size`` (h, w) into.
+
+    The pinpoint is the processor's own choice (``select_best_resolution``); a partial tile
+    counts as a tile, as in ``image_size_to_num_patches``.
+    """
+    best_h, best_w = select_best_resolution([int(image_size[0]), int(image_size[1])], pinpoints)
+    return math.ceil(best_h / crop[0]), math.ceil(best_w / crop[1])
+
+
+def packed_length(per_crop: int, tiles: int) -> int:
+    """Tokens of one image packed without grids: per_crop x (1 + tiles) + tiles newlines (one newline
+    after a lone crop, as the stock model puts one there)."""
+    return per_crop * (1 + tiles) + (tiles if tiles else 1)
+
+
+def pack_crops(crops: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """One image's reduced crops (1 + tiles, n, D) -> (packed_length(n, tiles), D).
+
+    Base crop first (no newline after it), then every tile in the order the processor cut them
+    (raster order), each followed by ``newline`` (D,). A lone crop gets one newline.
+    """
+    base, tiles = crops[0], crops[1:]
+    newline = newline.to(crops.device, crops.dtype)
+    if tiles.shape[0] == 0:
+        return torch.cat([base, newline[None]], dim=0)
+    rows = torch.cat([tiles, newline.expand(tiles.shape[0], 1, -1)], dim=1)   # (tiles, n + 1, D)
+    return torch.cat([base, rows.flatten(0, 1)], dim=0)
+
+
+# --------------------------------------------------------------------------- presets
+
+@dataclass(frozen=True)
+class AnyResPreset:
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    pinpoints: list[list[int]]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)   # more top-level config fields
+
+
+_CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+PRESETS: dict[str, AnyResPreset] = {
+    # unit tests: 4x4 patches per 56 px crop, the real pinpoint pattern scaled by 1/6, GQA in the LM
+    "next-tiny": AnyResPreset(
+        vision=dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, projection_dim=32),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096),
+        pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
+        extra=dict(image_token_index=511)),
+    # CPU benchmarks: the real image geometry (336 px crops of 24x24 patches, the real pinpoints), small LM
+    "next-mid": AnyResPreset(
+        vision=dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                    num_attention_heads=8, projection_dim=256),
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096),
+        pinpoints=_NEXT_PINPOINTS, extra=dict(image_token_index=32000)),
+    # llava-hf/llava-v1.6-vicuna-7b-hf's architecture (random weights)
+    "llava-v1.6-vicuna-7b": AnyResPreset(vision=_CLIP_L_336, text=_VICUNA_7B, pinpoints=_NEXT_PINPOINTS,
+                                         extra=dict(image_token_index=32000)),
+}
+
+
+def llava_next_config(preset: str = "next-tiny", **text_overrides: Any):
+    """The LlavaNextConfig of a preset (CLIP feature layer -2, CLS dropped, the preset's pinpoints)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    return LlavaNextConfig(vision_config=CLIPVisionConfig(**p.vision), text_config=LlamaConfig(**{**p.text, **text_overrides}),
+                           vision_feature_layer=-2, vision_feature_select_strategy="default",
+                           image_grid_pinpoints=[list(x) for x in p.pinpoints], projector_hidden_act="gelu",
+                           **p.extra)
+
+
+def build_random(model_class, config, seed: int, dtype: torch.dtype, attn_implementation: str):
+    """``model_class(config)`` with seeded random weights in ``dtype``, eval mode."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return model_class(config).to(dtype).eval()
+
+
+def random_llava_next(preset: str = "next-tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                      attn_implementation: str = "sdpa", **text_overrides: Any) -> LlavaNextForConditionalGeneration:
+    """A LLaVA-NeXT model of the preset's shape with seeded random weights, in eval mode."""
+    return build_random(LlavaNextForConditionalGeneration, llava_next_config(preset, **text_overrides), seed, dtype,
+                        attn_implementation)
+
+
+# --------------------------------------------------------------------------- the adapter
+
+@register_family
+class LlavaNextAdapter(LlavaAdapter):
+    name = "llava_next"
+    title = "LLaVA-NeXT"
+    model_types = ("llava_next",)
+    presets = tuple(PRESETS)
+    model_class = LlavaNextForConditionalGeneration
+    call_args = _CALL_ARGS
+
+    def core(self, model):
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            return model.model
+        if isinstance(model, LlavaNextModel):
+            return model
+        return None
+
+    # ------------------------------------------------------------------ vision side
+    def tower_geometry(self, model) -> TowerGeometry:
+        geometry = super().tower_geometry(model)
+        # "full" keeps the CLS token only where the tower has one (OneVision's SigLIP has none)
+        return dataclasses.replace(geometry, keeps_cls=geometry.keeps_cls and geometry.has_cls)
+
+    def image_features(self, model, pixel_values: torch.Tensor, image_sizes=None, **inputs: Any):
+        """Packed features per image: a (images, tokens, hidden) tensor, or a tuple when lengths differ."""
+        if image_sizes is None:
+            raise UnsupportedModelError(f"{self.title}: image_features needs image_sizes with pixel_values "
+                                        "(the processor returns both)")
+        out = self.core(model).get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **inputs)
+        feats = list(out.pooler_output)
+        return torch.stack(feats) if len({f.shape[0] for f in feats}) == 1 else tuple(feats)
+
+    def random_pixel_inputs(self, model, batch: int, generator: torch.Generator) -> dict[str, Any]:
+        """``batch`` square images twice the crop size (2x2 tiles + the base crop: 672 px for 336 px crops)."""
+        vc = model.config.vision_config
+        side = 2 * vc.image_size
+        rows, cols = anyres_tiles((side, side), model.config.image_grid_pinpoints, (vc.image_size, vc.image_size))
+        crops = 1 + rows * cols
+        pixels = torch.randn(batch, crops, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size,
+                             generator=generator)
+        return {"pixel_values": pixels, "image_sizes": torch.tensor([[side, side]] * batch)}
+
+    def pack_reduced_crops(self, model, tokens_per_crop: int | None) -> Callable[[], None]:
+        core = self.core(model)
+        if "pack_image_features" in core.__dict__:
+            raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
+        title = self.title
+
+        # same call shape as the stock method for both NeXT (strategy third) and OneVision (aspect ratio)
+        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
+            if image_newline is None:
+                raise RuntimeError(f"{title}: packing reduced crops needs the model's image_newline")
+            packed = []
+            for crops in image_features:
+                if tokens_per_crop is not None and crops.shape[1] != tokens_per_crop:
+                    raise RuntimeError(f"{title}: a crop reached the projector with {crops.shape[1]} tokens, "
+                                       f"expected {tokens_per_crop}")
+                packed.append(pack_crops(crops, image_newline))
+            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+            return packed, lengths
+
+        core.pack_image_features = pack_image_features
+
+        def undo() -> None:
+            core.__dict__.pop("pack_image_features", None)
+        return undo
+
+    # ------------------------------------------------------------------ processor
+    def _per_crop(self, model, processor, patches_for_grid) -> int:
+        geometry = self.tower_geometry(model)
+        if getattr(processor, "patch_size", geometry.patch_size) != geometry.patch_size:
+            from ..config import ConfigError
+
+            raise ConfigError(f"processor patch_size={processor.patch_size} does not match the vision tower's "
+                              f"{geometry.patch_size}")
+        return patches_for_grid(geometry.grid) + (1 if geometry.keeps_cls else 0)
+
+    def _image_count(self, processor, per_crop: int, image_size, crop: tuple[int, int]) -> int:
+        rows, cols = anyres_tiles(image_size, processor.image_processor.image_grid_pinpoints, crop)
+        return packed_length(per_crop, rows * cols)
+
+    @staticmethod
+    def _processed_crop(processor, kwargs: dict) -> tuple[int, int]:
+        """The crop size the image processor emits (what stock _get_num_multimodal_tokens reads)."""
+        size = processor._merge_kwargs(**kwargs)["images_kwargs"].get("size") or processor.image_processor.size
+        get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+        side = get("shortest_edge") or min(get("height"), get("width"))
+        return side, side
+
+    def _replacement_count(self, processor, per_crop: int, image_inputs: dict, image_idx: int) -> int:
+        size = image_inputs["image_sizes"][image_idx]
+        size = size.tolist() if hasattr(size, "tolist") else list(size)
+        crop = tuple(image_inputs["pixel_values"][0][0].shape[-2:])
+        return self._image_count(processor, per_crop, size, crop)
+
+    def patch_processor(self, model, processor, patches_for_grid):
+        for name in ("replace_image_token", "_get_num_multimodal_tokens", "image_token", "image_processor"):
+            if not hasattr(processor, name):
+                raise UnsupportedModelError(f"the processor {type(processor).__name__} has no {name}; focusvlm "
+                                            f"adjusts {self.title} processor placeholder counts")
+        if getattr(processor.image_processor, "image_grid_pinpoints", None) is None:
+            raise UnsupportedModelError(f"the image processor {type(processor.image_processor).__name__} has no "
+                                        "image_grid_pinpoints (not an AnyRes processor)")
+        if "pack_image_features" not in self.core(model).__dict__:
+            # the crops keep their grids (e.g. VMTC target 1.0), so the model packs them the stock way
+            # (unpadding, a newline per grid row) and the stock count is already right
+            return lambda: None
+        per_crop = self._per_crop(model, processor, patches_for_grid)
+        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
+                 if k in processor.__dict__}
+        stock_count = processor._get_num_multimodal_tokens
+        p, adapter = processor, self
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            return p.image_token * adapter._replacement_count(p, per_crop, image_inputs, image_idx)
+
+        def _get_num_multimodal_tokens(image_sizes=None, **kwargs: Any):
+            data = stock_count(image_sizes=image_sizes, **kwargs)
+            if image_sizes is not None:
+                crop = adapter._processed_crop(p, kwargs)
+                data.num_image_tokens = [adapter._image_count(p, per_crop, size, crop) for size in image_sizes]
+            return data
+
+        processor.replace_image_token = replace_image_token
+        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
+
+        def undo() -> None:
+            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
+                p.__dict__.pop(name, None)
+                if name in saved:
+                    p.__dict__[name] = saved[name]
+        return undo
+
+    # ------------------------------------------------------------------ building
+    def random_model(self, preset, seed=0, dtype=torch.float32, attn_implementation="sdpa", **overrides):
+        return random_llava_next(preset, seed=seed, dtype=dtype, attn_implementation=attn_implementation,
+                                 **overrides)

@@ -23,11 +23,11 @@ def test_decoded_token_with_the_image_id_is_text(model):
     with patched(model, FocusConfig(cmai=CMAIConfig())) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True)
         state = handle.cmai.state
-        before = state.text_count.clone()
+        before = state.store.text_count.clone()
         step = torch.full((2, 1), image_id)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
         logits = model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True).logits
-        assert torch.equal(state.text_count, before + 1)
+        assert torch.equal(state.store.text_count, before + 1)
     assert torch.isfinite(logits).all()
 
 

@@ -53,19 +53,23 @@ def test_placeholders_match_vmtc_and_both_methods_act_in_training(base):
         seen["shape"] = tuple(out.shape)
 
     hook = model.model.multi_modal_projector.register_forward_hook(grab)
-    state = handle.cmai.state
-    extend = state.extend_rows
+    import focusvlm.inhibit.attention as cmai_attention
 
-    def count_rows(layer, new):
-        rows[layer] = int(new.valid.sum())
-        return extend(layer, new)
+    prefill = cmai_attention._prefill_attention
 
-    state.extend_rows = count_rows
-    loss, grads = loss_and_grads(model, batch)
-    hook.remove()
-    del state.extend_rows
+    def count_rows(link, plan, module, *args, **kwargs):
+        rows[module.layer_idx] = rows.get(module.layer_idx, 0) + 1
+        return prefill(link, plan, module, *args, **kwargs)
+
+    cmai_attention._prefill_attention = count_rows
+    try:
+        loss, grads = loss_and_grads(model, batch)
+    finally:
+        cmai_attention._prefill_attention = prefill
+        hook.remove()
     assert seen["shape"][:2] == (3, 32)
-    assert rows and all(v > 0 for v in rows.values())  # CMAI redid text rows in the inhibited layers
+    # CMAI redid the text rows in every inhibited layer (layer 0 has gamma 0 under the linear schedule)
+    assert sorted(rows) == list(range(1, model.config.text_config.num_hidden_layers))
     # CMAI changes the loss: the same compressed batch with CMAI switched off
     unpatch(model, proc)
     patch(model, FocusConfig(vmtc=BOTH.vmtc), processor=proc)

@@ -108,7 +108,7 @@ class PruMerge(VisionMethod):
         try:
             self._undo.append(adapter.reduce_projector_input(model, self._reduce))
             # AnyRes families pack the reduced crops without a grid (the adaptive count is known only per call)
-            self._undo.append(adapter.pack_reduced_crops(model, self.image_tokens() if self.budget else None))
+            self._undo.append(adapter.pack_reduced_crops(model, self.image_tokens() if self.ratio is not None else None))
         except Exception:
             self.remove()
             raise

@@ -191,9 +191,9 @@ def test_vmtc_received_importance_on_clip_is_selectable_and_differs(model, proce
 
 @pytest.mark.parametrize("config,per_crop", [(FocusConfig(spd=SPDConfig(factor=2)), 4),
                                              (FocusConfig(spd=SPDConfig(factor=3)), 4),
-                                             (FocusConfig(prumerge=PruMergeConfig(budget=6)), 6),
-                                             (FocusConfig(prumerge=PruMergeConfig(budget=0.5, plus=True)), 8)],
-                         ids=["spd2", "spd3", "prumerge6", "prumerge+half"])
+                                             (FocusConfig(prumerge=PruMergeConfig(budget=6, neighbours=8)), 6),
+                                             (FocusConfig(prumerge=PruMergeConfig(budget=0.25, plus=True, neighbours=8)), 9)],
+                         ids=["spd2", "spd3", "prumerge6", "prumerge+quarter"])
 def test_baselines_per_crop_counts_match(model, processor, config, per_crop):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

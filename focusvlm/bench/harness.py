@@ -76,6 +76,7 @@ class BenchOptions:
     compile: bool = False
     count_ops: bool = False                   # top-level aten ops of one decode step (torch.profiler)
     clock: str = "wall"                       # "cpu": process CPU time, immune to other jobs taking the cores
+    profile: int = 0                          # > 0: profile one prefill per method, keep the top ops by extra time
 
     def __post_init__(self) -> None:
         lengths = [self.prompt_tokens] if isinstance(self.prompt_tokens, int) else list(self.prompt_tokens)
@@ -263,6 +264,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             run["prompt_tokens"] = prompt
             if opts.memory == "process":
                 _process_memory(opts, run, batch, prompt)
+            if opts.profile and not opts.vision_only:
+                run["profile"] = _profile_prefill(model, opts, batch, pixel_values, text_ids)
             report["runs"].append(run)
     return report
 
@@ -280,6 +283,43 @@ def bench_inputs(model, batch: int, prompt: int, gen: torch.Generator, device, d
     text_ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, prompt), generator=gen)
     specials = [getattr(cfg, k) for k in ("image_token_id", "video_token_id") if getattr(cfg, k, None) is not None]
     return vision, text_ids.masked_fill(torch.isin(text_ids, torch.tensor(specials)), 1).to(device)
+
+
+def _profile_prefill(model, opts: BenchOptions, batch: int, pixel_values, text_ids) -> dict[str, Any]:
+    """Self CPU time per aten op of one prefill (TTFT call) per method, after one untimed call.
+
+    Returns the ``opts.profile`` ops whose time grows most against stock: where a method's extra goes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    per_method: dict[str, dict[str, float]] = {}
+    for method in opts.methods:
+        method = fit_method(model, method)
+        visual = probe_vision(model, method, pixel_values)["visual_tokens"]
+        ids = make_input_ids(text_ids, visual, model.config.image_token_id)
+
+        def call():
+            return model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids),
+                         use_cache=True, logits_to_keep=1)
+
+        _log(opts, f"[bench] batch {batch}: profiling one prefill of {method.name}")
+        with method_applied(model, method), torch.inference_mode():
+            call()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                call()
+        per_method[method.name] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    stock = next(m.name for m in opts.methods if m.is_stock)
+    out: dict[str, Any] = {"unit": "ms self CPU time (torch.profiler, wall clock)", "total": {}, "top": {}}
+    for name, ops in per_method.items():
+        out["total"][name] = sum(ops.values())
+        if name == stock:
+            continue
+        base = per_method[stock]
+        extra = sorted(((op, ms - base.get(op, 0.0), ms, base.get(op, 0.0)) for op, ms in ops.items()),
+                       key=lambda x: -x[1])
+        out["top"][name] = [{"op": op, "extra_ms": d, "method_ms": m, "stock_ms": b} for op, d, m, b in
+                            extra[:opts.profile]]
+    return out
 
 
 def _process_memory(opts: BenchOptions, run: dict[str, Any], batch: int, prompt: int) -> None:

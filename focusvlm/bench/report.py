@@ -80,9 +80,24 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         if notes:
-            lines.append(f"\\* the load on the machine changed during the run: these paired ratios differ by more "
+            lines.append(f"\* the load on the machine changed during the run: these paired ratios differ by more "
                          f"than {RATIO_DISAGREEMENT:.0%} from the ratio of the medians in the same row (rerun with "
                          "more --repeats or on a quiet machine): " + "; ".join(notes))
+            lines.append("")
+    for run in report["runs"]:
+        prof = run.get("profile")
+        if not prof:
+            continue
+        for name, top in prof["top"].items():
+            lines.append(f"Where {name}'s extra prefill time goes (batch {run['batch']}, "
+                         f"{run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens; {prof['unit']}; "
+                         f"totals: {name} {prof['total'][name]:.0f}, {run['reference']} "
+                         f"{prof['total'][run['reference']]:.0f}):")
+            lines.append("")
+            lines.append(f"| op | {name} | {run['reference']} | extra |")
+            lines.append("|---|---|---|---|")
+            for row in top:
+                lines.append(f"| {row['op']} | {row['method_ms']:.1f} | {row['stock_ms']:.1f} | {row['extra_ms']:+.1f} |")
             lines.append("")
     verdicts = check_targets(report)
     if verdicts:

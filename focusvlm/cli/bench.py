@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: time CPU runs by process CPU time, which other jobs on a shared machine cannot "
                         "inflate (use with --threads 1)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one prefill per method (torch.profiler) and list the N ops whose time grows most "
+                        "against stock")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the full report (all samples, FLOPs breakdown, targets) here")
@@ -83,7 +86,7 @@ def _bench(args: argparse.Namespace) -> int:
                         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
                         seed=args.seed, vision_only=args.vision_only, threads=args.threads, progress=not args.quiet,
                         interleave=args.interleave, memory=args.memory, compile=args.compile,
-                        count_ops=args.count_ops, clock=args.clock)
+                        count_ops=args.count_ops, clock=args.clock, profile=args.profile)
     report = run_bench(opts)
     command = "focusvlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("focusvlm", "__main__.py")) \
         else "focusvlm bench ..."

@@ -31,6 +31,14 @@ def test_prompt_sweep_runs_every_length_and_batch():
     assert "8 prompt tokens" in text and "24 prompt tokens" in text
 
 
+def test_profile_lists_where_the_extra_time_goes():
+    report = run_bench(_opts(profile=5, new_tokens=0))
+    prof = report["runs"][0]["profile"]
+    assert set(prof["total"]) == {"stock", "cmai"} and len(prof["top"]["cmai"]) == 5
+    assert all(row["extra_ms"] >= prof["top"]["cmai"][-1]["extra_ms"] for row in prof["top"]["cmai"])
+    assert "Where cmai's extra prefill time goes" in markdown_tables(report)
+
+
 def test_memory_in_a_process_per_method_and_op_counts():
     report = run_bench(_opts(memory="process", count_ops=True, prompt_tokens=[16]))
     run = report["runs"][0]

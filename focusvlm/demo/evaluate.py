@@ -1,0 +1,123 @@
+"""easy-VQA test accuracy of a model, overall and per question type (colour / shape / yes-no).
+
+    report = evaluate(model, processor, data.test_items(2000), focus=None)
+
+Each question is asked as in training (``data.SHORT_ANSWER`` appended), answered by
+``runtime.HFGenerator`` (batched, greedy, the model's chat template) and scored by normalised
+exact match against the one-word answer (``normalize_answer``). With ``focus`` the model is
+patched for the run and unpatched after.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import data as D
+
+_ARTICLES = {"a", "an", "the"}
+# easy-VQA spells it "gray"; a model that learned English elsewhere may say "grey"
+_SYNONYMS = {"grey": "gray"}
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, first line only, punctuation removed, articles dropped, spaces collapsed, grey -> gray."""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    words = first.lower().translate(str.maketrans({c: " " for c in string.punctuation})).split()
+    return " ".join(_SYNONYMS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Normalised exact match: "Red." and "the red" match "red"; "red circle" does not."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def prompt_for(question: str) -> str:
+    return f"{question}\n{D.SHORT_ANSWER}"
+
+
+@dataclass
+class EvalReport:
+    n: int
+    correct: int
+    accuracy: float
+    per_type: dict[str, dict[str, float]]
+    seconds: float
+    image_tokens: float               # mean <image> tokens per prompt the LM received
+    focus: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"{'type':<8} {'n':>6} {'accuracy':>9}"]
+        for t, v in self.per_type.items():
+            lines.append(f"{t:<8} {int(v['n']):>6} {v['accuracy']:>9.3f}")
+        lines.append(f"{'all':<8} {self.n:>6} {self.accuracy:>9.3f}")
+        return "\n".join(lines)
+
+
+def score(rows: list[dict[str, Any]]) -> tuple[int, int, dict[str, dict[str, float]]]:
+    """(n, correct, per-type {"n", "correct", "accuracy"}) of rows holding "type" and "correct"."""
+    per: dict[str, dict[str, float]] = {}
+    for t in D.QUESTION_TYPES:
+        hits = [r["correct"] for r in rows if r["type"] == t]
+        if hits:
+            per[t] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits)}
+    correct = sum(r["correct"] for r in rows)
+    return len(rows), correct, per
+
+
+def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = None, batch_size: int = 16,
+             max_new_tokens: int = 5, out_jsonl: str | Path | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Accuracy of ``model`` on ``items`` (``data.test_items``); ``focus``: a FocusConfig applied for the run.
+
+    ``out_jsonl``: one row per question (id, type, question, answer, prediction, correct).
+    """
+    import contextlib
+
+    from ..api import patched
+    from ..runtime import HFGenerator, load_image
+
+    if not items:
+        raise ValueError("evaluate: no questions given")
+    root = D.data_root()
+    start = time.time()
+    rows: list[dict[str, Any]] = []
+    tokens: list[int] = []
+    context = patched(model, focus, processor) if focus is not None else contextlib.nullcontext()
+    with context:
+        generator = HFGenerator(model, processor)
+        for k in range(0, len(items), batch_size):
+            chunk = items[k:k + batch_size]
+            images = [load_image(root / it.image) for it in chunk]
+            outs = generator.generate([prompt_for(it.question) for it in chunk], images, max_new_tokens)
+            for it, out in zip(chunk, outs):
+                rows.append({"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,
+                             "answer": it.answer, "prediction": out.text, "correct": is_correct(out.text, it.answer)})
+                tokens.append(out.image_tokens)
+            if progress is not None:
+                progress(len(rows), len(items))
+    n, correct, per = score(rows)
+    focus_dict = focus.to_dict() if focus is not None and hasattr(focus, "to_dict") else None
+    report = EvalReport(n=n, correct=correct, accuracy=correct / n, per_type=per, seconds=round(time.time() - start, 1),
+                        image_tokens=sum(tokens) / len(tokens), focus=focus_dict, rows=rows)
+    if out_jsonl is not None:
+        path = Path(out_jsonl)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {k: v for k, v in asdict(report).items() if k != "rows"}
+        path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    return report
+
+
+def chance_accuracy(items: list[D.VQAItem]) -> dict[str, float]:
+    """Accuracy of guessing uniformly within each question's answer set (1/8, 1/3, 1/2), per type and overall."""
+    sizes = {"color": len(D.COLORS), "shape": len(D.SHAPES), "yes/no": 2}
+    per = {t: 1 / sizes[t] for t in D.QUESTION_TYPES if any(it.qtype == t for it in items)}
+    return {**per, "all": sum(1 / sizes[it.qtype] for it in items) / len(items)}
+

@@ -1,0 +1,184 @@
+"""easy-VQA as LLaVA data: question types, labels per image (questions and pixels), records, the test sample."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+from focusvlm.demo import data as D  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train_items():
+    return D.read_split("train")
+
+
+def test_splits_have_the_published_sizes(train_items):
+    test = D.read_split("test")
+    assert len(train_items) == 38575 and len(test) == 9673
+    assert len({it.image_id for it in train_items}) == 4000 and len({it.image_id for it in test}) == 1000
+    assert sum(it.qtype == "yes/no" for it in train_items) == 28407  # easy-VQA's README figure
+    assert all((D.data_root() / it.image).is_file() for it in train_items[:50])
+    assert train_items[0].question[0].isupper()
+
+
+def test_question_type_by_answer_set():
+    assert [D.question_type(a) for a in ("teal", "triangle", "no")] == ["color", "shape", "yes/no"]
+    with pytest.raises(ValueError, match="purple"):
+        D.question_type("purple")
+
+
+@pytest.mark.parametrize("question,answer,holds,denied", [
+    ("What is the blue shape?", "rectangle", {("color", "blue"), ("shape", "rectangle")}, set()),
+    ("What color is the triangle?", "red", {("shape", "triangle"), ("color", "red")}, set()),
+    ("What shape is present?", "circle", {("shape", "circle")}, set()),
+    ("Is there a red shape in the image?", "no", set(), {("color", "red")}),
+    ("Is there not a blue shape?", "no", {("color", "blue")}, set()),
+    ("Does the image not contain a gray shape?", "yes", set(), {("color", "gray")}),
+    ("Is no circle present?", "no", {("shape", "circle")}, set()),
+    ("Is no yellow shape present?", "yes", set(), {("color", "yellow")}),
+    ("Is a rectangle present?", "yes", {("shape", "rectangle")}, set()),
+])
+def test_claims_read_every_question_form(question, answer, holds, denied):
+    yes, no = D._claims(question, answer)
+    assert set(yes) == holds and set(no) == denied
+
+
+def _item(image_id, question, answer, n=0):
+    return D.VQAItem(f"t-{image_id}-{n}", "train", image_id, f"train/images/{image_id}.png", question, answer,
+                     D.question_type(answer))
+
+
+def test_labels_from_questions_and_contradictions_fail():
+    items = [_item(7, "What color is the shape?", "green"), _item(7, "Is there a circle?", "yes", 1)]
+    assert D.image_labels(items) == {7: ("green", "circle")}
+    with pytest.raises(ValueError, match="contradicts"):
+        D.image_labels(items + [_item(7, "Is there a green shape?", "no", 2)])
+
+
+def test_labels_fall_back_to_pixels_when_questions_leave_them_open(train_items):
+    # image 49: its questions only deny colours (gray, green, yellow) and deny rectangle/affirm circle
+    items = [it for it in train_items if it.image_id == 49]
+    facts = D.question_facts(items)[49]
+    assert D.decided(*facts["color"], D.COLORS) is None
+    assert D.image_labels(items)[49] == ("blue", "circle")  # the picture is a small blue circle
+
+
+def _draw(shape, color, size=40, at=(10, 12)):
+    """A 128-px drawing downsampled to 64 like easy-VQA's generator (background 240, 235, 250)."""
+    im = Image.new("RGB", (128, 128), (240, 235, 250))
+    d = ImageDraw.Draw(im)
+    x, y = at[0] * 2, at[1] * 2
+    s = size
+    if shape == "rectangle":
+        d.rectangle([(x, y), (x + s, y + s // 2)], fill=D.PALETTE[color])
+    elif shape == "circle":
+        d.ellipse([(x, y), (x + s, y + s)], fill=D.PALETTE[color])
+    else:
+        y += s
+        d.polygon([(x, y), (x + s, y), (x + s * math.cos(-math.pi / 3), y + s * math.sin(-math.pi / 3))],
+                  fill=D.PALETTE[color])
+    return im.resize((64, 64), resample=Image.BILINEAR)
+
+
+@pytest.mark.parametrize("shape,color,size", [("circle", "teal", 60), ("circle", "brown", 16),
+                                              ("rectangle", "yellow", 50), ("rectangle", "black", 18),
+                                              ("triangle", "gray", 60), ("triangle", "red", 20)])
+def test_pixel_labels_on_drawn_pictures(tmp_path, shape, color, size):
+    path = tmp_path / "x.png"
+    _draw(shape, color, size).save(path)
+    assert D.pixel_labels(path) == (color, shape)
+
+
+def test_pixel_labels_agree_with_question_labels_on_real_images(train_items):
+    checked = 0
+    facts = D.question_facts([it for it in train_items if it.image_id < 60])
+    for image_id, per in facts.items():
+        color, shape = D.decided(*per["color"], D.COLORS), D.decided(*per["shape"], D.SHAPES)
+        seen = D.pixel_labels(D.data_root() / f"train/images/{image_id}.png")
+        if color:
+            assert seen[0] == color, image_id
+            checked += 1
+        if shape:
+            assert seen[1] == shape, image_id
+            checked += 1
+    assert checked > 100
+
+
+def test_pixel_labels_reject_a_blank_picture(tmp_path):
+    Image.new("RGB", (64, 64), (240, 240, 240)).save(tmp_path / "blank.png")
+    with pytest.raises(ValueError, match="no shape"):
+        D.pixel_labels(tmp_path / "blank.png")
+
+
+def test_stage1_captions_name_each_images_colour_and_shape(train_items):
+    items = D.train_subset(train_items, 15, seed=0)
+    labels = D.image_labels(items)
+    recs = D.stage1_records(items, seed=0)
+    assert len(recs) == 15
+    for r in recs:
+        human, gpt = r["conversations"]
+        assert human == {"from": "human", "value": f"{D.IMAGE_TOKEN}\n{D.CAPTION_PROMPT}"}
+        image_id = int(Path(r["image"]).stem)
+        color, shape = labels[image_id]
+        assert f"{color} {shape}" in gpt["value"] and gpt["from"] == "gpt"
+    assert recs == D.stage1_records(items, seed=0)
+
+
+@pytest.mark.parametrize("turns", [0, 1, 3])
+def test_stage2_conversations_hold_every_question_once(train_items, turns):
+    items = D.train_subset(train_items, 12, seed=1)
+    recs = D.stage2_records(items, seed=0, turns=turns)
+    by_id = {it.qid: it for it in items}
+    seen = []
+    for r in recs:
+        conv = r["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith(D.IMAGE_TOKEN + "\n")
+        assert all(D.IMAGE_TOKEN not in c["value"] for c in conv[1:])
+        assert all(c["value"].endswith(D.SHORT_ANSWER) for c in conv[0::2])
+        if turns:
+            assert len(conv) // 2 <= turns
+        for qid, human, gpt in zip(r["question_ids"], conv[0::2], conv[1::2]):
+            it = by_id[qid]
+            assert it.question in human["value"] and gpt["value"] == it.answer and r["image"] == it.image
+            seen.append(qid)
+    assert sorted(seen) == sorted(by_id)
+    if turns == 0:
+        assert len(recs) == 12
+    assert D.stage2_records(items, seed=0, turns=turns) == recs
+    if turns != 1:  # another seed shuffles the questions differently
+        assert D.stage2_records(items, seed=5, turns=turns) != recs
+
+
+def test_test_sample_is_fixed_and_reaches_every_type():
+    a, b = D.test_items(2000, seed=0), D.test_items(2000, seed=0)
+    assert a == b and len(a) == 2000 and len({it.qid for it in a}) == 2000
+    assert {it.qtype for it in a} == set(D.QUESTION_TYPES)
+    assert D.test_items(2000, seed=1) != a
+    assert len(D.test_items(None)) == 9673
+
+
+def test_write_easyvqa_files(tmp_path):
+    files = D.write_easyvqa(tmp_path / "out", seed=0, turns=2, train_images=10, test_sample=40)
+    assert files.image_folder == D.data_root()
+    captions = json.loads(files.captions.read_text())
+    instruct = json.loads(files.instruct.read_text())
+    test = json.loads(files.test.read_text())
+    rows = [json.loads(line) for line in files.test_questions.read_text().splitlines()]
+    manifest = json.loads(files.manifest.read_text())
+    assert len(captions) == 10 and len(test) == len(rows) == 40
+    assert all((files.image_folder / r["image"]).is_file() for r in captions + instruct + test)
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
+    assert {r["type"] for r in rows} <= set(D.QUESTION_TYPES)
+    assert manifest["stage2_records"] == len(instruct) and manifest["train_images"] == 10
+    assert sum(manifest["test_by_type"].values()) == 40
+    with pytest.raises(ValueError, match="images must be"):
+        D.write_easyvqa(tmp_path / "bad", train_images=0)

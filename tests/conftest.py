@@ -5,8 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests/reference holds the slow literal oracles; make them importable as `reference.*`
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# tests/ mirrors the package (tests/inhibit, tests/compress, tests/models, ...); test modules have unique
+# basenames and share helpers by plain import (`helpers`, `test_vmtc_model`, `fixtures_std`), so every test
+# folder is importable; tests/reference holds the slow literal oracles, importable as `reference.*`
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+for _folder in sorted(p for p in _HERE.iterdir() if p.is_dir() and p.name not in ("reference", "__pycache__")):
+    sys.path.append(str(_folder))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))

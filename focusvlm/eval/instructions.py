@@ -427,6 +427,11 @@ def check(instruction_id: str, response: str, kwargs: dict | None = None, prompt
 
 def check_all(instruction_id: str, response: str, kwargs: dict | None = None,
               prompt: str | None = None) -> dict[str, bool]:
+    """Deprecated: call ``check(..., loose=False)`` and ``check(..., loose=True)``; nothing in focusvlm uses it."""
+    import warnings
+
+    warnings.warn("focusvlm.eval.instructions.check_all is deprecated and will be removed; call check(...) "
+                  "with loose=False / loose=True", DeprecationWarning, stacklevel=2)
     return {"strict": check(instruction_id, response, kwargs, prompt),
             "loose": check(instruction_id, response, kwargs, prompt, loose=True)}
 

@@ -10,7 +10,7 @@ import pytest
 from focusvlm.eval.engine import (Generation, GenerationSettings, ManifestMismatch, Sample, build_manifest,
                                   read_jsonl_records, run)
 
-ASSETS = Path(__file__).resolve().parents[1] / "focusvlm" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "focusvlm" / "assets"
 
 
 class FakeGenerator:
@@ -152,7 +152,7 @@ SHARD_SCRIPT = textwrap.dedent("""
 
 
 def _launch(script, out, stop):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     # `accelerate launch --cpu` starts a single process unless given an MPI hostfile; torchrun gives
     # the same PartialState world (gloo) that `accelerate launch` gives on GPUs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -7,7 +7,7 @@ import pytest
 from focusvlm.eval import ifbench
 from focusvlm.eval.instructions import ALL_IDS, check
 
-ASSETS = Path(__file__).resolve().parents[1] / "focusvlm" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "focusvlm" / "assets"
 
 
 def generic(tmp_path, n=3):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).resolve().parents[1] / "focusvlm" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "focusvlm" / "assets"
 
 
 @pytest.mark.slow

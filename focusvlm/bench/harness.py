@@ -265,7 +265,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             if opts.memory == "process":
                 _process_memory(opts, run, batch, prompt)
             if opts.profile and not opts.vision_only:
-                run["profile"] = _profile_prefill(model, opts, batch, pixel_values, text_ids)
+                run["profile"] = _profile_prefill(model, opts, batch, vision, text_ids)
             report["runs"].append(run)
     return report
 
@@ -285,22 +285,26 @@ def bench_inputs(model, batch: int, prompt: int, gen: torch.Generator, device, d
     return vision, text_ids.masked_fill(torch.isin(text_ids, torch.tensor(specials)), 1).to(device)
 
 
-def _profile_prefill(model, opts: BenchOptions, batch: int, pixel_values, text_ids) -> dict[str, Any]:
+def _profile_prefill(model, opts: BenchOptions, batch: int, vision: dict[str, torch.Tensor],
+                     text_ids) -> dict[str, Any]:
     """Self CPU time per aten op of one prefill (TTFT call) per method, after one untimed call.
 
     Returns the ``opts.profile`` ops whose time grows most against stock: where a method's extra goes.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    from ..models import adapter_for
+
     per_method: dict[str, dict[str, float]] = {}
     for method in opts.methods:
         method = fit_method(model, method)
-        visual = probe_vision(model, method, pixel_values)["visual_tokens"]
+        visual = probe_vision(model, method, vision)["visual_tokens"]
         ids = make_input_ids(text_ids, visual, model.config.image_token_id)
+        extra = adapter_for(model).prompt_inputs(model, ids)
 
         def call():
-            return model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids),
-                         use_cache=True, logits_to_keep=1)
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                         **vision, **extra)
 
         _log(opts, f"[bench] batch {batch}: profiling one prefill of {method.name}")
         with method_applied(model, method), torch.inference_mode():

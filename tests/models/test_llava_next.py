@@ -112,7 +112,6 @@ def test_vmtc_placeholder_count_matches_features_for_many_sizes(pinpoints, cfg):
 def test_vmtc_packing_equals_per_crop_tower_then_literal_layout(model, processor):
     """Each crop is its own tower pass; the packed features are base, tile, newline, tile, newline ..."""
     sizes = [(50, 90), (120, 60)]
-    inputs = ab.batch(processor, sizes, ab.MIXED_PROMPTS[:2])
     core = model.model
     with patched(model, FocusConfig(vmtc=VMTCConfig(target=0.5, stages=2)), processor=processor):
         inputs = ab.batch(processor, sizes, ab.MIXED_PROMPTS[:2])

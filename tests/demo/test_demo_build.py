@@ -98,6 +98,12 @@ def test_pack_then_load_reproduces_the_peft_model(tower_dir, tmp_path, rslora):
     meta = json.loads((tmp_path / "ship" / B.META_FILE).read_text())
     assert meta["bytes"] == sum(v.numel() * 4 for v in __import__("safetensors.torch").torch.load_file(str(path)).values())
     assert meta["lora"]["layers"] == 2 * 7 and meta["info"] == {"note": "test"}
+    # fp16 LoRA factors: half the LoRA bytes, the same model up to fp16 rounding of A and B
+    half = B.pack_from_peft(wrapped, tmp_path / "ship16", lora_dtype=torch.float16)
+    assert half.stat().st_size < path.stat().st_size
+    loaded16, lp16 = B.load_demo(tmp_path / "ship16", lm_factory=tiny_lm)
+    got16 = _logits(loaded16, _inputs(lp16))
+    assert torch.allclose(got16, want, atol=1e-2) and not torch.equal(got16, got)
 
 
 def test_peft_adapter_folder_packs_to_the_same_model(tower_dir, tmp_path):

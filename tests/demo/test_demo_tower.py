@@ -121,3 +121,33 @@ def test_random_shift_is_a_translation_with_repeated_borders():
     for i in range(5):
         assert any(torch.equal(out[i], shifted(px[i], dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3))
     assert not all(torch.equal(out[i], px[i]) for i in range(5))
+
+
+def test_repaint_reproduces_the_picture_in_its_own_colour_and_moves_only_the_shape(tmp_path):
+    raw, y, _ = T.load_split_raw("train", list(range(12)))
+    bg, alpha = T.paint_layers(raw, y[:, 0])
+    assert (T.repaint(bg, alpha, y[:, 0]) - raw).abs().max() <= 1.5  # rounding of the 8-bit PNG
+    other = (y[:, 0] + 3) % len(D.COLORS)
+    painted = T.repaint(bg, alpha, other)
+    background = alpha == 0
+    assert torch.equal(painted.permute(0, 2, 3, 1)[background], bg[:, None, None, :].expand(-1, 64, 64, -1)[background])
+    interior = alpha > 0.999
+    palette = torch.tensor([D.PALETTE[D.COLORS[c]] for c in other.tolist()], dtype=torch.float32)
+    got = painted.permute(0, 2, 3, 1)[interior]
+    want = palette[:, None, None, :].expand(-1, 64, 64, -1)[interior]
+    assert (got - want).abs().max() < 1.0
+    # the relabelled picture reads as the new colour and the same shape
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(painted[i].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()).save(tmp_path / f"rp{i}.png")
+        assert D.pixel_labels(tmp_path / f"rp{i}.png") == (D.COLORS[other[i]], D.SHAPES[y[i, 1]])
+
+
+def test_normalize_equals_the_image_processor():
+    from focusvlm.models import demo_llava as M
+
+    processor = M.tower_image_processor(64)
+    raw, _, ids = T.load_split_raw("test", [0, 5])
+    px, _, _ = T.load_split_pixels("test", processor, [0, 5])
+    assert torch.equal(T.normalize(raw, processor), px)

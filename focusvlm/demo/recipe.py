@@ -1,0 +1,212 @@
+"""The whole demo-model recipe as one resumable run: ``focusvlm train --recipe demo`` / ``make demo-model``.
+
+Steps (each writes into ``out_dir`` and is skipped when its result is already there, so a stopped run
+continues where it stopped):
+
+1. ``tower/``: the CLIP-style tower, pretrained contrastively on easy-VQA captions (``tower.py``).
+2. ``data/``: easy-VQA as LLaVA data (stage-1 captions, stage-2 four-question conversations, the
+   fixed test sample), read from the ``easy-vqa`` wheel.
+3. ``base/``: the untrained demo LLaVA (tower + fresh projector + SmolLM2 from the GGUF), saved so that
+   both twins start from the same weights.
+4. per twin (``stock``: no method; ``focus``: VMTC + CMAI on in both stages, as the paper trains):
+   ``<twin>/pretrain`` (stage 1, projector only, ``plain`` captions) then ``<twin>/finetune`` (stage 2,
+   LoRA on every LM linear layer + the projector, ChatML conversations), both through
+   ``focusvlm.train.train`` - the same code as ``focusvlm train``.
+   After the stock twin a quick accuracy check on ``check_sample`` test questions fails the run early
+   when training went wrong (``check_floor``), before the second twin spends its time.
+5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors; ``build.pack_demo``);
+   with ``ship_to`` they are copied into the package (``focusvlm/assets/demo_model``).
+
+``times.json`` records every step's wall time; ``recipe.json`` the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import build as B
+from . import data as D
+from .tower import TowerRecipe, pretrain_tower
+
+TWINS = ("stock", "focus")
+# the paper's training setting, scaled to the demo: half the 64 patch tokens, CMAI's default schedule
+FOCUS_TWIN = {"vmtc": {"target": 0.5}, "cmai": {"gamma_max": 0.6}}
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+
+
+class DemoRecipeError(RuntimeError):
+    """A step of the demo recipe produced something unusable (the message says which and why)."""
+
+
+@dataclass
+class DemoRecipe:
+    """Settings of the demo recipe. Defaults: what the shipped weights were trained with (MODEL_CARD.md)."""
+    seed: int = 0
+    turns: int = 4                 # questions per stage-2 conversation (one image)
+    train_images: int | None = None  # None = all 4,000 (fewer only for quick checks)
+    test_sample: int = 2000        # the fixed evaluation sample written into data/
+    # stage 1: projector only, captions, LLaVA's learning rate
+    pretrain_steps: int = 150
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1e-3
+    # stage 2: LoRA on the LM + the projector
+    finetune_steps: int = 300
+    finetune_batch: int = 8
+    finetune_lr: float = 4e-4
+    projector_lr: float = 1e-4
+    lora_r: int = 8                # fp16 factors: ~4.9 MB per twin, far under the 25 MB budget
+    lora_alpha: int = 16
+    # bf16 autocast: twice as fast as fp32 on a CPU with AVX512-BF16; the shipped model is then merged
+    # onto the fp32 GGUF weights, and that fp32 model is what every accuracy figure measures
+    bf16: bool = True
+    check_sample: int = 200        # quick check after the stock twin (0 = none)
+    check_floor: float = 0.6       # fail the run when the stock twin is below this on the quick check
+    focus: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(FOCUS_TWIN)))
+    tower: TowerRecipe = field(default_factory=TowerRecipe)
+
+    @classmethod
+    def quick(cls) -> "DemoRecipe":
+        """A few steps of everything (minutes): checks the path, learns little."""
+        return cls(train_images=40, test_sample=40, pretrain_steps=2, pretrain_batch=4, finetune_steps=2,
+                   finetune_batch=4, check_sample=8, check_floor=0.0,
+                   tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5))
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
+    if stage == "pretrain":
+        return {"learning_rate": recipe.pretrain_lr, "per_device_batch_size": recipe.pretrain_batch,
+                "global_batch_size": recipe.pretrain_batch, "max_steps": recipe.pretrain_steps,
+                "gradient_checkpointing": False, "bf16": recipe.bf16, "seed": recipe.seed, "save_steps": 10_000,
+                "group_by_modality_length": False}
+    return {"format": "chat_template", "learning_rate": recipe.finetune_lr, "projector_lr": recipe.projector_lr,
+            "per_device_batch_size": recipe.finetune_batch, "global_batch_size": recipe.finetune_batch,
+            "max_steps": recipe.finetune_steps, "gradient_checkpointing": False, "bf16": recipe.bf16,
+            "lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, "merge_lora": False,
+            "seed": recipe.seed, "save_steps": 10_000, "group_by_modality_length": False}
+
+
+def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Path | None = None,
+        log: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the recipe into ``out_dir``; returns the timing summary (also ``times.json``)."""
+    from ..config import FocusConfig
+    from ..train.runner import train
+
+    recipe = recipe or DemoRecipe()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    times_path = out / "times.json"
+    times: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
+
+    def timed(name: str, marker: Path, fn: Callable[[], Any]) -> None:
+        if _done(marker):
+            say(f"demo recipe: {name}: done before ({marker}), skipped")
+            return
+        say(f"demo recipe: {name} ...")
+        start = time.time()
+        fn()
+        times[name] = round(time.time() - start, 1)
+        times_path.write_text(json.dumps(times, indent=1))
+        say(f"demo recipe: {name}: {times[name]:.0f} s")
+
+    timed("tower", out / "tower" / "tower_report.json", lambda: pretrain_tower(out / "tower", recipe.tower, log=say))
+    files: dict[str, Any] = {}
+
+    def write_data() -> None:
+        D.write_easyvqa(out / "data", seed=recipe.seed, turns=recipe.turns, train_images=recipe.train_images,
+                        test_sample=recipe.test_sample)
+
+    timed("data", out / "data" / "easyvqa_manifest.json", write_data)
+    files = json.loads((out / "data" / "easyvqa_manifest.json").read_text())["files"]
+    image_folder = files["image_folder"]
+
+    def save_base() -> None:
+        model, processor = B.build_trainable(out / "tower", seed=recipe.seed)
+        model.save_pretrained(out / "base")
+        processor.save_pretrained(out / "base")
+
+    timed("base", out / "base" / "config.json", save_base)
+
+    focus_configs = {"stock": FocusConfig(), "focus": FocusConfig.from_dict(recipe.focus)}
+    for twin in TWINS:
+        cfg = focus_configs[twin]
+        pt, ft = out / twin / "pretrain", out / twin / "finetune"
+        timed(f"{twin} stage 1", pt / "train_summary.json", lambda: train(
+            stage="pretrain", data=files["captions"], image_folder=image_folder, output_dir=pt, model=str(out / "base"),
+            focus_config=cfg, overrides=_stage_overrides(recipe, "pretrain"), progress=progress))
+        timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
+            stage="finetune", data=files["instruct"], image_folder=image_folder, output_dir=ft, model=str(pt),
+            focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress))
+        ship = out / "ship" / twin
+        timed(f"{twin} pack", ship / B.META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
+        if twin == "stock" and recipe.check_sample:
+            timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))
+    times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+    times_path.write_text(json.dumps(times, indent=1))
+    if ship_to is not None:
+        install(out / "ship", Path(ship_to))
+        say(f"demo recipe: shipped weights copied into {ship_to}")
+    say(f"demo recipe: finished; step times in {times_path} (total {times['total']:.0f} s)")
+    return times
+
+
+def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: Any, recipe: DemoRecipe,
+          times: dict[str, float]) -> None:
+    import torch
+
+    from ..runtime import load_model
+
+    # the untrained model in fp32: its tower and LM are exactly what load_demo rebuilds (the trained
+    # projector comes from the adapter, which holds stage 2's copy of it)
+    base, _ = load_model(str(pretrain_dir.parent.parent / "base"), "cpu", torch.float32)
+    pairs, scale, projector = B.read_peft_adapter(finetune_dir / "adapter")
+    if not projector:
+        raise DemoRecipeError(f"{finetune_dir / 'adapter'} holds no projector weights: stage 2 did not train it")
+    summary = {stage: json.loads((d / "train_summary.json").read_text())
+               for stage, d in (("pretrain", pretrain_dir), ("finetune", finetune_dir))}
+    info = {"twin": twin, "focus_config": cfg.to_dict(), "recipe": asdict(recipe),
+            "training": {k: {"steps": v["steps"], "samples": v["samples"], "final_loss": v["final_loss"],
+                             "runtime_s": v["runtime_s"]} for k, v in summary.items()}}
+    B.pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info,
+                lora_dtype=torch.float16)
+    if not cfg.is_stock:
+        cfg.save(ship / "focus_config.yaml")
+
+
+def _check(out: Path, ship: Path, recipe: DemoRecipe, say: Callable[[str], None]) -> None:
+    from .evaluate import evaluate
+
+    model, processor = B.load_demo(ship)
+    items = D.test_items(recipe.check_sample, seed=recipe.seed + 1)  # not the reported sample's seed
+    report = evaluate(model, processor, items, batch_size=16, max_new_tokens=3)
+    say(f"demo recipe: stock twin on {report.n} test questions: {report.accuracy:.1%} "
+        + ", ".join(f"{t} {v['accuracy']:.1%}" for t, v in report.per_type.items()))
+    if report.accuracy < recipe.check_floor:
+        raise DemoRecipeError(f"the stock twin answers {report.accuracy:.1%} of {report.n} test questions, under "
+                              f"the recipe's floor {recipe.check_floor:.0%}: training went wrong; see "
+                              f"{out / 'stock' / 'finetune' / 'metrics.jsonl'}")
+    (out / "stock_check.json").write_text(json.dumps({"n": report.n, "accuracy": report.accuracy,
+                                                      "per_type": report.per_type}, indent=1))
+
+
+def install(ship_root: Path, package_dir: Path = PACKAGE_DIR) -> None:
+    """Copy ``ship/<twin>/`` folders into the package's demo-model folder (what ``load("demo")`` reads)."""
+    for twin in TWINS:
+        src = ship_root / twin
+        if not (src / B.META_FILE).is_file():
+            raise DemoRecipeError(f"{src} holds no packed twin; run the recipe first")
+        dst = package_dir / twin
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            shutil.copy2(f, dst / f.name)

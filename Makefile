@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-lmms install
+.PHONY: demo demo-model test test-lmms install
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ $(REFLIBS)/.installed: $(VENV)/.installed
 
 demo: install
 	$(BIN)/focusvlm demo
+
+# Retrain the embedded demo model from scratch and install its weights into the package (about
+# 50 minutes on 2 CPU cores; resumable: rerun after a stop). CI never runs this.
+demo-model: install
+	$(BIN)/pip install -q -e ".[demo]"
+	$(BIN)/focusvlm train --recipe demo --output-dir runs/demo-model --ship
 
 test: install $(REFLIBS)/.installed
 	PYTHONPATH=$(REFLIBS) $(BIN)/python -m pytest -q

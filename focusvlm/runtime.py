@@ -1,7 +1,7 @@
 """What every command and integration needs to run a model, below cli/, eval/, bench/.
 
 * ``load_model(source)``: the stock model and processor of any supported family, from
-  ``"demo"`` (the embedded model), a local folder or a hub id, with one-line errors
+  a no-download name (``"demo"``, ``"demo-focus"``, ``"demo-random"``), a local folder or a hub id, with one-line errors
   for a missing path, an empty folder, an unknown family or an offline hub.
 * ``resolve_device_dtype``: the device and the resolved dtype a run uses.
 * ``load_image`` / ``open_image``: PIL images with the problem named.
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEMO = "demo"
+# the models that need no download (models.factory.DEMO_MODELS; listed here so that no torch is imported)
+DEMO_NAMES = ("demo", "demo-focus", "demo-random")
 
 
 class ModelLoadError(RuntimeError):
@@ -73,7 +75,7 @@ def check_model_source(source: str) -> Path | None:
 
     Raises a one-line ModelLoadError for a missing folder or one that holds no saved model.
     """
-    if source == DEMO:
+    if source in DEMO_NAMES:
         return None
     if not isinstance(source, str) or not source.strip():
         raise ModelLoadError(f"model source must be 'demo', a folder or a hub id, got {source!r}")
@@ -140,16 +142,16 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
                attn_implementation: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """(stock model in eval mode, processor) of any supported family; padding side left for batching.
 
-    ``source``: "demo", a local folder or a hub id. ``dtype``: a torch dtype, its name, "auto" or None
+    ``source``: a no-download name ("demo", "demo-focus", "demo-random"), a local folder or a hub id. ``dtype``: a torch dtype, its name, "auto" or None
     (the device's default). Raises ModelLoadError / UnsupportedModelError with one line. A hub id
     while the hub cannot be reached (HF_HUB_OFFLINE, or a 2 s connection probe fails) is looked up
     in the local cache only, so it fails in seconds rather than after the hub client's retries.
     """
-    if source == DEMO:
-        from .models.factory import demo_model
+    if source in DEMO_NAMES:
+        from .models.factory import load_named_demo
 
         dev, dt = resolve_device_dtype(None if device is None else str(device), dtype)
-        model, processor = demo_model()
+        model, processor = load_named_demo(source)
         model = model.to(device=dev, dtype=dt)
     else:
         folder = check_model_source(source)

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def demo():
-    """The embedded default (model, processor); built once per machine, cached after."""
-    from focusvlm.models.factory import demo_model
+    """The random-vision demo model (model, processor) (`demo-random`); built once per machine, cached after."""
+    from focusvlm.models.factory import random_demo_model
 
-    return demo_model()
+    return random_demo_model()

@@ -109,7 +109,7 @@ def load_from_args(args: argparse.Namespace, patch_model: bool = True,
     from ..api import patch
 
     device, dtype = resolve_device_dtype(getattr(args, "device", None), getattr(args, "dtype", None))
-    if args.model == DEMO:
+    if args.model == "demo-random":
         from ..models.factory import demo_cache_dir
 
         if not (demo_cache_dir() / "config.json").is_file():

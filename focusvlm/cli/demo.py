@@ -1,4 +1,10 @@
-"""`focusvlm demo`: stock vs CMAI side by side on the embedded default, no download."""
+"""`focusvlm demo`: stock vs CMAI vs VMTC+CMAI side by side on a bundled picture, no download.
+
+On the embedded demo model (trained here on easy-VQA; focusvlm/assets/demo_model/MODEL_CARD.md) the rows
+are the stock-trained twin, the same twin with CMAI switched on at inference, and the twin trained with
+VMTC + CMAI run as it was trained. On any other model (``--model``) the three rows are that model stock,
+with CMAI, and with VMTC + CMAI.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,31 @@ import json
 import sys
 import time
 
-DEFAULT_PROMPT = "What do you see in this picture? Answer in exactly two sentences, all in lowercase letters."
+DEMO_QUESTION = "What color is the shape?"
+# asked as the demo model was trained (LLaVA-1.5's short-answer instruction)
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+# one instruction-following prompt: a verifiable format instruction on top of an image question
+IF_PROMPT = "What shape is in the image? Answer in one word, all in capital letters."
+IF_INSTRUCTION = ("change_case:english_capital", {})
+PHOTO_PROMPT = "What do you see in this picture? Answer in exactly two sentences, all in lowercase letters."
 
-RANDOM_VISION_NOTE = (
-    "NOTE: the embedded demo model pairs the real SmolLM2-135M-Instruct language model with RANDOM vision\n"
-    "weights (no CLIP/LLaVA weights can be downloaded here), so its answers do not describe the picture.\n"
-    "It shows the mechanics: the same prompt answered by the stock model and with CMAI switched on.\n"
-    "Run a real checkpoint with: focusvlm demo --model llava-hf/llava-1.5-7b-hf")
+DEMO_NOTE = (
+    "The embedded demo model: SmolLM2-135M-Instruct with a small CLIP-style vision tower, projector and LoRA\n"
+    "trained on this kind of machine on easy-VQA (64x64 pictures of one coloured shape; colour, shape and yes/no\n"
+    "questions). It sees these pictures, not photos. Model card: focusvlm/assets/demo_model/MODEL_CARD.md")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="stock vs CMAI on a bundled photo (embedded model, no download)")
-    p.add_argument("--model", default="demo", help="'demo' (default, embedded) or a LLaVA hub id / folder")
-    p.add_argument("--image", default=None, help="image file or URL (default: the bundled astronaut photo)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p = sub.add_parser("demo", help="stock vs CMAI vs VMTC+CMAI on a bundled picture (embedded model, no download)")
+    p.add_argument("--model", default="demo",
+                   help="'demo' (default: the embedded easy-VQA model) or a LLaVA-family hub id / folder")
+    p.add_argument("--image", default=None, help="image file or URL (default: the bundled easy-VQA picture, or the "
+                                                 "astronaut photo for other models)")
+    p.add_argument("--question", default=None, help="the short-answer question (default: 'What color is the shape?')")
+    p.add_argument("--if-prompt", default=IF_PROMPT, help="the instruction-following prompt (checked for all capitals)")
     p.add_argument("--cmai", type=float, default=0.6, metavar="GAMMA_MAX")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--vmtc", type=float, default=0.5, metavar="TARGET", help="VMTC's kept share for other models")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true")
@@ -31,45 +46,72 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..api import patched
+def _rows(args: argparse.Namespace):
+    """[(title, model, processor, FocusConfig)] and what they are, loading each model once."""
     from ..config import FocusConfig
     from ..inhibit.method import CMAIConfig
+    from .common import load_model, resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    cmai = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
+    if args.model == "demo":
+        from ..models.factory import demo_focus_config_path
+
+        stock, sp = load_model("demo", device, dtype)
+        focus, fp = load_model("demo-focus", device, dtype)
+        trained = FocusConfig.load(demo_focus_config_path())
+        return [("stock (stock-trained twin)", stock, sp, FocusConfig()),
+                (f"CMAI at inference ({cmai.describe()})", stock, sp, cmai),
+                (f"VMTC+CMAI, trained with them ({trained.describe()})", focus, fp, trained)]
+    from ..compress.vmtc import VMTCConfig
+
+    model, processor = load_model(args.model, device, dtype)
+    both = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai), vmtc=VMTCConfig(target=args.vmtc))
+    return [("stock", model, processor, FocusConfig()), (cmai.describe(), model, processor, cmai),
+            (both.describe(), model, processor, both)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import patched
+    from ..eval.instructions import check
     from ..models.factory import demo_image_path
     from ..runtime import check_max_new_tokens
-    from .common import load_model, open_image, quiet_progress, resolve_device_dtype
+    from .common import open_image, quiet_progress
     from .generate import answer
 
     start = time.perf_counter()
-    image_source = args.image or str(demo_image_path("astronaut"))
+    is_demo = args.model == "demo"
+    image_source = args.image or str(demo_image_path("easyvqa" if is_demo else "astronaut"))
     image = open_image(image_source)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    from ..models.factory import demo_cache_dir
-
-    if args.model == "demo" and not (demo_cache_dir() / "config.json").is_file():
-        print("building the embedded demo model (first run converts the GGUF weights, ~30 s; cached after)...",
-              file=sys.stderr)
+    question = args.question or (DEMO_QUESTION if is_demo else PHOTO_PROMPT)
+    prompt = f"{question}\n{SHORT_ANSWER}" if is_demo else question
     quiet_progress(args)
-    model, processor = load_model(args.model, device, dtype)
-    check_max_new_tokens(model, args.max_new_tokens)
-    stock = answer(model, processor, image, args.prompt, args.max_new_tokens)
-    config = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
-    with patched(model, config, processor=processor):
-        focused = answer(model, processor, image, args.prompt, args.max_new_tokens)
+    rows = _rows(args)
+    check_max_new_tokens(rows[0][1], args.max_new_tokens)
+    results = []
+    for title, model, processor, config in rows:
+        with patched(model, config, processor=processor):
+            qa = answer(model, processor, image, prompt, args.max_new_tokens)
+            follow = answer(model, processor, image, args.if_prompt, args.max_new_tokens)
+        follow["follows"] = check(IF_INSTRUCTION[0], follow["answer"], IF_INSTRUCTION[1])
+        results.append({"title": title, "config": config.to_dict(), "question": qa, "instruction": follow})
     total = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"model": args.model, "image": image_source, "prompt": args.prompt,
-                          "stock": stock, "cmai": focused, "config": config.to_dict(), "seconds": round(total, 2)}))
+        print(json.dumps({"model": args.model, "image": image_source, "question": prompt, "if_prompt": args.if_prompt,
+                          "if_instruction": IF_INSTRUCTION[0], "rows": results, "seconds": round(total, 2)}))
         return 0
-    if args.model == "demo":
-        print(RANDOM_VISION_NOTE + "\n")
-    print(f"image:  {image_source}\nprompt: {args.prompt}\n")
-    for title, result in (("stock", stock), (f"CMAI (gamma_max={args.cmai})", focused)):
-        print(f"--- {title}: {result['image_tokens']} image tokens, {result['new_tokens']} new tokens, "
-              f"{result['seconds']:.2f} s")
-        print(result["answer"] + "\n")
-    if args.model == "demo" and stock["answer"] == focused["answer"]:
-        print("(the answers coincide: with random vision weights the image tokens carry no signal, so removing\n"
-              " the least relevant ones rarely changes a greedy answer of this small LM)")
+    if is_demo:
+        print(DEMO_NOTE + "\n")
+    print(f"image:    {image_source}")
+    print(f"question: {prompt!r}")
+    width = max(len(r["title"]) for r in results)
+    for r in results:
+        q = r["question"]
+        print(f"  {r['title']:<{width}}  {q['image_tokens']:>4} image tokens  {q['seconds']:.2f} s  -> {q['answer']}")
+    print(f"\ninstruction following: {args.if_prompt!r} (checked: every letter a capital)")
+    for r in results:
+        f = r["instruction"]
+        verdict = "follows" if f["follows"] else "does not follow"
+        print(f"  {r['title']:<{width}}  {verdict:<15} -> {f['answer']}")
     print(f"[total {total:.1f} s including model load]", file=sys.stderr)
     return 0

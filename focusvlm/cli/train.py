@@ -46,7 +46,10 @@ def register(subparsers) -> None:
     data.add_argument("--report", type=Path, help="--validate: report file (default OUTPUT/validate_report.json "
                                                   "or ./validate_report.json)")
     r = p.add_argument_group("recipe (defaults: LLaVA-1.5's for the stage)")
-    r.add_argument("--recipe", type=Path, help="YAML/JSON file of recipe fields (a previous run's recipe.yaml works)")
+    r.add_argument("--recipe", type=Path, help="YAML/JSON file of recipe fields (a previous run's recipe.yaml works); "
+                                               "'demo': the whole demo-model recipe (tower pretraining, both stages "
+                                               "of both twins on easy-VQA, packing; resumable) into --output-dir "
+                                               "(default runs/demo-model)")
     r.add_argument("--lora", action="store_true", default=None,
                    help="stage 2 with LoRA (r 128, alpha 256, lr 2e-4, projector lr 2e-5, projector fully trained)")
     r.add_argument("--format", choices=["plain", "vicuna_v1", "chat_template"],
@@ -90,6 +93,9 @@ def register(subparsers) -> None:
     run.add_argument("--copy-configs", type=Path, metavar="DIR",
                      help="only copy the shipped accelerate / DeepSpeed / FSDP configs to DIR (launch from DIR's "
                           "parent: the accelerate files name configs/zero*.json)")
+    run.add_argument("--ship", action="store_true",
+                     help="with --recipe demo: copy the packed weights into the package (what --model demo loads)")
+    run.add_argument("--demo-quick", action="store_true", help=argparse.SUPPRESS)  # a few steps of each (tests)
     run.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -112,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
         for f in sorted(Path(args.copy_configs).iterdir()):
             print(f)
         return 0
+    if args.recipe is not None and str(args.recipe) == "demo":
+        return _demo_recipe(args)
     if args.validate:
         return _validate(args)
     if args.merge_lora:
@@ -138,6 +146,19 @@ def main(args: argparse.Namespace) -> int:
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(f"trained {result.steps} steps on {result.samples} samples ({result.skipped} skipped) in "
           f"{result.runtime_s:.0f} s; final loss {final}; output in {result.output_dir}", file=sys.stderr)
+    return 0
+
+
+def _demo_recipe(args: argparse.Namespace) -> int:
+    from ..demo import recipe as R
+
+    if args.stage or args.data:
+        raise ValueError("--recipe demo runs every stage on easy-VQA itself; drop --stage / --data")
+    out = args.output_dir or Path("runs/demo-model")
+    recipe = R.DemoRecipe.quick() if args.demo_quick else R.DemoRecipe()
+    times = R.run(out, recipe, ship_to=R.PACKAGE_DIR if args.ship else None, progress=not args.no_progress)
+    print(f"demo model recipe finished in {times['total']:.0f} s (steps: {out / 'times.json'}); packed weights in "
+          f"{out / 'ship'}" + ("" if args.ship else "; add --ship to install them as --model demo"), file=sys.stderr)
     return 0
 
 

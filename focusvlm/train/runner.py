@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import FocusConfig, patch, unpatch
+from ..runtime import DEMO_NAMES
 from .callbacks import LOSS_PNG, METRICS_FILE, MetricsCallback, ProgressCallback, StopAtStep, read_metrics
 from .data import Collator, ModalityGroupedSampler, SupervisedDataset
 from .recipe import Recipe, RecipeError
@@ -56,10 +57,10 @@ def load_model(model: str | None, vision: str | None, lm: str | None, dtype: tor
         from ..models.compose import compose_llava
 
         return compose_llava(vision, lm, dtype=dtype, seed=seed)
-    if model == DEMO:
-        from ..models.factory import demo_model
+    if model in DEMO_NAMES:
+        from ..models.factory import load_named_demo
 
-        m, processor = demo_model()
+        m, processor = load_named_demo(model)
         return _plain_weights(m.to(dtype)), processor
     from ..runtime import load_model
 

@@ -11,22 +11,22 @@ from focusvlm.models.factory import demo_cache_dir, demo_image_path
 
 
 def test_generate_reports_bad_input_clearly(capsys, tmp_path):
-    assert main(["generate", "--model", "demo", "--image", str(tmp_path / "nope.jpg"), "--prompt", "hi"]) == 2
+    assert main(["generate", "--model", "demo-random", "--image", str(tmp_path / "nope.jpg"), "--prompt", "hi"]) == 2
     assert "image not found" in capsys.readouterr().err
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    assert main(["generate", "--model", "demo", "--image", str(broken), "--prompt", "hi"]) == 2
+    assert main(["generate", "--model", "demo-random", "--image", str(broken), "--prompt", "hi"]) == 2
     assert "unreadable image" in capsys.readouterr().err
     bad_cfg = tmp_path / "focus.yaml"
     bad_cfg.write_text("cmai: {gamma_max: 1.5}\n")
-    assert main(["generate", "--model", "demo", "--image", str(demo_image_path()), "--prompt", "hi",
+    assert main(["generate", "--model", "demo-random", "--image", str(demo_image_path()), "--prompt", "hi",
                  "--config", str(bad_cfg)]) == 2
     assert "CMAIConfig.gamma_max" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_generate_json_with_cmai(capsys, demo):
-    code = main(["generate", "--model", "demo", "--image", str(demo_image_path("chelsea")), "--prompt",
+    code = main(["generate", "--model", "demo-random", "--image", str(demo_image_path("chelsea")), "--prompt",
                  "Name one colour.", "--cmai", "0.5", "--max-new-tokens", "4", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)

@@ -27,7 +27,7 @@ def test_demo_model_stock_vs_cmai(tmp_path, demo):
                                                   "question": "What is in the picture?"}) + "\n")
     bench = tmp_path / "bench.jsonl"
     cli("ifbench", "build", "--questions", tmp_path / "q.jsonl", "--suite", "paper16", "-o", bench)
-    common = ["--bench", bench, "--batch-size", 16, "--max-new-tokens", 4, "--no-progress"]
+    common = ["--model", "demo-random", "--bench", bench, "--batch-size", 16, "--max-new-tokens", 4, "--no-progress"]
     cli("eval", "if", "--out", tmp_path / "stock", *common)
     cli("eval", "if", "--out", tmp_path / "cmai", "--cmai", 0.6, *common)
     cli("score", "if", tmp_path / "stock")

@@ -17,7 +17,7 @@ from fixtures_std import BUILDERS
 pytestmark = pytest.mark.slow
 
 NAMES = ("vqav2", "gqa", "textvqa", "mme", "mmbench")
-COMMON = ["--model", "demo", "--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+COMMON = ["--model", "demo-random", "--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
 
 def cli(*argv):
@@ -96,7 +96,7 @@ def test_accelerate_two_cpu_processes(demo, tmp_path):
     # machine without CUDA gives a 2-process gloo (MULTI_CPU) group
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "focusvlm",
-           "eval", "mme", "--data", str(data), "--out", str(out), "--model", "demo", "--max-new-tokens", "2",
+           "eval", "mme", "--data", str(data), "--out", str(out), "--model", "demo-random", "--max-new-tokens", "2",
            "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -39,7 +39,7 @@ def test_generate_until_on_demo(demo):
     from focusvlm.integrations.lmms import FocusVLMLmms
     from focusvlm.models.factory import demo_image_path
 
-    model = FocusVLMLmms(pretrained="demo", device="cpu", max_new_tokens=3)
+    model = FocusVLMLmms(pretrained="demo-random", device="cpu", max_new_tokens=3)
     image = Image.open(demo_image_path("chelsea"))
     model.task_dict = {"t": {"test": {0: {"image": image}}}}
 

@@ -15,7 +15,7 @@ def test_demo_two_stages_then_if_bench(demo, tmp_path):
     assert cli(["train", "--make-demo-data", str(data)]) == 0
     small = ["--global-batch-size", "2", "--per-device-batch-size", "2", "--max-steps", "1",
              "--no-gradient-checkpointing", "--no-progress", "--config", str(cfg)]
-    assert cli(["train", "--stage", "pretrain", "--model", "demo", "--data", str(data / "captions.json"),
+    assert cli(["train", "--stage", "pretrain", "--model", "demo-random", "--data", str(data / "captions.json"),
                 "--image-folder", str(data / "images"), "--output-dir", str(tmp_path / "pt"), *small]) == 0
     assert cli(["train", "--stage", "finetune", "--model", str(tmp_path / "pt"), "--format", "chat_template",
                 "--data", str(data / "instruct.json"), "--image-folder", str(data / "images"),

@@ -1,0 +1,61 @@
+"""The shipped demo model that sees: within budget, documented, loads offline, answers its bundled picture."""
+
+import json
+
+import pytest
+
+from focusvlm.demo import build as B
+from focusvlm.models.factory import DEMO_WEIGHTS_DIR, demo_focus_config_path, demo_image_path, demo_twin_dir
+from focusvlm.runtime import check_model_source
+
+
+def test_shipped_weights_are_within_budget_and_described():
+    total = sum(f.stat().st_size for f in DEMO_WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert total <= B.BUDGET_BYTES, f"{total / 1e6:.1f} MB shipped"
+    card = (DEMO_WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+    for must in ("easy-VQA", "focusvlm train --recipe demo", "SmolLM2-135M-Instruct", "accuracy"):
+        assert must in card
+    for twin in ("stock", "focus"):
+        meta = B.read_meta(demo_twin_dir(twin))
+        assert meta["info"]["twin"] == twin and meta["bytes"] <= B.BUDGET_BYTES
+    from focusvlm import FocusConfig
+
+    trained = FocusConfig.load(demo_focus_config_path())
+    assert trained.vmtc is not None and trained.cmai is not None
+
+
+def test_demo_names_need_no_folder():
+    for name in ("demo", "demo-focus", "demo-random"):
+        assert check_model_source(name) is None
+
+
+@pytest.mark.slow
+def test_load_demo_answers_the_bundled_picture():
+    from focusvlm import load
+    from focusvlm.runtime import HFGenerator, load_image
+
+    model, processor = load("demo")
+    image = load_image(demo_image_path("easyvqa"))
+    prompts = [f"{q}\nAnswer the question using a single word or phrase." for q in
+               ("What color is the shape?", "What shape is in the image?", "Is there a circle?",
+                "Is there a red shape?")]
+    answers = [o.text.strip().lower().rstrip(".") for o in HFGenerator(model, processor).generate(
+        prompts, [image] * len(prompts), 3)]
+    truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
+    assert answers == [truth["color"], truth["shape"], "yes" if truth["shape"] == "circle" else "no",
+                       "yes" if truth["color"] == "red" else "no"]
+
+
+@pytest.mark.slow
+def test_demo_command_shows_three_rows(capsys):
+    from focusvlm.cli import main
+
+    assert main(["demo", "--json", "--max-new-tokens", "8", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    assert len(rows) == 3
+    tokens = [r["question"]["image_tokens"] for r in rows]
+    assert tokens[0] == tokens[1] == 64 and tokens[2] < 64  # VMTC compresses the trained twin's picture
+    truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
+    assert rows[0]["question"]["answer"].strip().lower().rstrip(".") == truth["color"]
+    assert all(isinstance(r["instruction"]["follows"], bool) for r in rows)

@@ -321,9 +321,7 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
         if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
             scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
                       else scores + stock_mask)
-        # one query row, so (B, H, 1, K) is also (B, H_kv, G, K) when there is no grouping
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)                            # (B, H_kv, G, K)
-        a = probs.mean(dim=(1, 2), keepdim=True)                                              # (B, 1, 1, K) C1
+        a = torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2), keepdim=True)  # (B, 1, 1, K) C1
         constants = step.constants
         a_img = a.gather(-1, constants.img_index)                                             # (B, 1, 1, N) C2
         rows = store.layer_rows(layer)                                                        # (B, 1, C, N)
@@ -354,27 +352,9 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     dropout = kwargs.get("dropout", 0.0)
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)
-    if not (query.requires_grad or dropout):
-        # Inference: the step's probabilities are already here, so the inhibited output is them with the
-        # inhibited keys zeroed and renormalised (softmax over the allowed keys is exactly that), times V.
-        # A second kernel would read every cached key again; this reads the keys once and the values
-        # once, as the stock step does (the cache is what a long decode step spends its time on).
-        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2   # (B, 1, 1, K)
-        return _renormalised_output(probs, allowed, value, batch, heads, group, query.dtype), None
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)
     return _sdpa(query, key, value, mask, scaling, dropout), None
-
-
-def _renormalised_output(probs: torch.Tensor, allowed: torch.Tensor, value: torch.Tensor, batch: int, heads: int,
-                         group: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, H, D) attention output from one row's stock probabilities (B, H_kv, G, K) restricted to the
-    ``allowed`` keys (B, 1, 1, K): p * allowed / sum(p * allowed) @ V. The current position is always
-    allowed (a text key), so the sum is positive."""
-    kept = probs * allowed
-    kept = (kept / kept.sum(dim=-1, keepdim=True)).to(dtype)
-    out = torch.einsum("bhgk,bhkd->bhgd", kept, value)                       # (B, H_kv, G, D)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 __all__ = ["LayerLink", "PLAN_KWARG", "cmai_attention_forward", "explicit_attention", "head_mean_attention",

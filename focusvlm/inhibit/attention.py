@@ -321,7 +321,8 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
         if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
             scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
                       else scores + stock_mask)
-        a = torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2), keepdim=True)  # (B, 1, 1, K) C1
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        a = probs.mean(dim=(1, 2), keepdim=True)                                              # (B, 1, 1, K) C1
         constants = step.constants
         a_img = a.gather(-1, constants.img_index)                                             # (B, 1, 1, N) C2
         rows = store.layer_rows(layer)                                                        # (B, 1, C, N)
@@ -352,6 +353,14 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     dropout = kwargs.get("dropout", 0.0)
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)
+    if constants.every_sample_has_image and not torch.is_grad_enabled() and not (module.training and dropout):
+        # C8 from the probabilities C1 already computed: drop the inhibited keys and renormalise. On (B, H, 1, K)
+        # this costs one small matmul, less than a second attention call (no sample needs the stock kernel's bits:
+        # every one has an image, so every decode row is inhibited)
+        weights = probs * mask
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.matmul(weights.to(value.dtype), value)                                    # (B, Hkv, g, D)
+        return out.view(batch, heads, 1, dim).transpose(1, 2), None
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)
     return _sdpa(query, key, value, mask, scaling, dropout), None

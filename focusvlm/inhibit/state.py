@@ -187,6 +187,7 @@ class DecodeConstants:
                                           # every decode row sees (never an image key: scatters there collide with none)
     img_pad: torch.Tensor | None          # (B, 1, 1, N) float32 max on padded image slots (None: none padded)
     thresholds: dict[int, DecodeThreshold]
+    every_sample_has_image: bool          # no sample's decode row keeps the stock kernel's output
 
     @classmethod
     def build(cls, images: Images, spare_key: torch.Tensor, gammas: list[float] | None) -> "DecodeConstants":
@@ -209,7 +210,7 @@ class DecodeConstants:
                     thresholds[layer] = DecodeThreshold(at.lo, at.hi, at.weight)
                 else:  # same float arithmetic as the prefill's threshold, read back once per sequence
                     thresholds[layer] = DecodeThreshold(int(at.lo), int(at.hi), at.weight.to(images.pos.device))
-        return cls(img_index, img_pad, thresholds)
+        return cls(img_index, img_pad, thresholds, bool(images.has_image.all()))
 
 
 @dataclass(frozen=True)

@@ -359,7 +359,9 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
         # every one has an image, so every decode row is inhibited)
         weights = probs * mask
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.matmul(weights.to(value.dtype), value)                                    # (B, Hkv, g, D)
+        if weights.dtype != value.dtype:
+            weights = weights.to(value.dtype)
+        out = torch.matmul(weights, value)                                                    # (B, Hkv, g, D)
         return out.view(batch, heads, 1, dim).transpose(1, 2), None
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .focus import inhibition_mask, quantile_positions
+from .focus import inhibition_mask, matmul, quantile_positions
 from .state import CallPlan, CMAIState, DecodeThreshold, RowChunk, chunk_budget
 
 # the plan travels with the forward call as a keyword argument the language model hands to every layer
@@ -316,7 +316,10 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     group = heads // key.shape[1]
     with torch.no_grad():
         q = query * scaling
-        if group == 1:
+        if torch.compiler.is_compiling():
+            queries = q if group == 1 else q.view(batch, key.shape[1], group, dim)
+            scores = matmul(queries, key.transpose(-1, -2))
+        elif group == 1:
             scores = torch.einsum("bhqd,bhkd->bhqk", q, key)                            # (B, H, 1, K)
         else:
             scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, key.shape[1], group, dim), key)
@@ -363,7 +366,7 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
         weights = weights / weights.sum(dim=-1, keepdim=True)
         if weights.dtype != value.dtype:
             weights = weights.to(value.dtype)
-        out = torch.matmul(weights, value)                                                    # (B, Hkv, g, D)
+        out = matmul(weights, value)                                                          # (B, Hkv, g, D)
         return out.view(batch, heads, 1, dim).transpose(1, 2), None
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)

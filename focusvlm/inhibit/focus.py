@@ -24,6 +24,22 @@ from typing import Callable, ClassVar
 import torch
 
 
+@torch.library.custom_op("focusvlm::matmul", mutates_args=())
+def _opaque_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, b)
+
+
+@_opaque_matmul.register_fake
+def _(a, b):
+    return a.new_empty(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul; under torch.compile an opaque call to it. Inductor turns a decode step's one-row products
+    into loops of its own, which on a CPU run slower than the BLAS call they replace."""
+    return _opaque_matmul(a, b) if torch.compiler.is_compiling() else torch.matmul(a, b)
+
+
 @dataclass(frozen=True)
 class TextPositions:
     """Where text rows sit: the new rows of a call, or every row known so far."""
@@ -94,7 +110,7 @@ class NeighborhoodFocus(FocusScore):
 
     def score(self, a_img, a_text, rows, relation):
         # C4 + C5: (A_t2n = weights on earlier text rows) @ A_t2i, added to A_t2i
-        return a_img + torch.matmul(a_text * relation, rows)
+        return a_img + matmul(a_text * relation, rows)
 
 
 @register_focus("tia")
@@ -113,7 +129,7 @@ class SumFocus(FocusScore):
         return _up_to(query, known).float()
 
     def score(self, a_img, a_text, rows, relation):
-        return torch.matmul(relation, rows)
+        return matmul(relation, rows)
 
 
 @register_focus("discounted")
@@ -125,7 +141,7 @@ class DiscountedFocus(FocusScore):
         return torch.pow(discount, gap) * _up_to(query, known)
 
     def score(self, a_img, a_text, rows, relation):
-        return torch.matmul(relation, rows)
+        return matmul(relation, rows)
 
 
 @dataclass(frozen=True)
@@ -248,5 +264,5 @@ def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
 
 
 __all__ = ["FOCUS_VARIANTS", "FocusInputs", "FocusScore", "QuantilePositions", "TextPositions", "focus_score",
-           "get_focus", "inhibition_mask", "masked_quantile", "quantile_of_sorted", "quantile_positions",
+           "get_focus", "inhibition_mask", "masked_quantile", "matmul", "quantile_of_sorted", "quantile_positions",
            "register_focus", "sorted_rows", "uniform_quantile"]

@@ -280,6 +280,33 @@ def stage2_records(items: list[VQAItem], seed: int = 0, turns: int = 4) -> list[
     return records
 
 
+def is_negated(question: str) -> bool:
+    """Whether an easy-VQA yes/no question is asked in the negative ("Is there not a ...", "Is no ... present?")."""
+    return bool(_NEGATION_RE.search(question.lower()))
+
+
+def balance_yes_no(items: list[VQAItem], seed: int = 0) -> list[VQAItem]:
+    """The items with, among positive and among negated yes/no questions separately, as many "yes" as "no".
+
+    easy-VQA asks mostly about absent attributes: 82 % of its positive yes/no questions are answered "no"
+    and 82 % of its negated ones "yes", so the question's form alone scores 82 %. A model trained on that
+    mix learned the form and not the picture (yes/no 86 %, colour and shape 100 %). Here the majority
+    answer of each form is sampled down (seeded) to the minority's count; colour and shape questions and
+    the order of what is kept are unchanged.
+    """
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for n, it in enumerate(items):
+        if it.qtype == "yes/no":
+            groups.setdefault((is_negated(it.question), it.answer), []).append(n)
+    drop: set[int] = set()
+    for negated in (False, True):
+        yes, no = groups.get((negated, "yes"), []), groups.get((negated, "no"), [])
+        major, minor = (yes, no) if len(yes) > len(no) else (no, yes)
+        keep = set(random.Random(f"{seed}/balance/{negated}").sample(major, len(minor)))
+        drop.update(n for n in major if n not in keep)
+    return [it for n, it in enumerate(items) if n not in drop]
+
+
 def test_items(sample: int | None = 2000, seed: int = 0) -> list[VQAItem]:
     """The fixed test sample: ``sample`` questions drawn with ``random.Random(seed)`` (None or 0 =
     all 9,673), in the file's order."""
@@ -315,9 +342,10 @@ def train_subset(items: list[VQAItem], images: int | None, seed: int = 0) -> lis
 
 
 def write_easyvqa(folder: str | Path, seed: int = 0, turns: int = 4, train_images: int | None = None,
-                  test_sample: int | None = 2000) -> EasyVQAFiles:
+                  test_sample: int | None = 2000, balance: bool = True) -> EasyVQAFiles:
     """Write the stage-1 captions, stage-2 conversations and the test sample into ``folder``.
 
+    ``balance``: stage 2 keeps as many "yes" as "no" answers per question form (``balance_yes_no``).
     ``train_images``: use only that many train images (seeded; None = all 4,000).
     ``test_sample``: size of the fixed test sample (None = all 9,673 questions).
     """
@@ -326,7 +354,8 @@ def write_easyvqa(folder: str | Path, seed: int = 0, turns: int = 4, train_image
     root = data_root()
     train = train_subset(read_split("train"), train_images, seed)
     test = test_items(test_sample, seed)
-    captions, instruct = stage1_records(train, seed), stage2_records(train, seed, turns)
+    questions = balance_yes_no(train, seed) if balance else train
+    captions, instruct = stage1_records(train, seed), stage2_records(questions, seed, turns)
     files = EasyVQAFiles(image_folder=root, captions=folder / "easyvqa_captions.json",
                          instruct=folder / "easyvqa_instruct.json", test=folder / "easyvqa_test.json",
                          test_questions=folder / "easyvqa_test_questions.jsonl", manifest=folder / "easyvqa_manifest.json")
@@ -336,7 +365,8 @@ def write_easyvqa(folder: str | Path, seed: int = 0, turns: int = 4, train_image
     files.test_questions.write_text("".join(json.dumps(r) + "\n" for r in question_rows(test, root)))
     counts = {t: sum(it.qtype == t for it in test) for t in QUESTION_TYPES}
     manifest = {"source": "easy-vqa (PyPI) 1.0", "image_folder": str(root), "seed": seed, "turns": turns,
-                "train_images": len({it.image_id for it in train}), "train_questions": len(train),
+                "train_images": len({it.image_id for it in train}), "train_questions": len(questions),
+                "yes_no_balanced": balance,
                 "stage1_records": len(captions), "stage2_records": len(instruct),
                 "test_questions": len(test), "test_by_type": counts, "short_answer_instruction": SHORT_ANSWER,
                 "files": {k: str(v) for k, v in asdict(files).items()}}

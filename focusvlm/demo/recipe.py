@@ -59,7 +59,7 @@ class DemoRecipe:
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     # stage 2: LoRA on the LM + the projector
-    finetune_steps: int = 250
+    finetune_steps: int = 200
     finetune_batch: int = 16
     finetune_lr: float = 4e-4
     projector_lr: float = 1e-4

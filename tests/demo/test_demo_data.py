@@ -182,3 +182,30 @@ def test_write_easyvqa_files(tmp_path):
     assert sum(manifest["test_by_type"].values()) == 40
     with pytest.raises(ValueError, match="images must be"):
         D.write_easyvqa(tmp_path / "bad", train_images=0)
+
+
+def test_balance_yes_no_evens_each_question_form_and_keeps_the_rest():
+    items = D.read_split("train")
+    kept = D.balance_yes_no(items, seed=0)
+    counts = {}
+    for it in kept:
+        if it.qtype == "yes/no":
+            key = (D.is_negated(it.question), it.answer)
+            counts[key] = counts.get(key, 0) + 1
+    assert counts[(False, "yes")] == counts[(False, "no")] > 0
+    assert counts[(True, "yes")] == counts[(True, "no")] > 0
+    # the unbalanced source: the form alone predicts the answer most of the time
+    source = [it for it in items if it.qtype == "yes/no" and not D.is_negated(it.question)]
+    assert sum(it.answer == "no" for it in source) / len(source) > 0.75
+    # colour and shape questions all kept, order preserved, deterministic
+    assert [it for it in kept if it.qtype != "yes/no"] == [it for it in items if it.qtype != "yes/no"]
+    positions = {it.qid: n for n, it in enumerate(items)}
+    assert [positions[it.qid] for it in kept] == sorted(positions[it.qid] for it in kept)
+    assert D.balance_yes_no(items, seed=0) == kept and D.balance_yes_no(items, seed=1) != kept
+
+
+def test_negation_forms():
+    for q in ("Is there not a red shape?", "Does the image not contain a circle?", "Is no triangle present?"):
+        assert D.is_negated(q)
+    for q in ("Is there a red shape?", "Does the image contain a circle?", "Is a triangle present?"):
+        assert not D.is_negated(q)

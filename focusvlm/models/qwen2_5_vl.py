@@ -20,6 +20,7 @@ Hook points (transformers 5.23):
 * processor: instance-level ``replace_image_token`` / ``replace_video_token`` /
   ``_get_num_multimodal_tokens`` emit the compressed count per frame, a function of
   ``image_grid_thw`` and the target only.
+* loading: without torchvision the processor loads images-only (``processors.load_processor``).
 Every hook returns its undo; the stock classes are never modified. Qwen3-VL
 (``qwen3_vl.py``) subclasses this adapter and changes only what differs.
 """
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel,
+                          Qwen2_5_VLProcessor)
 
 from . import register_family
 from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, UnsupportedModelError
@@ -125,6 +127,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
     core_class: ClassVar[type] = Qwen2_5_VLModel
     config_class: ClassVar[type] = Qwen2_5_VLConfig
+    processor_class: ClassVar[type] = Qwen2_5_VLProcessor
     reduces_after_merger = True
     # Qwen3's prompts put each video frame in its own run of placeholders (timestamps between frames)
     video_runs_per_frame: ClassVar[bool] = False
@@ -461,21 +464,13 @@ class Qwen25VLAdapter(FamilyAdapter):
         return model.eval()
 
     def load(self, source, dtype=None, device=None, **kwargs):
-        from transformers import AutoProcessor
+        from .processors import load_processor
 
         model = self.model_class.from_pretrained(source, dtype=dtype, **kwargs)
         if device is not None and "device_map" not in kwargs:
             model = model.to(device)
-        try:
-            processor = AutoProcessor.from_pretrained(source)
-        except Exception as exc:
-            import importlib.util
-
-            if importlib.util.find_spec("torchvision") is None:  # transformers' Qwen video processors import it
-                raise UnsupportedModelError(f"{self.title}'s processor needs torchvision (its video processor): "
-                                            "pip install torchvision") from exc
-            raise
-        return model.eval(), processor
+        # transformers' Qwen video processors need torchvision; without it the processor handles images only
+        return model.eval(), load_processor(source, self.processor_class, self.title)
 
     # ------------------------------------------------------------------ benchmark inputs
     def random_pixel_inputs(self, model, batch: int, generator: torch.Generator) -> dict[str, Any]:

@@ -20,7 +20,9 @@ Hook points (transformers 5.23):
 * processor: instance-level ``replace_image_token`` / ``replace_video_token`` /
   ``_get_num_multimodal_tokens`` emit the compressed count per frame, a function of
   ``image_grid_thw`` and the target only.
-* loading: without torchvision the processor loads images-only (``processors.load_processor``).
+* loading: without torchvision the processor loads images-only (``processors.load_processor``);
+* ``focusvlm show``: the processor's flattened patches are put back into the picture
+  (``patches_to_image``) and drawn on the merged-token grid, one cell per 2x2 patches.
 Every hook returns its undo; the stock classes are never modified. Qwen3-VL
 (``qwen3_vl.py``) subclasses this adapter and changes only what differs.
 """
@@ -39,7 +41,8 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2_5_VLProcessor)
 
 from . import register_family
-from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, UnsupportedModelError
+from .base import (CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, ShownCrop,
+                   UnsupportedModelError)
 
 # --------------------------------------------------------------------------- presets
 
@@ -381,6 +384,20 @@ class Qwen25VLAdapter(FamilyAdapter):
         feats = list(out.pooler_output)
         return torch.stack(feats) if len({f.shape for f in feats}) == 1 else feats
 
+    def shown_crops(self, model, processed):
+        """One picture per image: its patches put back in place, drawn on the grid of merged tokens
+        (one cell = merge x merge patches: the tokens VMTC ranks and the LLM receives here)."""
+        vc = model.config.vision_config
+        pixels, grids = processed["pixel_values"], processed["image_grid_thw"]
+        m = vc.spatial_merge_size
+        shown, start = [], 0
+        for t, h, w in grids.tolist():
+            rows = pixels[start:start + t * h * w]
+            start += t * h * w
+            picture = patches_to_image(rows, (t, h, w), vc.in_channels, vc.temporal_patch_size, vc.patch_size, m)
+            shown.append(ShownCrop(picture, (h // m, w // m), t * h * w, merged=t * (h // m) * (w // m)))
+        return {"pixel_values": pixels, "image_grid_thw": grids}, shown
+
     def patch_processor(self, model, processor, patches_for_grid):
         for name in ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens", "image_token",
                      "video_token", "image_processor"):
@@ -491,6 +508,21 @@ class Qwen25VLAdapter(FamilyAdapter):
         cfg = model.config
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {"mm_token_type_ids": types}
+
+
+def patches_to_image(rows: torch.Tensor, grid_thw: tuple[int, int, int], channels: int, temporal: int, patch: int,
+                     merge: int) -> torch.Tensor:
+    """The first frame (channels, h * patch, w * patch) of one input, from the processor's flattened patches.
+
+    Undoes the Qwen2-VL image processor's patch layout: rows (t * h * w, channels * temporal *
+    patch * patch) in the order (t, h / merge, w / merge, merge, merge), each row (channels,
+    temporal, patch, patch); an image repeats its frame over the temporal slices.
+    """
+    t, h, w = grid_thw
+    x = rows.reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)
+    x = x[0, :, :, :, :, :, 0]                      # (h/m, w/m, m, m, C, p, p): first frame, first slice
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)              # (C, h/m, m, p, w/m, m, p)
+    return x.reshape(channels, h * patch, w * patch)
 
 
 def _rescale_runs(text: str, token: str, stock: int, new: int) -> str:

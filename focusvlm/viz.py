@@ -5,8 +5,9 @@ a cluster token tinted with that cluster's colour, dropped patches darkened.
 PruMerge: kept patches outlined, absorbed patches tinted like the kept token
 that took them. VisionZip: dominant patches outlined, each contextual token's
 patches tinted. DivPrune: kept patches outlined. SPD: each pooling window
-tinted as one token. The last line
-of every picture gives the token count the LLM receives.
+tinted as one token. VMTC after a patch merger (Qwen): one panel on the
+merged-token grid, each cell 2x2 patches. The last line of every picture
+gives the token count the LLM receives.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def vmtc_panels(records: list[vmtc.StageRecord], layers: list[int], sample: int 
         panels.append(Panel(f"layer {layer}: {n_in} -> {kept}", state.numpy(), group.numpy()))
         owner = vmtc.owners_after(owner, rec)
     return panels
+
+
+def merged_panel(record, frame: int = 0) -> Panel:
+    """VMTC after a patch merger (``vmtc_merged.MergedRecord``), one frame: per merged token (raster order of
+    the merged grid) primary, merged into a cluster (its id) or dropped (prune_only)."""
+    n = record.importance.shape[1]
+    state = np.full(n, DROPPED)
+    group = np.full(n, -1)
+    state[record.primary[frame].cpu().numpy()] = PRIMARY
+    if record.labels.numel():
+        redundant = record.redundant[frame].cpu().numpy()
+        state[redundant] = MERGED
+        group[redundant] = record.labels[frame].cpu().numpy()
+    return Panel(f"after the merger: {n} -> {record.sources.shape[1]}", state, group)
 
 
 def _field(record, name: str):

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("show", help="picture of the image tokens a vision-side reduction keeps",
                               description="Draw the image with the tokens a vision-side reduction keeps (per VMTC "
                                           "stage: primary patches outlined, merged patches tinted by cluster; the "
-                                          "PruMerge / VisionZip / DivPrune / SPD views likewise), plus the final "
+                                          "PruMerge / VisionZip / DivPrune / SPD views likewise; Qwen-VL: one "
+                                          "panel after the 2x2 merger, a cell per merged token), plus the final "
                                           "token count. The reduction comes from --config; without one, --method "
                                           "picks it with its defaults.")
     p.add_argument("--image", required=True, type=Path, help="image file (jpg, png, ...)")
@@ -72,33 +73,34 @@ def run(args: argparse.Namespace) -> int:
         handle = patch(model, config)
     try:
         method, adapter = handle.vision, handle.adapter
-        geometry = adapter.tower_geometry(model)
         method.record = True
         ip = processor.image_processor
-        processed = ip(images=[image], return_tensors="pt")
+        # the family says what its processor's output means: fixed crops, AnyRes tiles, or (Qwen) flattened
+        # patches of a variable grid drawn as merged tokens
+        inputs, crops = adapter.shown_crops(model, ip(images=[image], return_tensors="pt"))
         param = next(model.parameters())
-        pixels = processed["pixel_values"].to(device=param.device, dtype=param.dtype)
-        # AnyRes processors also return each image's size, which the model needs to place its tiles
-        extra = {k: processed[k] for k in ("image_sizes",) if k in processed}
+        inputs = {k: v.to(device=param.device, dtype=param.dtype if v.is_floating_point() else v.dtype)
+                  if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.no_grad():
-            tokens = int(adapter.image_features(model, pixels, **extra)[0].shape[0])
-        # one picture per crop: a single-crop model draws one; AnyRes draws the base crop then every tile
-        crops = pixels[0] if pixels.dim() == 5 else pixels
+            tokens = int(adapter.image_features(model, **inputs)[0].shape[0])
         pictures = []
         for index, crop in enumerate(crops):
             panels = method.panels(sample=index)
             if not panels:  # e.g. VMTC target 1.0: nothing compresses, show the plain grid
-                n = geometry.num_patches
+                n = crop.grid[0] * crop.grid[1]
                 panels = [viz.Panel("stock", np.full(n, viz.PRIMARY), np.full(n, -1))]
-            if len(crops) == 1:
-                count = f"{geometry.num_patches} patches -> {tokens} image tokens to the LLM"
+            if crop.label:
+                count = f"{crop.label}, {crop.patches} patches; the image -> {tokens} tokens to the LLM"
+            elif crop.merged is not None:
+                count = f"{crop.patches} patches -> {crop.merged} merged tokens -> {tokens} image tokens to the LLM"
             else:
-                where = "base crop" if index == 0 else f"tile {index}/{len(crops) - 1}"
-                count = f"{where}, {geometry.num_patches} patches; the image -> {tokens} tokens to the LLM"
+                count = f"{crop.patches} patches -> {tokens} image tokens to the LLM"
+            cell = "" if crop.merged is None else \
+                f"; one cell = one merged token ({crop.patches // crop.merged} patches)"
             footer = (f"{count} ({type(config.vision).__name__}; white outline = kept as is, tint = merged group, "
-                      "dark = dropped)")
-            seen = viz.denormalize(crop, ip.image_mean, ip.image_std)
-            pictures.append(viz.render(seen, geometry.grid, panels, footer))
+                      f"dark = dropped{cell})")
+            seen = viz.denormalize(crop.pixels, ip.image_mean, ip.image_std)
+            pictures.append(viz.render(seen, crop.grid, panels, footer))
         picture = _stack(pictures)
     finally:
         unpatch(model)

@@ -471,8 +471,11 @@ class VMTC(VisionMethod):
         from ..models.base import MergedResult
         from .vmtc_merged import reduce_call
 
+        records = [] if self.record else None
         features, extras, sources = reduce_call(call, self.merged_stage_for, self.config.kmeans_iters,
-                                                self.config.merge, self.config.prune_only)
+                                                self.config.merge, self.config.prune_only, records)
+        if records is not None:  # per input of the last call (`focusvlm show`): MergedRecord, None if left whole
+            self.records = records
         return MergedResult(tuple(features), tuple(tuple(level) for level in extras), tuple(sources))
 
     def _stage_fn(self, index: int, stage: Stage):
@@ -513,6 +516,10 @@ class VMTC(VisionMethod):
     def panels(self, sample: int = 0) -> list[Any]:
         from .. import viz
 
+        if self.merged:  # one stage after the merger; ``sample`` = the input (image) of the last call
+            if sample >= len(self.records) or self.records[sample] is None:
+                return []
+            return [viz.merged_panel(self.records[sample])]
         active = [layer for layer, s in zip(self.layers, self.stages) if not s.is_identity]
         return viz.vmtc_panels(self.records, active, sample) if self.records else []
 

@@ -178,7 +178,8 @@ def expand_to_stock_layout(token_types: torch.Tensor, runs: dict[int, Iterator[V
 
 # --------------------------------------------------------------------------- one vision call
 
-def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = False
+def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = False,
+                records: list | None = None
                 ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]]:
     """Run the stage on every frame of a ``MergedCall`` (``focusvlm.models.base``).
 
@@ -186,6 +187,8 @@ def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = 
     of one input share a size, so they are reduced together as a batch; each frame is still
     reduced on its own (no token crosses frames). Returns per input: features (m, D), per
     extras level (m, D'), and sources (m,) ascending indices into the input's t * h * w tokens.
+    ``records``: when a list is given, one ``MergedRecord`` per input (its frames as the batch;
+    None where the stage left the input whole) is appended to it (`focusvlm show` draws them).
     """
     received = received_attention(call.q, call.k, call.scale, call.segments)
     importance = merged_importance(received, call.group_index, call.unit)
@@ -199,6 +202,8 @@ def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = 
         offset += t * n
         stage = plan(n)
         if stage.is_identity:
+            if records is not None:
+                records.append(None)
             features.append(feats)
             for level, ride in zip(extras, call.extras):
                 level.append(ride[i])
@@ -212,6 +217,8 @@ def reduce_call(call, plan, iters: int, merge: str = "mean", prune_only: bool = 
             level.append(ride.reshape(-1, ride.shape[-1]))
         frame_start = n * torch.arange(t, device=feats.device).unsqueeze(1)
         sources.append((record.sources + frame_start).reshape(-1))
+        if records is not None:
+            records.append(record)
     if offset != importance.shape[0]:
         raise ValueError(f"the call's features cover {offset} merged tokens but its tower rows {importance.shape[0]}")
     return features, extras, sources

@@ -14,7 +14,11 @@ registry. Then, on one process or several::
     accelerate launch --num_processes 2 -m lmms_eval --model focusvlm ...
 
 Each process loads the model on its own device (``cuda:<local rank>``, or the
-CPU) and answers the documents lmms-eval assigns to its rank.
+CPU) and answers the documents lmms-eval assigns to its rank. ``pretrained``
+takes a checkpoint of any supported family (LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) by hub id or folder; prompts come from
+the model's own chat template, and the processor emits the placeholder count
+the configured vision method leaves (tests/integrations/test_lmms_families.py).
 
 What a task may ask for: ``until`` (stop strings: generation stops there and
 the answer is cut before them) and ``max_new_tokens`` per request; several

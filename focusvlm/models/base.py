@@ -120,6 +120,24 @@ class MergedResult:
 MergerStage = Callable[[MergedCall], MergedResult]
 
 
+@dataclass(frozen=True)
+class ShownCrop:
+    """One picture ``focusvlm show`` draws: what the tower saw of one crop, and the token grid over it.
+
+    pixels: (3, H, W) as the processor normalised them.
+    grid: (rows, cols) of the tokens a vision method ranks, drawn as cells over the pixels.
+    patches: tower patches of this crop.
+    merged: tokens after the tower's patch merger (None: the tower has no merger, a cell is a patch).
+    label: where the crop sits ("base crop", "tile 2/4"); "" for an image that is one crop.
+    """
+
+    pixels: torch.Tensor
+    grid: tuple[int, int]
+    patches: int
+    merged: int | None = None
+    label: str = ""
+
+
 TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
 ``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
@@ -270,6 +288,23 @@ class FamilyAdapter:
         ``inputs``: the other image tensors the processor returns, where a family needs them
         (``image_sizes`` for AnyRes models)."""
         raise UnsupportedModelError(f"{self.title}: no image-feature call")
+
+    def shown_crops(self, model: torch.nn.Module, processed: Any) -> tuple[dict[str, Any], list[ShownCrop]]:
+        """What ``focusvlm show`` draws for one image the image processor returned as ``processed``.
+
+        Returns (the keyword inputs of ``image_features`` for it, one ``ShownCrop`` per picture, in
+        the order a vision method's ``panels(sample=i)`` numbers them). Default: crops of the
+        tower's fixed grid, a single image (B, 3, H, W) or AnyRes crops (1, crops, 3, H, W) with
+        ``image_sizes``."""
+        geometry = self.tower_geometry(model)
+        pixels = processed["pixel_values"]
+        inputs = {"pixel_values": pixels, **{k: processed[k] for k in ("image_sizes",) if k in processed}}
+        crops = pixels[0] if pixels.dim() == 5 else pixels
+        shown = []
+        for index, crop in enumerate(crops):
+            label = "" if len(crops) == 1 else ("base crop" if index == 0 else f"tile {index}/{len(crops) - 1}")
+            shown.append(ShownCrop(crop, geometry.grid, geometry.num_patches, label=label))
+        return inputs, shown
 
     def pack_reduced_crops(self, model: torch.nn.Module, tokens_per_crop: int | None) -> Callable[[], None]:
         """A vision method now hands the projector ``tokens_per_crop`` tokens per crop (None: a count known

@@ -14,6 +14,8 @@ features); what differs:
   tiles); reduced, it is packed as the stock model packs it: the crop, then one newline;
 * stock packing downsizes the tile grid when it exceeds ``anyres_max_9`` (bilinear); reduced crops
   have no grid, so they are packed without that step (SPEC: "otherwise as LLaVA-NeXT").
+* loading: the video processor needs torchvision; without it the processor loads images-only
+  (``processors.load_processor``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 from typing import Any, Callable
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, LlavaOnevisionProcessor
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from . import register_family
@@ -213,7 +215,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             start += n
         return super()._replacement_count(processor, per_crop, image_inputs, image_idx)
 
-    # ------------------------------------------------------------------ building
+    # ------------------------------------------------------------------ building and loading
+    def load(self, source, dtype=None, device=None, **kwargs):
+        from .processors import load_processor
+
+        model = self.model_class.from_pretrained(source, dtype=dtype, **kwargs)
+        if device is not None and "device_map" not in kwargs:
+            model = model.to(device)
+        # OneVision's video processor needs torchvision; without it the processor handles images only
+        return model.eval(), load_processor(source, LlavaOnevisionProcessor, self.title)
+
     def random_model(self, preset, seed=0, dtype=torch.float32, attn_implementation="sdpa", **overrides):
         return random_llava_onevision(preset, seed=seed, dtype=dtype, attn_implementation=attn_implementation,
                                       **overrides)

@@ -20,6 +20,9 @@ Hook points (transformers 5.23):
 * processor: instance-level ``replace_image_token`` / ``replace_video_token`` /
   ``_get_num_multimodal_tokens`` emit the compressed count per frame, a function of
   ``image_grid_thw`` and the target only.
+* loading: without torchvision the processor loads images-only (``processors.load_processor``);
+* ``focusvlm show``: the processor's flattened patches are put back into the picture
+  (``patches_to_image``) and drawn on the merged-token grid, one cell per 2x2 patches.
 Every hook returns its undo; the stock classes are never modified. Qwen3-VL
 (``qwen3_vl.py``) subclasses this adapter and changes only what differs.
 """
@@ -34,10 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel,
+                          Qwen2_5_VLProcessor)
 
 from . import register_family
-from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, UnsupportedModelError
+from .base import (CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, ShownCrop,
+                   UnsupportedModelError)
 
 # --------------------------------------------------------------------------- presets
 
@@ -125,6 +130,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
     core_class: ClassVar[type] = Qwen2_5_VLModel
     config_class: ClassVar[type] = Qwen2_5_VLConfig
+    processor_class: ClassVar[type] = Qwen2_5_VLProcessor
     reduces_after_merger = True
     # Qwen3's prompts put each video frame in its own run of placeholders (timestamps between frames)
     video_runs_per_frame: ClassVar[bool] = False
@@ -378,6 +384,20 @@ class Qwen25VLAdapter(FamilyAdapter):
         feats = list(out.pooler_output)
         return torch.stack(feats) if len({f.shape for f in feats}) == 1 else feats
 
+    def shown_crops(self, model, processed):
+        """One picture per image: its patches put back in place, drawn on the grid of merged tokens
+        (one cell = merge x merge patches: the tokens VMTC ranks and the LLM receives here)."""
+        vc = model.config.vision_config
+        pixels, grids = processed["pixel_values"], processed["image_grid_thw"]
+        m = vc.spatial_merge_size
+        shown, start = [], 0
+        for t, h, w in grids.tolist():
+            rows = pixels[start:start + t * h * w]
+            start += t * h * w
+            picture = patches_to_image(rows, (t, h, w), vc.in_channels, vc.temporal_patch_size, vc.patch_size, m)
+            shown.append(ShownCrop(picture, (h // m, w // m), t * h * w, merged=t * (h // m) * (w // m)))
+        return {"pixel_values": pixels, "image_grid_thw": grids}, shown
+
     def patch_processor(self, model, processor, patches_for_grid):
         for name in ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens", "image_token",
                      "video_token", "image_processor"):
@@ -461,21 +481,13 @@ class Qwen25VLAdapter(FamilyAdapter):
         return model.eval()
 
     def load(self, source, dtype=None, device=None, **kwargs):
-        from transformers import AutoProcessor
+        from .processors import load_processor
 
         model = self.model_class.from_pretrained(source, dtype=dtype, **kwargs)
         if device is not None and "device_map" not in kwargs:
             model = model.to(device)
-        try:
-            processor = AutoProcessor.from_pretrained(source)
-        except Exception as exc:
-            import importlib.util
-
-            if importlib.util.find_spec("torchvision") is None:  # transformers' Qwen video processors import it
-                raise UnsupportedModelError(f"{self.title}'s processor needs torchvision (its video processor): "
-                                            "pip install torchvision") from exc
-            raise
-        return model.eval(), processor
+        # transformers' Qwen video processors need torchvision; without it the processor handles images only
+        return model.eval(), load_processor(source, self.processor_class, self.title)
 
     # ------------------------------------------------------------------ benchmark inputs
     def random_pixel_inputs(self, model, batch: int, generator: torch.Generator) -> dict[str, Any]:
@@ -496,6 +508,21 @@ class Qwen25VLAdapter(FamilyAdapter):
         cfg = model.config
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {"mm_token_type_ids": types}
+
+
+def patches_to_image(rows: torch.Tensor, grid_thw: tuple[int, int, int], channels: int, temporal: int, patch: int,
+                     merge: int) -> torch.Tensor:
+    """The first frame (channels, h * patch, w * patch) of one input, from the processor's flattened patches.
+
+    Undoes the Qwen2-VL image processor's patch layout: rows (t * h * w, channels * temporal *
+    patch * patch) in the order (t, h / merge, w / merge, merge, merge), each row (channels,
+    temporal, patch, patch); an image repeats its frame over the temporal slices.
+    """
+    t, h, w = grid_thw
+    x = rows.reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)
+    x = x[0, :, :, :, :, :, 0]                      # (h/m, w/m, m, m, C, p, p): first frame, first slice
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)              # (C, h/m, m, p, w/m, m, p)
+    return x.reshape(channels, h * patch, w * patch)
 
 
 def _rescale_runs(text: str, token: str, stock: int, new: int) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLProcessor
 
 from . import register_family
 from .qwen2_5_vl import Qwen25VLAdapter, QwenPreset
@@ -69,6 +69,7 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     model_class: ClassVar[type] = Qwen3VLForConditionalGeneration
     core_class: ClassVar[type] = Qwen3VLModel
     config_class: ClassVar[type] = Qwen3VLConfig
+    processor_class: ClassVar[type] = Qwen3VLProcessor
     video_runs_per_frame = True
 
     def full_attention_block(self, visual) -> int:

@@ -1,8 +1,8 @@
 """`focusvlm demo`: stock vs CMAI vs VMTC+CMAI side by side on a bundled picture, no download.
 
 On the embedded demo model (trained here on easy-VQA; focusvlm/assets/demo_model/MODEL_CARD.md) the rows
-are the stock-trained twin, the same twin with CMAI switched on at inference, and the twin trained with
-VMTC + CMAI run as it was trained. On any other model (``--model``) the three rows are that model stock,
+are the stock-trained model, the same with CMAI switched on at inference, and with VMTC + CMAI (the twin
+trained with them, run as trained, where it is shipped; else the same model with them at inference). On any other model (``--model``) the three rows are that model stock,
 with CMAI, and with VMTC + CMAI.
 """
 
@@ -54,19 +54,21 @@ def _rows(args: argparse.Namespace):
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     cmai = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
+    from ..compress.vmtc import VMTCConfig
+
+    both = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai), vmtc=VMTCConfig(target=args.vmtc))
     if args.model == "demo":
         from ..models.factory import demo_focus_config_path
 
         stock, sp = load_model("demo", device, dtype)
-        focus, fp = load_model("demo-focus", device, dtype)
-        trained = FocusConfig.load(demo_focus_config_path())
-        return [("stock (stock-trained twin)", stock, sp, FocusConfig()),
-                (f"CMAI at inference ({cmai.describe()})", stock, sp, cmai),
-                (f"VMTC+CMAI, trained with them ({trained.describe()})", focus, fp, trained)]
-    from ..compress.vmtc import VMTCConfig
+        rows = [("stock", stock, sp, FocusConfig()), (f"CMAI at inference ({cmai.describe()})", stock, sp, cmai)]
+        if demo_focus_config_path().is_file():  # the twin trained with VMTC + CMAI, run as trained
+            focus, fp = load_model("demo-focus", device, dtype)
+            trained = FocusConfig.load(demo_focus_config_path())
+            return rows + [(f"VMTC+CMAI, trained with them ({trained.describe()})", focus, fp, trained)]
+        return rows + [(f"VMTC+CMAI at inference ({both.describe()})", stock, sp, both)]
 
     model, processor = load_model(args.model, device, dtype)
-    both = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai), vmtc=VMTCConfig(target=args.vmtc))
     return [("stock", model, processor, FocusConfig()), (cmai.describe(), model, processor, cmai),
             (both.describe(), model, processor, both)]
 

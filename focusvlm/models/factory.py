@@ -98,7 +98,11 @@ def load_named_demo(name: str):
         return random_demo_model()
     if name not in DEMO_TWINS:
         raise ValueError(f"unknown demo model {name!r}; use one of {', '.join(DEMO_MODELS)}")
-    return demo_model(DEMO_TWINS[name])
+    twin = DEMO_TWINS[name]
+    if not (demo_twin_dir(twin) / "demo.json").is_file():
+        raise ValueError(f"the {name} twin is not shipped in this version (only 'demo' is; see "
+                         f"{DEMO_WEIGHTS_DIR / 'MODEL_CARD.md'}); train it with `make demo-model`")
+    return demo_model(twin)
 
 
 DEMO_VISION = dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
@@ -164,7 +168,7 @@ def random_demo_model(cache: bool = True):
 
 
 BUNDLED_IMAGES = {"astronaut": "astronaut.jpg", "chelsea": "chelsea.jpg", "coffee": "coffee.jpg",
-                  "easyvqa": "easyvqa_test_0.png"}
+                  "easyvqa": "easyvqa_test_2.png"}
 
 
 def demo_image_path(name: str = "astronaut") -> Path:

@@ -38,10 +38,10 @@ def test_generate_json_with_cmai(capsys, demo):
 
 @pytest.mark.slow
 def test_demo_runs_stock_and_cmai(capsys, demo):
-    assert main(["demo", "--max-new-tokens", "3", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["stock"]["image_tokens"] == result["cmai"]["image_tokens"] == 576
-    assert result["config"]["cmai"]["gamma_max"] == 0.6
+    assert main(["demo", "--model", "demo-random", "--max-new-tokens", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["question"]["image_tokens"] for r in rows] == [576, 576, 288]  # stock, CMAI, VMTC(0.5)+CMAI
+    assert rows[1]["config"]["cmai"]["gamma_max"] == 0.6 and rows[2]["config"]["vmtc"]["target"] == 0.5
 
 
 @pytest.mark.slow

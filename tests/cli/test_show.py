@@ -116,7 +116,8 @@ def test_show_cli_errors(tiny_folder, tmp_path):
 @pytest.mark.slow
 def test_show_on_demo_model(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    args = _parser().parse_args(["show", "--image", str(demo_image_path()), "--device", "cpu", "-o", str(out)])
+    args = _parser().parse_args(["show", "--image", str(demo_image_path()), "--model", "demo-random", "--device", "cpu",
+                                 "-o", str(out)])
     assert args.func(args) == 0
     assert "(288 image tokens)" in capsys.readouterr().out
     assert Image.open(out).size[0] > 4 * 336

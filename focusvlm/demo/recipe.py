@@ -84,10 +84,6 @@ class DemoRecipe:
                    tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5))
 
 
-def _done(path: Path) -> bool:
-    return path.is_file()
-
-
 def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
     if stage == "pretrain":
         return {"learning_rate": recipe.pretrain_lr, "per_device_batch_size": recipe.pretrain_batch,
@@ -116,7 +112,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     times: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
 
     def timed(name: str, marker: Path, fn: Callable[[], Any]) -> None:
-        if _done(marker):
+        if marker.is_file():
             say(f"demo recipe: {name}: done before ({marker}), skipped")
             return
         say(f"demo recipe: {name} ...")

@@ -168,23 +168,10 @@ def load_split_pixels(split: str, image_processor, image_ids: list[int] | None =
                       chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(pixel_values (N, 3, H, W) through the tower's image processor, labels (N, 2) colour/shape indices,
     image ids) of a split's images (all, or ``image_ids``), ordered by id."""
-    from PIL import Image
-
-    items = D.read_split(split)
-    if image_ids is not None:
-        wanted = set(image_ids)
-        items = [it for it in items if it.image_id in wanted]
-    labels = D.image_labels(items)
-    ids = sorted(labels) if image_ids is None else sorted(image_ids)
-    root = D.data_root()
-    pixels = []
-    for k in range(0, len(ids), chunk):
-        images = []
-        for i in ids[k:k + chunk]:
-            with Image.open(root / split / "images" / f"{i}.png") as im:
-                images.append(im.convert("RGB"))
-        pixels.append(image_processor(images=images, return_tensors="pt")["pixel_values"])
-    y = torch.tensor([[D.COLORS.index(labels[i][0]), D.SHAPES.index(labels[i][1])] for i in ids])
+    raw, y, ids = load_split_raw(split, image_ids)
+    pictures = raw.to(torch.uint8)  # exact: the PNGs are 8-bit
+    pixels = [image_processor(images=list(pictures[k:k + chunk]), return_tensors="pt")["pixel_values"]
+              for k in range(0, len(pictures), chunk)]
     return torch.cat(pixels), y, ids
 
 

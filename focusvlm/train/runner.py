@@ -27,7 +27,6 @@ from .callbacks import LOSS_PNG, METRICS_FILE, MetricsCallback, ProgressCallback
 from .data import Collator, ModalityGroupedSampler, SupervisedDataset
 from .recipe import Recipe, RecipeError
 
-DEMO = "demo"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FOCUS_CONFIG_FILE = "focus_config.yaml"
 RECIPE_FILE = "recipe.yaml"

@@ -64,6 +64,7 @@ class DemoRecipe:
     # stage 2: LoRA on the LM + the projector
     finetune_steps: int = 250
     finetune_batch: int = 16
+    # 1e-3 tried once: the same loss curve and the same quick check (89.0 %, yes/no 85.7 %) as 4e-4
     finetune_lr: float = 4e-4
     projector_lr: float = 1e-4
     lora_r: int = 8                # fp16 factors: ~4.9 MB per twin, far under the 25 MB budget

@@ -3,7 +3,7 @@ from finished run folders.
 
 Each run folder holds manifest.json (model, FocusConfig, benchmark) and
 scores.json (written by `focusvlm score`; scored here if missing). Runs of the
-same model + config form one row; a later run of the same benchmark replaces
+same model + config + prompting mode form one row; a later run of the same benchmark replaces
 an earlier one, and the folder used for every cell is listed in the JSON.
 """
 
@@ -51,7 +51,7 @@ def build(run_dirs: list[Path]) -> dict[str, Any]:
     """Rows of Table 2. Folders that are not runs (a compare output, say) are skipped and listed."""
     from .runinfo import completeness_marker, is_run_dir
 
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     skipped: list[str] = []
     for d in run_dirs:
         d = Path(d)
@@ -68,8 +68,11 @@ def build(run_dirs: list[Path]) -> dict[str, Any]:
         column, key, scale = HEADLINE[bench]
         value = (scores.get("summary") or {}).get(key)
         model, cfg = str(manifest.get("model")), json.dumps(manifest.get("config") or {}, sort_keys=True)
-        row = rows.setdefault((model, cfg), {"model": model, "method": _method(manifest.get("config") or {}),
-                                             "cells": {}, "runs": {}, "samples": {}, "completeness": {}})
+        # a run's prompting mode is part of what it measures: describe-then-answer gets its own row
+        mode = (manifest.get("generation") or {}).get("mode") or "direct"
+        method = _method(manifest.get("config") or {}) + ("" if mode == "direct" else f" ({mode})")
+        row = rows.setdefault((model, cfg, mode), {"model": model, "method": method,
+                                                   "cells": {}, "runs": {}, "samples": {}, "completeness": {}})
         status = scores.get("completeness") or {}
         row["cells"][column] = None if value is None else value * scale
         row["runs"][column] = str(d)

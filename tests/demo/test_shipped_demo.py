@@ -40,11 +40,15 @@ def test_demo_names_need_no_folder():
 
 
 @pytest.mark.slow
-def test_load_demo_answers_the_bundled_picture():
-    from focusvlm import load
+@pytest.mark.parametrize("name", ["demo", "demo-focus"])
+def test_load_demo_answers_the_bundled_picture(name):
+    from focusvlm import FocusConfig, load
     from focusvlm.runtime import HFGenerator, load_image
 
-    model, processor = load("demo")
+    if name == "demo-focus" and not demo_focus_config_path().is_file():
+        pytest.skip("the demo-focus twin is not shipped in this version")
+    # the focus twin runs as trained: VMTC + CMAI on
+    model, processor = load(name, FocusConfig.load(demo_focus_config_path()) if name == "demo-focus" else None)
     image = load_image(demo_image_path("easyvqa"))
     # colour and shape only: the shipped twin answers yes/no from the question's form (MODEL_CARD.md)
     prompts = [f"{q}\nAnswer the question using a single word or phrase." for q in

@@ -34,8 +34,8 @@ def if_samples(n):
             for i in range(n)]
 
 
-def make_run(d: Path, n=8, stop_after=None, max_new_tokens=8, config=None):
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=2)
+def make_run(d: Path, n=8, stop_after=None, max_new_tokens=8, config=None, mode="direct"):
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=2, mode=mode)
     manifest = build_manifest(model="fake", config=config or {"cmai": None}, benchmark="if", settings=settings,
                               fingerprint={"bench": "sha256:abc"}, dtype="float32", device="cpu")
     try:
@@ -118,6 +118,14 @@ def test_report_marks_incomplete_cells_and_skips_compare_folders(tmp_path, capsy
     assert "**WARNING: incomplete runs**" in text
     assert f"skipped: {runs / 'cmp'} (no manifest.json" in text
     assert "† column IF compares runs that are not like for like" in text  # 2 answered vs 8 answered
+
+
+def test_report_gives_describe_then_answer_its_own_row(tmp_path, capsys):
+    make_run(tmp_path / "stock", n=4)
+    make_run(tmp_path / "dta", n=4, mode="describe-then-answer")
+    assert main(["report", str(tmp_path / "stock"), str(tmp_path / "dta")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fake |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["stock", "stock (describe-then-answer)"]
 
 
 def test_report_with_no_run_folder_is_one_line_error(tmp_path, capsys):

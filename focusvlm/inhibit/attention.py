@@ -323,6 +323,7 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
             scores = torch.einsum("bhqd,bhkd->bhqk", q, key)                            # (B, H, 1, K)
         else:
             scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, key.shape[1], group, dim), key)
+        raw = scores
         if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
             scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
                       else scores + stock_mask)
@@ -359,11 +360,12 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)
     if constants.every_sample_has_image and not torch.is_grad_enabled() and not (module.training and dropout):
-        # C8 from the probabilities C1 already computed: drop the inhibited keys and renormalise. On (B, H, 1, K)
-        # this costs one small matmul, less than a second attention call (no sample needs the stock kernel's bits:
-        # every one has an image, so every decode row is inhibited)
-        weights = probs * mask
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # C8 from the scores C1 already computed: their softmax over the allowed keys, then one small matmul
+        # with V instead of a second attention call that reads every cached key again (no sample needs the
+        # stock kernel's bits: every one has an image, so every decode row is inhibited). Two ops; renormalising
+        # the C1 probabilities instead would take three
+        masked = torch.where(mask, raw, float("-inf")) if mask.dtype == torch.bool else raw + mask
+        weights = torch.softmax(masked, dim=-1, dtype=torch.float32)
         if weights.dtype != value.dtype:
             weights = weights.to(value.dtype)
         out = matmul(weights, value)                                                          # (B, Hkv, g, D)

@@ -94,6 +94,9 @@ _VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=3
 _VICUNA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                    num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
+_MID_TOWER = dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, projection_dim=256)
+
 PRESETS: dict[str, Preset] = {
     # unit tests: 64 patches, GQA in the LM, a few layers
     "tiny": Preset(
@@ -104,11 +107,13 @@ PRESETS: dict[str, Preset] = {
     ),
     # CPU benchmarks: LLaVA-1.5 image geometry (576 patches), a small LM
     "mid": Preset(
-        vision=dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                    num_attention_heads=8, projection_dim=256),
+        vision=_MID_TOWER,
         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096),
     ),
+    # CPU benchmarks at a 7B model's layer width: two Vicuna-7B decoder layers behind mid's tower. Per-layer
+    # costs (CMAI's text-row attention against the projections and MLP) in their real proportion, in 5 GB
+    "llava-1.5-7b-2layers": Preset(vision=_MID_TOWER, text={**_VICUNA_7B, "num_hidden_layers": 2}),
     "llava-1.5-7b": Preset(vision=_CLIP_L_336, text=_VICUNA_7B),
     "llava-1.5-13b": Preset(vision=_CLIP_L_336, text=_VICUNA_13B),
 }

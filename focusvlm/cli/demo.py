@@ -48,14 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _rows(args: argparse.Namespace):
     """[(title, model, processor, FocusConfig)] and what they are, loading each model once."""
+    from ..compress.vmtc import VMTCConfig
     from ..config import FocusConfig
     from ..inhibit.method import CMAIConfig
     from .common import load_model, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     cmai = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
-    from ..compress.vmtc import VMTCConfig
-
     both = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai), vmtc=VMTCConfig(target=args.vmtc))
     if args.model == "demo":
         from ..models.factory import demo_focus_config_path

@@ -35,6 +35,10 @@ def test_an_unshipped_twin_is_named():
 
 
 def test_demo_names_need_no_folder():
+    from focusvlm.models.factory import DEMO_MODELS
+    from focusvlm.runtime import DEMO_NAMES
+
+    assert set(DEMO_NAMES) == set(DEMO_MODELS)  # runtime keeps its own copy so that it imports no torch
     for name in ("demo", "demo-focus", "demo-random"):
         assert check_model_source(name) is None
 

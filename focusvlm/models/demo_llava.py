@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .factory import DEMO_CHAT_TEMPLATE, DEMO_GGUF, IMAGE_TOKEN, _smollm2_dir
+from .factory import DEMO_CHAT_TEMPLATE, IMAGE_TOKEN, smollm2_lm  # noqa: F401 (smollm2_lm: importable from here as before)
 
 # 64 patch tokens of a 64x64 easy-VQA picture; small (0.32 M parameters, 1.3 MB) so that tower + projector + LoRA
 # stay far below the 25 MB budget and pretraining takes minutes on two CPU cores. Six layers so VMTC's default
@@ -97,17 +97,6 @@ def fresh_tower(vision_config):
     from transformers import CLIPVisionModel
 
     return CLIPVisionModel(vision_config).eval()
-
-
-def smollm2_lm():
-    """(SmolLM2-135M-Instruct ``LlamaForCausalLM`` in fp32, its tokenizer with ``<image>`` added)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = _smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEMO_GGUF, dtype=torch.float32)
-    return lm, tokenizer
 
 
 def compose_demo_llava(tower, image_processor, lm=None, tokenizer=None, seed: int = 0):

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -64,6 +66,37 @@ def _smollm2_dir() -> Path:
     return folder
 
 
+def smollm2_lm():
+    """(SmolLM2-135M-Instruct ``LlamaForCausalLM`` in fp32, its tokenizer with ``<image>`` added), from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _smollm2_dir()
+    with _gguf_conversion_bar_follows_progress_setting():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEMO_GGUF, dtype=torch.float32)
+    return lm, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_conversion_bar_follows_progress_setting():
+    # transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which
+    # transformers' progress-bar switch does not reach; with bars switched off (`focusvlm demo`, --quiet
+    # runs) it would still print 15 lines per load, so it is silenced for the duration of the load only
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_reader, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = original
+
+
 def demo_cache_dir() -> Path:
     """Where the random-vision demo (``demo-random``) is cached after its first build."""
     root = os.environ.get("FOCUSVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "focusvlm")
@@ -110,13 +143,10 @@ DEMO_VISION = dict(image_size=336, patch_size=14, hidden_size=256, intermediate_
 
 
 def _build_demo():
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
 
-    folder = _smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEMO_GGUF, dtype=torch.float32)
+    lm, tokenizer = smollm2_lm()
     text_config = lm.config
     text_config.vocab_size = len(tokenizer)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**DEMO_VISION), text_config=text_config,

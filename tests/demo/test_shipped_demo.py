@@ -76,3 +76,22 @@ def test_demo_command_shows_three_rows(capsys):
     truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
     assert rows[0]["question"]["answer"].strip().lower().rstrip(".") == truth["color"]
     assert all(isinstance(r["instruction"]["follows"], bool) for r in rows)
+
+
+def test_gguf_conversion_bar_follows_the_progress_switch(capfd):
+    """--no-progress silences transformers' own GGUF conversion bar too, and only for the load."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    from focusvlm.models.factory import smollm2_lm
+    from focusvlm.runtime import set_progress_bars
+
+    original = gguf_reader.tqdm
+    set_progress_bars(False)
+    try:
+        lm, tokenizer = smollm2_lm()
+    finally:
+        set_progress_bars(True)
+    assert "GGUF tensors" not in capfd.readouterr().err
+    assert gguf_reader.tqdm is original and hf_logging.is_progress_bar_enabled()
+    assert lm.config.model_type == "llama" and "<image>" in tokenizer.get_vocab()

@@ -1,0 +1,204 @@
+"""Why the demo twins answer easy-VQA's yes/no questions from the question's form (issue 16's diagnosis).
+
+    python benchmarks/demo/yesno_diagnosis.py text  [--steps 150]   # ~9 min on 2 cores
+    python benchmarks/demo/yesno_diagnosis.py embed [--model demo]  # seconds
+    python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno --out DIR [--steps 150]  # ~13-25 min
+
+``text``: the same LM (SmolLM2-135M-Instruct with a fresh LoRA r 8 on every linear layer, the recipe's
+rank and learning rate) trained on the yes/no questions with the picture written out as a caption
+("A red circle.\nIs there a blue shape?") instead of shown. Held-out accuracy (200 test questions,
+"yes" vs "no" logit) every 25 steps: if it climbs, the comparison itself is easy for this LM once
+both sides are words.
+
+``embed``: what the shipped projector feeds the LM for a picture: the norm of each image token
+against the LM's word embeddings, and each token's best cosine to any word embedding and to the
+colour and shape words. Image tokens far from every word cannot be matched against the question's
+words by the LM's token-matching attention, the route the ``text`` run finds.
+
+``continue``: the shipped stock twin trained further by ``focusvlm train`` (stage 2 settings of the
+recipe, a fresh LoRA) on ``mix`` (every train question with its picture, plus half as many captioned
+text-only yes/no questions, so the comparison is learned in words alongside) or ``yesno`` (only yes/no
+questions with their picture, balanced per question form), then the recipe's 200-question quick check
+and the picture-swap probe of ``yesno_probe.py`` on 120 yes/no questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from focusvlm.demo import build as B
+from focusvlm.demo import data as D
+
+
+def captioned(item: D.VQAItem, labels: dict[int, tuple[str, str]], rng: random.Random) -> str:
+    color, shape = labels[item.image_id]
+    return f"{D.caption(color, shape, rng)}\n{item.question}\n{D.SHORT_ANSWER}"
+
+
+def cmd_text(args: argparse.Namespace) -> None:
+    import peft
+
+    from focusvlm.runtime import load_model
+
+    torch.manual_seed(args.seed)
+    model, processor = load_model(args.base, "cpu", "float32")
+    tok = processor.tokenizer
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                       target_modules=B.lora_target_names(model)))
+    train_items = D.read_split("train")
+    test_sample = D.test_items(2000, seed=0)
+    labels = D.image_labels(train_items)
+    test_labels = D.image_labels(test_sample)
+    train = [it for it in train_items if it.qtype == "yes/no"]
+    test = [it for it in test_sample if it.qtype == "yes/no"][:200]
+    yes_id, no_id = tok.encode("yes")[0], tok.encode("no")[0]
+    rng = random.Random(args.seed)
+
+    def prompt(text: str) -> list[int]:
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+        return tok(rendered, add_special_tokens=False).input_ids
+
+    def accuracy() -> float:
+        model.eval()
+        right, eval_rng = 0, random.Random("held-out captions")  # the same captions at every evaluation
+        with torch.no_grad():
+            for it in test:
+                logits = model(input_ids=torch.tensor([prompt(captioned(it, test_labels, eval_rng))])).logits[0, -1]
+                right += ("yes" if logits[yes_id] > logits[no_id] else "no") == it.answer
+        model.train()
+        return right / len(test)
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    print(f"step 0: held-out yes/no {accuracy():.1%}", flush=True)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        seqs, targets = [], []
+        for it in rng.sample(train, args.batch):
+            ids = prompt(captioned(it, labels, rng))
+            answer = tok.encode(it.answer + "<|im_end|>")
+            seqs.append(ids + answer)
+            targets.append([-100] * len(ids) + answer)
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        label_ids = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 25 == 0 or step == args.steps:
+            print(f"step {step}: loss {loss.item():.3f}, held-out yes/no {accuracy():.1%} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from focusvlm.runtime import load_image, load_model
+
+    model, processor = load_model(args.model, "cpu", "float32")
+    tok = processor.tokenizer
+    words = list(D.COLORS) + list(D.SHAPES)
+    word_ids = [tok.encode(w)[0] for w in words]
+    table = model.get_input_embeddings().weight.detach()
+    unit_table = torch.nn.functional.normalize(table, dim=-1)
+    sample = D.test_items(2000, seed=0)
+    labels = D.image_labels(sample)
+    print(f"LM word embeddings: mean norm {table.norm(dim=-1).mean():.2f}")
+    for image_id in sorted(labels)[:args.images]:
+        path = D.data_root() / f"test/images/{image_id}.png"
+        pixels = processor.image_processor(images=[load_image(path)], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = model.get_image_features(pixel_values=pixels)
+        feats = getattr(feats, "pooler_output", feats)
+        tokens = (feats[0] if isinstance(feats, (list, tuple)) else feats).reshape(-1, table.shape[1])
+        cos = torch.nn.functional.normalize(tokens, dim=-1) @ unit_table.T
+        nearest = {tok.decode([i]) for i in cos.argmax(-1).tolist()}
+        best_word = {w: round(v, 2) for w, v in zip(words, cos[:, word_ids].max(0).values.tolist())}
+        print(f"{' '.join(labels[image_id]):>16}: {tokens.shape[0]} image tokens, mean norm "
+              f"{tokens.norm(dim=-1).mean():.1f}; best cosine to any word {cos.max(-1).values.mean():.2f} "
+              f"(nearest words {sorted(nearest)}); to colour/shape words {best_word}")
+
+
+def continue_records(kind: str, seed: int = 0) -> list[dict]:
+    train = D.read_split("train")
+    if kind == "yesno":
+        records = D.stage2_records([it for it in D.balance_yes_no(train, seed) if it.qtype == "yes/no"], seed, turns=1)
+    else:
+        records = D.stage2_records(train, seed, turns=1)
+        labels, rng = D.image_labels(train), random.Random(f"{seed}/text")
+        text = [{"id": f"text-{it.qid}", "conversations": [
+                    {"from": "human", "value": captioned(it, labels, rng)}, {"from": "gpt", "value": it.answer}]}
+                for it in train if it.qtype == "yes/no"]
+        rng.shuffle(text)
+        records += text[:len(records) // 2]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def cmd_continue(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import peft
+
+    from focusvlm.config import FocusConfig
+    from focusvlm.demo import evaluate as E
+    from focusvlm.demo.recipe import DemoRecipe, _stage_overrides
+    from focusvlm.runtime import load_model
+    from focusvlm.train.runner import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    twin, processor = load_model(args.model, "cpu", "float32")
+    twin.save_pretrained(out / "twin")
+    processor.save_pretrained(out / "twin")
+    data = out / f"{args.data}.json"
+    data.write_text(json.dumps(continue_records(args.data)))
+    overrides = {**_stage_overrides(DemoRecipe(), "finetune"), "max_steps": args.steps, "projector_lr": args.projector_lr}
+    train(stage="finetune", data=str(data), image_folder=str(D.data_root()), output_dir=out / "finetune",
+          model=str(out / "twin"), focus_config=FocusConfig(), overrides=overrides, lora=True, progress=False)
+    model = peft.PeftModel.from_pretrained(twin, out / "finetune" / "adapter").merge_and_unload().eval()
+    check = E.evaluate(model, processor, D.test_items(200, seed=1), batch_size=16, max_new_tokens=3)
+    print(f"quick check: {check.accuracy:.1%} " + ", ".join(f"{t} {v['accuracy']:.1%}" for t, v in check.per_type.items()))
+    sample = D.test_items(2000, seed=0)
+    items = [it for it in sample if it.qtype == "yes/no"][:120]
+    pictures, rng = sorted({it.image for it in sample}), random.Random(0)
+    swapped = [dataclasses.replace(it, image=rng.choice([p for p in pictures if p != it.image])) for it in items]
+    own = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, items, max_new_tokens=3).rows]
+    other = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, swapped, max_new_tokens=3).rows]
+    print(f"probe: yes/no {sum(E.is_correct(p, it.answer) for p, it in zip(own, items)) / len(items):.1%}; answers "
+          f"unchanged with another picture {sum(a == b for a, b in zip(own, other))}/{len(items)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("text", help="LoRA-train the LM on captioned yes/no questions (no picture)")
+    t.add_argument("--base", default="runs/demo-model/base", help="the recipe's untrained demo LLaVA (base/)")
+    t.add_argument("--steps", type=int, default=150)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("embed", help="image tokens against the LM's word embeddings")
+    e.add_argument("--model", default="demo")
+    e.add_argument("--images", type=int, default=4)
+    c = sub.add_parser("continue", help="train the shipped stock twin further, then check and probe it")
+    c.add_argument("--data", choices=("mix", "yesno"), required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--model", default="demo")
+    c.add_argument("--steps", type=int, default=150)
+    c.add_argument("--projector-lr", type=float, default=1e-4)
+    args = ap.parse_args()
+    {"text": cmd_text, "embed": cmd_embed, "continue": cmd_continue}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ words by the LM's token-matching attention, the route the ``text`` run finds.
 recipe, a fresh LoRA) on ``mix`` (every train question with its picture, plus half as many captioned
 text-only yes/no questions, so the comparison is learned in words alongside) or ``yesno`` (only yes/no
 questions with their picture, balanced per question form), then the recipe's 200-question quick check
-and the picture-swap probe of ``yesno_probe.py`` on 120 yes/no questions.
+and ``yesno_probe.swap_probe`` on 120 yes/no questions.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 
 from focusvlm.demo import build as B
 from focusvlm.demo import data as D
+
+import yesno_probe  # the picture-swap probe, beside this script
 
 
 def captioned(item: D.VQAItem, labels: dict[int, tuple[str, str]], rng: random.Random) -> str:
@@ -142,7 +144,6 @@ def continue_records(kind: str, seed: int = 0) -> list[dict]:
 
 
 def cmd_continue(args: argparse.Namespace) -> None:
-    import dataclasses
     import json
     from pathlib import Path
 
@@ -167,14 +168,7 @@ def cmd_continue(args: argparse.Namespace) -> None:
     model = peft.PeftModel.from_pretrained(twin, out / "finetune" / "adapter").merge_and_unload().eval()
     check = E.evaluate(model, processor, D.test_items(200, seed=1), batch_size=16, max_new_tokens=3)
     print(f"quick check: {check.accuracy:.1%} " + ", ".join(f"{t} {v['accuracy']:.1%}" for t, v in check.per_type.items()))
-    sample = D.test_items(2000, seed=0)
-    items = [it for it in sample if it.qtype == "yes/no"][:120]
-    pictures, rng = sorted({it.image for it in sample}), random.Random(0)
-    swapped = [dataclasses.replace(it, image=rng.choice([p for p in pictures if p != it.image])) for it in items]
-    own = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, items, max_new_tokens=3).rows]
-    other = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, swapped, max_new_tokens=3).rows]
-    print(f"probe: yes/no {sum(E.is_correct(p, it.answer) for p, it in zip(own, items)) / len(items):.1%}; answers "
-          f"unchanged with another picture {sum(a == b for a, b in zip(own, other))}/{len(items)}")
+    print("probe: " + yesno_probe.summary(*yesno_probe.swap_probe(model, processor, 120)))
 
 
 def main() -> int:

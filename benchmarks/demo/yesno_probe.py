@@ -20,23 +20,34 @@ from focusvlm.demo import evaluate as E
 from focusvlm.runtime import load_model
 
 
+def swap_probe(model, processor, questions: int) -> tuple[list, list[str], list[str]]:
+    """(items, answers with their own picture, answers with another random test picture) for the first
+    ``questions`` yes/no questions of the fixed test sample (seeded: the same pictures every run)."""
+    sample = D.test_items(2000, seed=0)
+    items = [it for it in sample if it.qtype == "yes/no"][:questions]
+    pictures = sorted({it.image for it in sample})
+    rng = random.Random(0)
+    swapped = [dataclasses.replace(it, image=rng.choice([p for p in pictures if p != it.image])) for it in items]
+    own = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, items, max_new_tokens=3).rows]
+    other = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, swapped, max_new_tokens=3).rows]
+    return items, own, other
+
+
+def summary(items, own: list[str], other: list[str]) -> str:
+    correct = sum(E.is_correct(p, it.answer) for p, it in zip(own, items))
+    same = sum(a == b for a, b in zip(own, other))
+    return (f"{len(items)} yes/no questions: accuracy with their own picture {correct / len(items):.1%}; "
+            f"answers unchanged with another picture: {same}/{len(items)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--questions", type=int, default=240)
     args = ap.parse_args()
-    sample = D.test_items(2000, seed=0)
-    items = [it for it in sample if it.qtype == "yes/no"][:args.questions]
-    pictures = sorted({it.image for it in sample})
-    rng = random.Random(0)
-    swapped = [dataclasses.replace(it, image=rng.choice([p for p in pictures if p != it.image])) for it in items]
     model, processor = load_model(args.model, "cpu", "float32")
-    own = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, items, max_new_tokens=3).rows]
-    other = [r["prediction"].strip().lower() for r in E.evaluate(model, processor, swapped, max_new_tokens=3).rows]
-    correct = sum(E.is_correct(p, it.answer) for p, it in zip(own, items))
-    same = sum(a == b for a, b in zip(own, other))
-    print(f"{len(items)} yes/no questions: accuracy with their own picture {correct / len(items):.1%}; "
-          f"answers unchanged with another picture: {same}/{len(items)}")
+    items, own, other = swap_probe(model, processor, args.questions)
+    print(summary(items, own, other))
     for negated in (False, True):
         answers = Counter(p for p, it in zip(own, items) if D.is_negated(it.question) == negated)
         print(f"{'negated' if negated else 'positive'} questions: {sum(answers.values())}, answers {dict(answers)}")

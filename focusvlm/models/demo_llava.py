@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .factory import DEMO_CHAT_TEMPLATE, IMAGE_TOKEN, smollm2_lm  # noqa: F401 (smollm2_lm: importable from here as before)
+from .factory import DEMO_CHAT_TEMPLATE, IMAGE_TOKEN, smollm2_lm
 
 # 64 patch tokens of a 64x64 easy-VQA picture; small (0.32 M parameters, 1.3 MB) so that tower + projector + LoRA
 # stay far below the 25 MB budget and pretraining takes minutes on two CPU cores. Six layers so VMTC's default

@@ -81,8 +81,8 @@ def smollm2_lm():
 @contextlib.contextmanager
 def _gguf_conversion_bar_follows_progress_setting():
     # transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which
-    # transformers' progress-bar switch does not reach; with bars switched off (`focusvlm demo`, --quiet
-    # runs) it would still print 15 lines per load, so it is silenced for the duration of the load only
+    # transformers' progress-bar switch does not reach; with bars switched off (--no-progress) it would still
+    # print, so it is silenced for the duration of the load only, leaving the module as it was
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 

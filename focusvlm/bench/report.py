@@ -80,7 +80,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         if notes:
-            lines.append(f"\* the load on the machine changed during the run: these paired ratios differ by more "
+            lines.append("\\* the load on the machine changed during the run: these paired ratios differ by more "
                          f"than {RATIO_DISAGREEMENT:.0%} from the ratio of the medians in the same row (rerun with "
                          "more --repeats or on a quiet machine): " + "; ".join(notes))
             lines.append("")

@@ -15,6 +15,7 @@ RECIPE_FLAGS = {
     "epochs": "epochs", "max_steps": "max_steps", "lr_scheduler": "lr_scheduler", "warmup_ratio": "warmup_ratio",
     "weight_decay": "weight_decay", "max_length": "max_length", "pad_to_square": "pad_to_square", "bf16": "bf16",
     "gradient_checkpointing": "gradient_checkpointing", "group_by_modality_length": "group_by_modality_length",
+    "shuffle": "shuffle",
     "train_lm": "train_lm", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "merge_lora": "merge_lora",
     "seed": "seed", "save_steps": "save_steps", "num_workers": "dataloader_num_workers",
     "report_to": "report_to", "deepspeed": "deepspeed", "skip_bad": "skip_bad",
@@ -70,6 +71,7 @@ def register(subparsers) -> None:
     r.add_argument("--bf16", action=BOOL, help="bf16 mixed precision (default: on with a CUDA GPU)")
     r.add_argument("--gradient-checkpointing", action=BOOL)
     r.add_argument("--group-by-modality-length", action=BOOL, help="image-only / text-only optimizer steps")
+    r.add_argument("--shuffle", action=BOOL, help="--no-shuffle: batches follow the data file's order (a curriculum)")
     r.add_argument("--train-lm", action=BOOL, help="train the language model too (default: stage 2 only)")
     r.add_argument("--lora-r", type=int)
     r.add_argument("--lora-alpha", type=int)

@@ -51,6 +51,9 @@ class Recipe:
     tf32: bool | None = None                # None: on with CUDA
     gradient_checkpointing: bool = True
     group_by_modality_length: bool = True
+    # False: each step takes the next records of the data file in its order (a curriculum written into the
+    # file); TrainingArguments' sequential sampling. Excludes group_by_modality_length, which reorders
+    shuffle: bool = True
     train_projector: bool = True
     train_lm: bool = True
     lora: bool = False
@@ -117,6 +120,9 @@ class Recipe:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if not (self.train_projector or self.train_lm or self.lora):
             bad("train_projector", "nothing to train: train_projector, train_lm and lora are all off")
+        if not self.shuffle and self.group_by_modality_length:
+            bad("shuffle", "in-order batches (shuffle: false) exclude group_by_modality_length, which reorders "
+                           "the data; turn that off too")
         if self.lora and self.stage != "finetune":
             bad("lora", "LoRA is a stage-2 (finetune) option")
 

@@ -262,6 +262,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, cuda: bool, world_size:
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
         seed=recipe.seed,
+        train_sampling_strategy="random" if recipe.shuffle else "sequential",
         report_to=recipe.report_to,
         deepspeed=_deepspeed_path(recipe.deepspeed),
         dataloader_num_workers=workers,

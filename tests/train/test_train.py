@@ -192,3 +192,26 @@ def test_lora_trains_adapters_and_projector_only(base, tmp_path):
     changed = {k for k in merged if not torch.equal(merged[k], sd0[k])}
     assert any("multi_modal_projector" in k for k in changed) and any("q_proj" in k for k in changed)
     assert not any(("vision_tower" in k) or ("norm" in k) or ("embed_tokens" in k) for k in changed)
+
+
+def test_unshuffled_batches_follow_the_data_files_order(base, tmp_path):
+    """shuffle: false -> step 1 trains on the file's first records: its logged loss is the untrained
+    model's loss on exactly those records (and a shuffled run's first batch is a different one)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from focusvlm.train.recipe import Recipe, RecipeError
+
+    common = dict(stage="finetune", model=str(base / "base"), data=base / "data.json", image_folder=base / "images",
+                  focus_config=FocusConfig(), progress=False)
+    in_order = {**FAST, "max_steps": 1, "group_by_modality_length": False, "shuffle": False}
+    first = train(output_dir=tmp_path / "ordered", overrides=in_order, **common).losses[0]
+    shuffled = train(output_dir=tmp_path / "shuffled", overrides={**in_order, "shuffle": True}, **common).losses[0]
+    model = LlavaForConditionalGeneration.from_pretrained(base / "base").eval()
+    with torch.no_grad():
+        expected = model(**batch_for(model, tiny.processor(), base, n=4)).loss.item()
+    # an untrained model's loss is near log(vocab) on any batch: the tolerance must be far below the
+    # spread between batches (~1e-4 relative) and above float noise (~1e-7)
+    assert first == pytest.approx(expected, rel=1e-6)
+    assert shuffled != pytest.approx(expected, rel=1e-6)
+    with pytest.raises(RecipeError, match="shuffle"):
+        Recipe.build("finetune", overrides={"shuffle": False})  # group_by_modality_length reorders: refused

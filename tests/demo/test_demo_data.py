@@ -204,6 +204,40 @@ def test_balance_yes_no_evens_each_question_form_and_keeps_the_rest():
     assert D.balance_yes_no(items, seed=0) == kept and D.balance_yes_no(items, seed=1) != kept
 
 
+def test_curriculum_puts_colour_and_shape_first_then_yes_no_at_its_share():
+    items = D.balance_yes_no(D.read_split("train"), seed=0)
+    order = D.curriculum(items, size=1000, lead=200, yes_no_share=0.9, seed=0)
+    assert len(order) == 1000 and len({it.qid for it in order}) == 1000      # no question twice
+    assert {it.qid for it in order} <= {it.qid for it in items}
+    assert all(it.qtype != "yes/no" for it in order[:200])                  # the lead: what the picture shows
+    assert {it.qtype for it in order[:200]} == {"color", "shape"}
+    tail = order[200:]
+    assert sum(it.qtype == "yes/no" for it in tail) == 720                  # 90 % of the 800 after the lead
+    assert {it.qtype for it in tail} == set(D.QUESTION_TYPES)
+    # the yes/no part is mixed through the tail, not appended as a block
+    first_half = sum(it.qtype == "yes/no" for it in tail[:400])
+    assert 300 < first_half < 420
+    assert D.curriculum(items, 1000, 200, 0.9, seed=0) == order and D.curriculum(items, 1000, 200, 0.9, seed=1) != order
+    with pytest.raises(ValueError, match="yes/no share"):
+        D.curriculum(items, 1000, 200, 1.5)
+    with pytest.raises(ValueError, match="lead"):
+        D.curriculum(items, 100, 200, 0.9)
+    with pytest.raises(ValueError, match="needs more than"):
+        D.curriculum(items[:50], 100, 0, 0.5)
+
+
+def test_write_easyvqa_writes_the_curriculum_in_training_order(tmp_path):
+    files = D.write_easyvqa(tmp_path, turns=1, train_images=200, test_sample=20, balance=True,
+                            curriculum_size=120, curriculum_lead=40, yes_no_share=0.75)
+    records = json.loads(files.instruct.read_text())
+    expected = D.curriculum(D.balance_yes_no(D.train_subset(D.read_split("train"), 200, 0), 0), 120, 40, 0.75, 0)
+    assert [r["question_ids"] for r in records] == [[it.qid] for it in expected]
+    manifest = json.loads(files.manifest.read_text())
+    assert manifest["curriculum"] == {"size": 120, "lead": 40, "yes_no_share": 0.75}
+    with pytest.raises(ValueError, match="turns must be 1"):
+        D.write_easyvqa(tmp_path / "bad", turns=4, train_images=20, curriculum_size=10)
+
+
 def test_negation_forms():
     for q in ("Is there not a red shape?", "Does the image not contain a circle?", "Is no triangle present?"):
         assert D.is_negated(q)

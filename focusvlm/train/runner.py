@@ -25,6 +25,7 @@ from .. import FocusConfig, patch, unpatch
 from ..runtime import DEMO_NAMES
 from .callbacks import LOSS_PNG, METRICS_FILE, MetricsCallback, ProgressCallback, StopAtStep, read_metrics
 from .data import Collator, ModalityGroupedSampler, SupervisedDataset
+from .formats import IGNORE_INDEX
 from .recipe import Recipe, RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -193,6 +194,8 @@ def _trainer_class():
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None:
+                inputs = supervised_logits_only(inputs)
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
             if "pixel_values" in inputs:
@@ -202,6 +205,27 @@ def _trainer_class():
             return (loss, out[1]) if return_outputs else loss
 
     return FocusTrainer
+
+
+def supervised_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` plus what makes the model project only the supervised positions onto the vocabulary.
+
+    A VLM training sample is mostly image and prompt tokens (576+ image tokens per LLaVA-1.5 image) with
+    a short supervised answer, yet the stock forward computes logits at every position: a
+    (batch x length x vocab) tensor, its float copy for the loss and their gradients. transformers' own
+    arguments avoid that: ``logits_to_keep`` as a boolean (batch, length) mask projects only the positions
+    whose next token is supervised, and ``shift_labels`` (flat, in the same order) are their targets, so
+    the causal-LM loss is the same sum over the same tokens and divisor (``num_items_in_batch`` untouched)
+    and so are the gradients; only the ignored positions' logits are not computed.
+    """
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs:
+        return inputs
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = shifted != IGNORE_INDEX
+    if not bool(keep.any()):  # nothing supervised: the stock path gives its usual (nan) loss
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
 def _vision_keepalive(model: torch.nn.Module, device: torch.device) -> torch.Tensor:

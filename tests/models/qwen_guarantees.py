@@ -463,3 +463,34 @@ def test_in_tower_methods_refuse_with_the_reason(model):
     with pytest.raises(UnsupportedModelError, match="no fixed grid"):
         patch(model, FocusConfig(spd=SPDConfig()))
     assert not hasattr(model, "_focusvlm")
+
+
+@pytest.mark.parametrize("methods", [None, FocusConfig(vmtc=VMTCConfig(target=0.5), cmai=CMAIConfig(gamma_max=0.6))],
+                         ids=["stock", "vmtc+cmai"])
+def test_training_loss_from_supervised_positions_only_equals_the_full_logits_loss(preset, methods):
+    """The trainer's supervised_logits_only: the same loss and gradients as logits at every position."""
+    from focusvlm.train.runner import supervised_logits_only
+
+    model = tiny_model(preset)
+    model.train()
+    inputs = dict(make_inputs(model, LAYOUTS).inputs)
+    if methods is not None:
+        patch(model, methods)
+        inputs = dict(make_inputs(model, LAYOUTS, tokens_per_frame=vmtc_counts(model, methods.vmtc)).inputs)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = inputs["input_ids"][:, -3:]  # the answer: each left-padded row's last 3 tokens
+    inputs["labels"] = labels
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = loss_and_grads(inputs)
+    fast, fast_grads = loss_and_grads(supervised_logits_only(inputs))
+    assert fast.logits.shape[0] == 3 * len(LAYOUTS)  # only the positions that predict a supervised token
+    assert torch.allclose(fast.loss, full.loss, rtol=1e-6, atol=0)
+    assert full_grads.keys() == fast_grads.keys() and len(full_grads) > 10
+    for name, grad in full_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-7), name

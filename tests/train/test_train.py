@@ -215,3 +215,27 @@ def test_unshuffled_batches_follow_the_data_files_order(base, tmp_path):
     assert shuffled != pytest.approx(expected, rel=1e-6)
     with pytest.raises(RecipeError, match="shuffle"):
         Recipe.build("finetune", overrides={"shuffle": False})  # group_by_modality_length reorders: refused
+
+
+@pytest.mark.parametrize("methods", [None, BOTH], ids=["stock", "vmtc+cmai"])
+def test_training_loss_from_supervised_positions_only_equals_the_full_logits_loss(base, methods):
+    """The trainer projects only the positions that predict a supervised token onto the vocabulary:
+    the loss and every gradient are those of the stock all-positions loss (also with num_items_in_batch)."""
+    from focusvlm.train.runner import supervised_logits_only
+
+    model, proc = tiny.model(), tiny.processor()
+    model.train()
+    if methods is not None:
+        patch(model, methods, processor=proc)
+    batch = batch_for(model, proc, base)
+    fast_batch = supervised_logits_only(batch)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert int(fast_batch["logits_to_keep"].sum()) == supervised < batch["labels"].numel() // 4
+    assert model(**fast_batch).logits.shape[0] == supervised
+    for extra in ({}, {"num_items_in_batch": torch.tensor(supervised + 5)}):
+        full, full_grads = loss_and_grads(model, {**batch, **extra})
+        fast, fast_grads = loss_and_grads(model, {**fast_batch, **extra})
+        assert torch.allclose(fast, full, rtol=1e-6, atol=0)
+        assert full_grads.keys() == fast_grads.keys() and len(full_grads) > 10
+        for name, grad in full_grads.items():
+            assert torch.allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-7), name

@@ -2,7 +2,7 @@
 
     python benchmarks/demo/yesno_diagnosis.py text  [--steps 150]   # ~9 min on 2 cores
     python benchmarks/demo/yesno_diagnosis.py embed [--model demo]  # seconds
-    python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno --out DIR [--steps 150]  # ~13-25 min
+    python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno|tail --out DIR [--model demo|RUN/ship/stock] [--steps 150] [--lr 2e-3] [--batch 8]  # ~13-30 min
 
 ``text``: the same LM (SmolLM2-135M-Instruct with a fresh LoRA r 8 on every linear layer, the recipe's
 rank and learning rate) trained on the yes/no questions with the picture written out as a caption
@@ -131,6 +131,10 @@ def continue_records(kind: str, seed: int = 0) -> list[dict]:
     train = D.read_split("train")
     if kind == "yesno":
         records = D.stage2_records([it for it in D.balance_yes_no(train, seed) if it.qtype == "yes/no"], seed, turns=1)
+    elif kind == "tail":  # the curriculum recipe's second phase: balanced yes/no at 90 %, colour and shape the rest
+        balanced = D.balance_yes_no(train, seed)
+        n_yes_no = sum(it.qtype == "yes/no" for it in balanced)
+        records = D.stage2_records(D.curriculum(balanced, n_yes_no * 10 // 9, 0, 0.9, seed), seed, turns=1)
     else:
         records = D.stage2_records(train, seed, turns=1)
         labels, rng = D.image_labels(train), random.Random(f"{seed}/text")
@@ -157,12 +161,20 @@ def cmd_continue(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    twin, processor = load_model(args.model, "cpu", "float32")
+    if (Path(args.model) / "demo.json").is_file():  # a packed twin from a recipe run's ship/<twin>
+        from focusvlm.demo.build import load_demo
+        twin, processor = load_demo(args.model)
+    else:
+        twin, processor = load_model(args.model, "cpu", "float32")
     twin.save_pretrained(out / "twin")
     processor.save_pretrained(out / "twin")
     data = out / f"{args.data}.json"
     data.write_text(json.dumps(continue_records(args.data)))
     overrides = {**_stage_overrides(DemoRecipe(), "finetune"), "max_steps": args.steps, "projector_lr": args.projector_lr}
+    if args.lr is not None:
+        overrides["learning_rate"] = args.lr
+    if args.batch is not None:
+        overrides["per_device_batch_size"] = overrides["global_batch_size"] = args.batch
     train(stage="finetune", data=str(data), image_folder=str(D.data_root()), output_dir=out / "finetune",
           model=str(out / "twin"), focus_config=FocusConfig(), overrides=overrides, lora=True, progress=False)
     model = peft.PeftModel.from_pretrained(twin, out / "finetune" / "adapter").merge_and_unload().eval()
@@ -184,11 +196,13 @@ def main() -> int:
     e.add_argument("--model", default="demo")
     e.add_argument("--images", type=int, default=4)
     c = sub.add_parser("continue", help="train the shipped stock twin further, then check and probe it")
-    c.add_argument("--data", choices=("mix", "yesno"), required=True)
+    c.add_argument("--data", choices=("mix", "yesno", "tail"), required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--model", default="demo")
     c.add_argument("--steps", type=int, default=150)
     c.add_argument("--projector-lr", type=float, default=1e-4)
+    c.add_argument("--batch", type=int, help="batch size (default: the recipe's stage 2 batch)")
+    c.add_argument("--lr", type=float, help="LoRA learning rate (default: the recipe's stage 2 rate)")
     args = ap.parse_args()
     {"text": cmd_text, "embed": cmd_embed, "continue": cmd_continue}[args.cmd](args)
     return 0

@@ -54,13 +54,18 @@ def test_load_demo_answers_the_bundled_picture(name):
     # the focus twin runs as trained: VMTC + CMAI on
     model, processor = load(name, FocusConfig.load(demo_focus_config_path()) if name == "demo-focus" else None)
     image = load_image(demo_image_path("easyvqa"))
-    # colour and shape only: the shipped twin answers yes/no from the question's form (MODEL_CARD.md)
-    prompts = [f"{q}\nAnswer the question using a single word or phrase." for q in
-               ("What color is the shape?", "What shape is in the image?")]
+    truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
+    other_color = "red" if truth["color"] != "red" else "green"
+    other_shape = "circle" if truth["shape"] != "circle" else "rectangle"
+    # yes/no in both directions and both question forms: the picture, not the question's wording, decides
+    # (a twin that learned easy-VQA's form prior answers "no" to every positive question)
+    asked = {"What color is the shape?": truth["color"], "What shape is in the image?": truth["shape"],
+             f"Is there a {truth['color']} shape?": "yes", f"Is there a {other_color} shape?": "no",
+             f"Is there not a {truth['shape']}?": "no", f"Is there not a {other_shape}?": "yes"}
+    prompts = [f"{q}\nAnswer the question using a single word or phrase." for q in asked]
     answers = [o.text.strip().lower().rstrip(".") for o in HFGenerator(model, processor).generate(
         prompts, [image] * len(prompts), 3)]
-    truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
-    assert answers == [truth["color"], truth["shape"]]
+    assert dict(zip(asked, answers)) == asked
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
-"""Why the demo twins answer easy-VQA's yes/no questions from the question's form (issue 16's diagnosis).
+"""Why the first demo twins answered easy-VQA's yes/no questions from the question's form (issue 16's diagnosis;
+the twins shipped since learn them from the picture: benchmarks/RESULTS.md, "Demo model retrained").
 
     python benchmarks/demo/yesno_diagnosis.py text  [--steps 150]   # ~9 min on 2 cores
     python benchmarks/demo/yesno_diagnosis.py embed [--model demo]  # seconds
     python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno|tail --out DIR [--model demo|RUN/ship/stock] [--steps 150] [--lr 2e-3] [--batch 8]  # ~13-30 min
 
-``text``: the same LM (SmolLM2-135M-Instruct with a fresh LoRA r 8 on every linear layer, the recipe's
-rank and learning rate) trained on the yes/no questions with the picture written out as a caption
+``text``: the same LM (SmolLM2-135M-Instruct with a fresh LoRA r 8 on every linear layer, the first
+recipe's rank and learning rate, 4e-4) trained on the yes/no questions with the picture written out as a caption
 ("A red circle.\nIs there a blue shape?") instead of shown. Held-out accuracy (200 test questions,
 "yes" vs "no" logit) every 25 steps: if it climbs, the comparison itself is easy for this LM once
 both sides are words.
@@ -17,8 +18,9 @@ words by the LM's token-matching attention, the route the ``text`` run finds.
 
 ``continue``: the shipped stock twin trained further by ``focusvlm train`` (stage 2 settings of the
 recipe, a fresh LoRA) on ``mix`` (every train question with its picture, plus half as many captioned
-text-only yes/no questions, so the comparison is learned in words alongside) or ``yesno`` (only yes/no
-questions with their picture, balanced per question form), then the recipe's 200-question quick check
+text-only yes/no questions, so the comparison is learned in words alongside), ``yesno`` (only yes/no
+questions with their picture, balanced per question form) or ``tail`` (the recipe's curriculum after its
+colour/shape lead: balanced yes/no at 90 %, colour and shape at 10 %), then the recipe's 200-question quick check
 and ``yesno_probe.swap_probe`` on 120 yes/no questions.
 """
 

@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/focusvlm demo
 
 # Retrain the embedded demo model from scratch and install its weights into the package (about
-# 50 minutes on 2 CPU cores; resumable: rerun after a stop). CI never runs this.
+# 55 minutes on 2 CPU cores: 53 min measured; resumable: rerun after a stop). CI never runs this.
 demo-model: install
 	$(BIN)/pip install -q -e ".[demo]"
 	$(BIN)/focusvlm train --recipe demo --output-dir runs/demo-model --ship

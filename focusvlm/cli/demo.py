@@ -2,8 +2,10 @@
 
 On the embedded demo model (trained here on easy-VQA; focusvlm/assets/demo_model/MODEL_CARD.md) the rows
 are the stock-trained model, the same with CMAI switched on at inference, and with VMTC + CMAI (the twin
-trained with them, run as trained, where it is shipped; else the same model with them at inference). On any other model (``--model``) the three rows are that model stock,
-with CMAI, and with VMTC + CMAI.
+trained with them, run as trained, where it is shipped; else the same model with them at inference), each
+asked the colour question, a yes/no question only the picture answers, and one instruction-following
+prompt. On any other model (``--model``) the three rows are that model stock, with CMAI, and with
+VMTC + CMAI, asked a photo question and the instruction-following prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import sys
 import time
 
 DEMO_QUESTION = "What color is the shape?"
+# a yes/no question whose answer only the picture gives (the bundled picture holds a blue triangle): a model
+# that answers from the question's wording says "no" to every "Is there a ...?" (easy-VQA's form prior)
+DEMO_YES_NO = "Is there a blue shape?"
 # asked as the demo model was trained (LLaVA-1.5's short-answer instruction)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 # one instruction-following prompt: a verifiable format instruction on top of an image question
@@ -34,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", default=None, help="image file or URL (default: the bundled easy-VQA picture, or the "
                                                  "astronaut photo for other models)")
     p.add_argument("--question", default=None, help="the short-answer question (default: 'What color is the shape?')")
+    p.add_argument("--yes-no", default=DEMO_YES_NO, help="the demo model's yes/no question ('' to skip; demo model only)")
     p.add_argument("--if-prompt", default=IF_PROMPT, help="the instruction-following prompt (checked for all capitals)")
     p.add_argument("--cmai", type=float, default=0.6, metavar="GAMMA_MAX")
     p.add_argument("--vmtc", type=float, default=0.5, metavar="TARGET", help="VMTC's kept share for other models")
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     image = open_image(image_source)
     question = args.question or (DEMO_QUESTION if is_demo else PHOTO_PROMPT)
     prompt = f"{question}\n{SHORT_ANSWER}" if is_demo else question
+    yes_no_prompt = f"{args.yes_no}\n{SHORT_ANSWER}" if is_demo and args.yes_no else None
     quiet_progress(args)
     rows = _rows(args)
     check_max_new_tokens(rows[0][1], args.max_new_tokens)
@@ -93,12 +100,15 @@ def run(args: argparse.Namespace) -> int:
     for title, model, processor, config in rows:
         with patched(model, config, processor=processor):
             qa = answer(model, processor, image, prompt, args.max_new_tokens)
+            yes_no = answer(model, processor, image, yes_no_prompt, args.max_new_tokens) if yes_no_prompt else None
             follow = answer(model, processor, image, args.if_prompt, args.max_new_tokens)
         follow["follows"] = check(IF_INSTRUCTION[0], follow["answer"], IF_INSTRUCTION[1])
-        results.append({"title": title, "config": config.to_dict(), "question": qa, "instruction": follow})
+        results.append({"title": title, "config": config.to_dict(), "question": qa, "instruction": follow}
+                       | ({"yes_no": yes_no} if yes_no else {}))
     total = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"model": args.model, "image": image_source, "question": prompt, "if_prompt": args.if_prompt,
+        print(json.dumps({"model": args.model, "image": image_source, "question": prompt, "yes_no": yes_no_prompt,
+                          "if_prompt": args.if_prompt,
                           "if_instruction": IF_INSTRUCTION[0], "rows": results, "seconds": round(total, 2)}))
         return 0
     if is_demo:
@@ -109,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         q = r["question"]
         print(f"  {r['title']:<{width}}  {q['image_tokens']:>4} image tokens  {q['seconds']:.2f} s  -> {q['answer']}")
+    if yes_no_prompt:
+        print(f"question: {yes_no_prompt!r}")
+        for r in results:
+            q = r["yes_no"]
+            print(f"  {r['title']:<{width}}  {q['image_tokens']:>4} image tokens  {q['seconds']:.2f} s  -> {q['answer']}")
     print(f"\ninstruction following: {args.if_prompt!r} (checked: every letter a capital)")
     for r in results:
         f = r["instruction"]

@@ -80,6 +80,9 @@ def test_demo_command_shows_three_rows(capsys):
     assert tokens[0] == tokens[1] == 64 and tokens[2] < 64  # VMTC compresses the picture
     truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
     assert rows[0]["question"]["answer"].strip().lower().rstrip(".") == truth["color"]
+    # the yes/no question only the picture answers ("Is there a blue shape?" about the blue triangle)
+    assert truth["color"] in out["yes_no"]
+    assert [r["yes_no"]["answer"].strip().lower().rstrip(".") for r in rows] == ["yes"] * 3
     assert all(isinstance(r["instruction"]["follows"], bool) for r in rows)
 
 

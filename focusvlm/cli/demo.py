@@ -114,15 +114,13 @@ def run(args: argparse.Namespace) -> int:
     if is_demo:
         print(DEMO_NOTE + "\n")
     print(f"image:    {image_source}")
-    print(f"question: {prompt!r}")
     width = max(len(r["title"]) for r in results)
-    for r in results:
-        q = r["question"]
-        print(f"  {r['title']:<{width}}  {q['image_tokens']:>4} image tokens  {q['seconds']:.2f} s  -> {q['answer']}")
-    if yes_no_prompt:
-        print(f"question: {yes_no_prompt!r}")
+    for key, asked in (("question", prompt), ("yes_no", yes_no_prompt)):
+        if asked is None:
+            continue
+        print(f"question: {asked!r}")
         for r in results:
-            q = r["yes_no"]
+            q = r[key]
             print(f"  {r['title']:<{width}}  {q['image_tokens']:>4} image tokens  {q['seconds']:.2f} s  -> {q['answer']}")
     print(f"\ninstruction following: {args.if_prompt!r} (checked: every letter a capital)")
     for r in results:

@@ -133,10 +133,13 @@ def continue_records(kind: str, seed: int = 0) -> list[dict]:
     train = D.read_split("train")
     if kind == "yesno":
         records = D.stage2_records([it for it in D.balance_yes_no(train, seed) if it.qtype == "yes/no"], seed, turns=1)
-    elif kind == "tail":  # the curriculum recipe's second phase: balanced yes/no at 90 %, colour and shape the rest
+    elif kind == "tail":  # the curriculum recipe's second phase: balanced yes/no at its share, colour and shape the rest
+        from focusvlm.demo.recipe import DemoRecipe
+
+        share = DemoRecipe().yes_no_share
         balanced = D.balance_yes_no(train, seed)
         n_yes_no = sum(it.qtype == "yes/no" for it in balanced)
-        records = D.stage2_records(D.curriculum(balanced, n_yes_no * 10 // 9, 0, 0.9, seed), seed, turns=1)
+        records = D.stage2_records(D.curriculum(balanced, int(n_yes_no / share), 0, share, seed), seed, turns=1)
     else:
         records = D.stage2_records(train, seed, turns=1)
         labels, rng = D.image_labels(train), random.Random(f"{seed}/text")

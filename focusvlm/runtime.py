@@ -186,7 +186,7 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
 
 def set_progress_bars(enabled: bool) -> None:
     """Switch transformers' and the hub client's progress bars ("Loading weights", downloads) on or off."""
-    from transformers.utils import logging as hf_logging
+    from transformers import logging as hf_logging
 
     if enabled:
         hf_logging.enable_progress_bar()

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from focusvlm import hfcompat
+
 from focusvlm import CMAIConfig, ConfigError, FocusConfig, patch, patched, unpatch
 from focusvlm.inhibit.state import CMAIStateError
 from focusvlm.models.factory import random_llava
@@ -80,11 +82,11 @@ def test_cache_from_another_sequence_is_refused(model):
     inputs = make_inputs(model, [[3, "img", 4]])
     other = make_inputs(model, [[3, "img", 9]], seed=3)
     with torch.no_grad(), patched(model, CMAI):
-        past = model(**other, use_cache=True).past_key_values
+        past = hfcompat.output_cache(model(**other, use_cache=True))
         model(**inputs, use_cache=True)  # the state now tracks a shorter sequence
         with pytest.raises(CMAIStateError, match="cache"):
             model(input_ids=inputs["input_ids"][:, :1], attention_mask=torch.ones(1, past.get_seq_length() + 1,
-                  dtype=torch.long), past_key_values=past)
+                  dtype=torch.long), **hfcompat.cache_kwargs(past))
 
 
 def test_torch_compile_fullgraph_is_refused(model):

@@ -1,7 +1,8 @@
 """Static checks of the package layering (docs/architecture.md).
 
 * nothing outside focusvlm/cli imports focusvlm.cli;
-* transformers' model, layer, processor and auto classes are named only under focusvlm/models/;
+* transformers' model, layer, processor and auto classes are named only under focusvlm/models/ (and the boundary);
+* only focusvlm/hfcompat.py reaches inside transformers (submodules), and it imports nothing of focusvlm;
 * module-level imports inside focusvlm form no cycle.
 """
 
@@ -58,7 +59,7 @@ def test_only_cli_imports_cli():
 def test_transformers_model_classes_only_in_models():
     bad = []
     for module, path, tree in _modules():
-        if module.startswith("focusvlm.models"):
+        if module.startswith("focusvlm.models") or module == BOUNDARY:
             continue
         for target, names in _imports(module, path, tree, top_level_only=False):
             if not target.startswith("transformers"):
@@ -67,6 +68,28 @@ def test_transformers_model_classes_only_in_models():
             if named or target.startswith("transformers.models"):
                 bad.append(f"{module}: from {target} import {names}")
     assert not bad, bad
+
+
+BOUNDARY = "focusvlm.hfcompat"
+
+
+def test_transformers_internals_only_through_the_boundary():
+    """Only focusvlm.hfcompat imports from inside transformers; everything else uses its top-level (public) names."""
+    bad = []
+    for module, path, tree in _modules():
+        if module == BOUNDARY:
+            continue
+        for target, names in _imports(module, path, tree, top_level_only=False):
+            if target.startswith("transformers."):
+                bad.append(f"{module}: from {target} import {names}")
+    assert not bad, bad
+
+
+def test_the_boundary_is_a_leaf():
+    tree = next(t for m, _, t in _modules() if m == BOUNDARY)
+    inside = [target for target, _ in _imports(BOUNDARY, PACKAGE / "hfcompat.py", tree, top_level_only=False)
+              if target.startswith("focusvlm") or target.startswith(".")]
+    assert not inside, inside
 
 
 def test_no_import_cycle_at_module_level():

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import hfcompat
 from ..api import ProcessorHint, unpatch
 from ..api import patch as _patch
 
@@ -558,7 +559,7 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
                     live[name], forwards[name] = _compiled_decoder(models[name], plans[name], vision, n_new)
                 else:
                     out = prefill(name)
-                    live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
+                    live[name] = [hfcompat.output_cache(out), out.logits[:, -1:].argmax(-1), plans[name]["mask"]]
                     forwards[name] = models[name]
             # the first steps pay one-off allocations (and, compiled, the compilation)
             warm = min(max(opts.warmup * 4, 3 if opts.compile else 0), n_new - 2)
@@ -573,12 +574,12 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
                     result = {}
 
                     def one_step(name=name, cache=cache, token=token, mask=mask, result=result):
-                        result["out"] = forwards[name](input_ids=token, attention_mask=mask, past_key_values=cache,
+                        result["out"] = forwards[name](input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache),
                                                        use_cache=True, logits_to_keep=1)
 
                     seconds = clock.time(one_step)
                     out = result["out"]
-                    live[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask]
+                    live[name] = [hfcompat.output_cache(out), out.logits[:, -1:].argmax(-1), mask]
                     if step >= warm:
                         samples[name].setdefault("decode_step", []).append(seconds)
     finally:
@@ -592,12 +593,10 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
 
 def _compiled_decoder(model, plan: dict[str, Any], vision: dict[str, torch.Tensor], n_new: int):
     """Eager prefill into a static cache; decode steps through torch.compile(model.forward, fullgraph=True)."""
-    from transformers import StaticCache
-
     ids, mask = plan["ids"], plan["mask"]
     length = ids.shape[1] + n_new
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    cache = hfcompat.static_cache(model, length)
+    out = model(input_ids=ids, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True, logits_to_keep=1,
                 **vision, **plan["extra"])
     full = torch.zeros(ids.shape[0], length, dtype=mask.dtype, device=mask.device)
     full[:, :ids.shape[1]] = mask

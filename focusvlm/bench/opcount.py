@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from .. import hfcompat
+
 
 def top_level_aten_ops(fn: Callable[[], Any]) -> collections.Counter:
     """Names and counts of the aten ops ``fn`` dispatches at the top level."""
@@ -32,13 +34,13 @@ def decode_step_ops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], war
     batch = inputs["input_ids"].shape[0]
     with torch.inference_mode():
         out = model(**inputs, use_cache=True)
-        cache, mask = out.past_key_values, inputs["attention_mask"]
+        cache, mask = hfcompat.output_cache(out), inputs["attention_mask"]
         token = out.logits[:, -1:].argmax(-1)
 
         def step():
             nonlocal mask, token
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            result = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+            result = model(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True,
                            logits_to_keep=1)
             token = result.logits[:, -1:].argmax(-1)
 

@@ -1,6 +1,6 @@
 """CMAI wired into any decoder-only LLM behind a family adapter (no family specifics here).
 
-How (checked on transformers 5.23):
+How (transformers' internals reached through ``focusvlm.hfcompat``):
 * an attention function registered with ``AttentionInterface`` under one name
   per stock implementation (``focusvlm_cmai_sdpa`` ...), together with the
   mask function that implementation uses (without a registered mask function
@@ -28,14 +28,12 @@ compiles only the decode steps).
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any, Callable
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .. import hfcompat
+from ..hfcompat import past_length, static_capacity
 from .attention import PLAN_KWARG, LayerLink, cmai_attention_forward
 from .state import CMAIState, CMAIStateError
 
@@ -46,37 +44,19 @@ def stock_attention(implementation: str, module: torch.nn.Module) -> Callable:
     """The attention function the model would call without CMAI (eager lives in the family's module)."""
     from ..models import UnsupportedModelError
 
-    if implementation == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    if implementation not in ALL_ATTENTION_FUNCTIONS:
+    function = hfcompat.stock_attention(implementation, module)
+    if function is None:
         raise UnsupportedModelError(f"unknown attention implementation {implementation!r}")
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    return function
 
 
 def register_attention(implementation: str) -> str:
     """Register the CMAI attention + mask pair for one stock implementation, once per process."""
     name = f"focusvlm_cmai_{implementation}"
     if name not in _REGISTERED:
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) or ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-        AttentionInterface.register(name, cmai_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)
+        hfcompat.register_attention(name, cmai_attention_forward, like=implementation)
         _REGISTERED.add(name)
     return name
-
-
-def past_length(past_key_values: Any) -> int | torch.Tensor:
-    """Positions already in the cache (0 without one); a static cache answers with a 0-d tensor."""
-    if past_key_values is None:
-        return 0
-    return past_key_values.get_seq_length()
-
-
-def static_capacity(past_key_values: Any) -> int | None:
-    """The fixed length of a static (compile-ready) cache; None for a growing one."""
-    if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
-        return None
-    length = past_key_values.get_max_length()
-    return int(length) if length and length > 0 else None
 
 
 def language_model(adapter: Any, model: torch.nn.Module) -> torch.nn.Module:
@@ -115,7 +95,7 @@ class CMAIBinding:
 
     def _before_forward(self, module, args, kwargs):
         call = self.adapter.call_inputs(module, args, kwargs)
-        cache = call.past_key_values
+        cache = call.cache
         # rows are kept for a later call only when this one can leave a cache behind
         keep = not module.training and kwargs.get("use_cache") is not False
         self.state.begin_call(call.image_mask, call.attention_mask, past_length(cache),

@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import hfcompat
+
 
 class UnsupportedModelError(TypeError):
     """focusvlm has no adapter for this model, or the adapter cannot do what was asked."""
@@ -29,12 +31,12 @@ class CallInputs:
     image_mask: (B, Q) bool, the new positions that receive image/video features in THIS call
         (a decode step carries no pixels, so a generated token is text whatever its id).
     attention_mask: (B, past + Q) 2-D padding mask or None.
-    past_key_values: the cache object or None.
+    cache: the cache object or None (passed as ``cache`` or ``past_key_values``, by version).
     """
 
     image_mask: torch.Tensor
     attention_mask: torch.Tensor | None
-    past_key_values: Any
+    cache: Any
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,6 @@ class TowerGeometry:
         return min(self.feature_layers)
 
 
-# the keyword inputs of a transformers 5 decoder layer that token removal rewrites
-_DECODER_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "past_key_values")
 
 @dataclass(frozen=True)
 class MergedCall:
@@ -198,25 +198,12 @@ class FamilyAdapter:
 
     def decoder_layer_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """What a decoder layer was called with: hidden_states, attention_mask, position_embeddings,
-        position_ids, past_key_values (transformers 5 decoder layers: hidden states first, the rest by keyword)."""
-        out = {name: kwargs.get(name) for name in _DECODER_LAYER_KWARGS}
-        out["hidden_states"] = args[0] if args else kwargs.get("hidden_states")
-        return out
+        position_ids, cache (transformers 5 decoder layers: hidden states first, the rest by keyword)."""
+        return hfcompat.decoder_layer_inputs(args, kwargs)
 
     def with_decoder_layer_inputs(self, args: tuple, kwargs: dict, **changes: Any) -> tuple[tuple, dict]:
         """(args, kwargs) of a decoder-layer call with some inputs replaced (names as ``decoder_layer_inputs``)."""
-        args, kwargs = tuple(args), dict(kwargs)
-        if "hidden_states" in changes:
-            hidden = changes.pop("hidden_states")
-            if args:
-                args = (hidden,) + args[1:]
-            else:
-                kwargs["hidden_states"] = hidden
-        unknown = set(changes) - set(_DECODER_LAYER_KWARGS)
-        if unknown:
-            raise ValueError(f"unknown decoder-layer inputs {sorted(unknown)}")
-        kwargs.update(changes)
-        return args, kwargs
+        return hfcompat.replace_decoder_layer_inputs(args, kwargs, **changes)
 
     def decoder_query_key(self, attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: Any,
                           query_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -22,13 +22,13 @@ from typing import Any, Callable
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .base import CallInputs, FamilyAdapter, TowerGeometry, TowerStage, UnsupportedModelError
+from .. import hfcompat
 from . import register_family
 
 # the positional order of LlavaModel.forward, for calls that pass some inputs positionally
-_CALL_ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+CLIPEncoderLayer = hfcompat.encoder_layer_class("clip")
 
 
 class VMTCEncoderLayer(CLIPEncoderLayer):
@@ -162,7 +162,6 @@ class LlavaAdapter(FamilyAdapter):
         return None
 
     # ------------------------------------------------------------------ language side
-    call_args = _CALL_ARGS  # the positional order of the core's forward
 
     def modalities(self, module) -> tuple[tuple[int, tuple[str, ...], str], ...]:
         """(placeholder token id, pixel arguments, ``mm_encoder_outputs`` key) of every modality whose
@@ -170,8 +169,7 @@ class LlavaAdapter(FamilyAdapter):
         return ((module.config.image_token_id, ("pixel_values",), "image"),)
 
     def call_inputs(self, module, args, kwargs) -> CallInputs:
-        given = dict(zip(self.call_args, args))
-        given.update(kwargs)
+        given = hfcompat.bound_arguments(module, args, kwargs)
         input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         if input_ids is None and embeds is None:
             from ..inhibit.state import CMAIStateError
@@ -196,7 +194,7 @@ class LlavaAdapter(FamilyAdapter):
             here = here if carried else torch.zeros_like(here)
             image_mask = here if image_mask is None else image_mask | here
         if input_ids is None and not features:
-            past = given.get("past_key_values")
+            past = hfcompat.cache_of(given)
             if (past is None or past.get_seq_length() == 0) and not markers:
                 from ..inhibit.state import CMAIStateError
 
@@ -204,13 +202,11 @@ class LlavaAdapter(FamilyAdapter):
                     "CMAI cannot find image positions in an inputs_embeds-only call: the image features are "
                     "already merged. Pass input_ids (with <image> tokens) or inputs_embeds holding the "
                     "<image> token embedding together with pixel_values.")
-        return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
+        return CallInputs(image_mask, given.get("attention_mask"), hfcompat.cache_of(given))
 
     def decoder_query_key(self, attention, hidden_states, position_embeddings, query_rows):
-        import sys
-
         # the rotary function of the attention's own modeling module (Llama, Mistral, Qwen2 ... each define one)
-        rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+        rotary = hfcompat.modeling_function(attention, "apply_rotary_pos_emb")
         if rotary is None or position_embeddings is None:
             raise UnsupportedModelError(f"{type(attention).__name__}: no rotary position embedding to follow")
         B, Q, _ = hidden_states.shape
@@ -359,10 +355,8 @@ class LlavaAdapter(FamilyAdapter):
         p = processor
 
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-            from transformers.image_utils import get_image_size, to_numpy_array
-
             stock = stock_replace(image_inputs, image_idx, **kwargs)
-            h, w = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+            h, w = hfcompat.image_height_width(image_inputs["pixel_values"][image_idx])
             grid = (h // p.patch_size, w // p.patch_size)
             extra = len(stock) // len(p.image_token) - grid[0] * grid[1]  # CLS or other extra tokens, as stock
             return p.image_token * (patches_for_grid(grid) + extra)

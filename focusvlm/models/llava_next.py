@@ -29,15 +29,13 @@ from typing import Any, Callable
 
 import torch
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
-from transformers.image_processing_utils import select_best_resolution
 
+from .. import hfcompat
 from . import register_family
 from .base import TowerGeometry, UnsupportedModelError
 from .llava import LlavaAdapter
 
 # the positional order of LlavaNextModel.forward
-_CALL_ARGS = ("input_ids", "pixel_values", "image_sizes", "attention_mask", "position_ids", "past_key_values",
-              "inputs_embeds")
 
 
 # --------------------------------------------------------------------------- AnyRes arithmetic (pure)
@@ -48,7 +46,7 @@ def anyres_tiles(image_size: tuple[int, int], pinpoints: list, crop: tuple[int, 
     The pinpoint is the processor's own choice (``select_best_resolution``); a partial tile
     counts as a tile, as in ``image_size_to_num_patches``.
     """
-    best_h, best_w = select_best_resolution([int(image_size[0]), int(image_size[1])], pinpoints)
+    best_h, best_w = hfcompat.select_best_resolution([int(image_size[0]), int(image_size[1])], pinpoints)
     return math.ceil(best_h / crop[0]), math.ceil(best_w / crop[1])
 
 
@@ -146,7 +144,6 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     presets = tuple(PRESETS)
     model_class = LlavaNextForConditionalGeneration
-    call_args = _CALL_ARGS
 
     def core(self, model):
         if isinstance(model, LlavaNextForConditionalGeneration):

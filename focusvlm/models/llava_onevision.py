@@ -25,16 +25,15 @@ from typing import Any, Callable
 
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, LlavaOnevisionProcessor
-from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
+from .. import hfcompat
 from . import register_family
 from .base import TowerStage, UnsupportedModelError
 from .llava import _vision_model
 from .llava_next import AnyResPreset, LlavaNextAdapter, build_random, packed_length
 
 # the positional order of LlavaOnevisionModel.forward
-_CALL_ARGS = ("input_ids", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
-              "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+SiglipEncoderLayer = hfcompat.encoder_layer_class("siglip")
 
 
 class VMTCSiglipEncoderLayer(SiglipEncoderLayer):
@@ -149,7 +148,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     presets = tuple(PRESETS)
     model_class = LlavaOnevisionForConditionalGeneration
-    call_args = _CALL_ARGS
 
     def core(self, model):
         if isinstance(model, LlavaOnevisionForConditionalGeneration):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -40,6 +39,7 @@ import torch
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel,
                           Qwen2_5_VLProcessor)
 
+from .. import hfcompat
 from . import register_family
 from .base import (CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, ShownCrop,
                    UnsupportedModelError)
@@ -144,7 +144,7 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ language side
     def call_inputs(self, module, args, kwargs) -> CallInputs:
-        given = _bind_call(module, args, kwargs)
+        given = hfcompat.bound_arguments(module, args, kwargs)
         input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         encoded = given.get("mm_encoder_outputs") or {}
         carries = {module.config.image_token_id: given.get("pixel_values") is not None or encoded.get("image") is not None,
@@ -163,7 +163,7 @@ class Qwen25VLAdapter(FamilyAdapter):
                 if present:
                     marker = module.get_input_embeddings()(torch.tensor(token, device=embeds.device))
                     image_mask |= (embeds == marker).all(-1)
-            past = given.get("past_key_values")
+            past = hfcompat.cache_of(given)
             if not any(carries.values()) and (past is None or past.get_seq_length() == 0):
                 from ..inhibit.state import CMAIStateError
 
@@ -175,7 +175,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             from ..inhibit.state import CMAIStateError
 
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
-        return CallInputs(image_mask, given.get("attention_mask"), given.get("past_key_values"))
+        return CallInputs(image_mask, given.get("attention_mask"), hfcompat.cache_of(given))
 
     # ------------------------------------------------------------------ vision side: where and how to read the tower
     def tower_geometry(self, model):
@@ -192,9 +192,7 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     def group_index(self, visual, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged token (raster order over the call) of each group of 4 rows inside the blocks: the window order."""
-        from transformers.vision_utils import get_vision_window_index
-
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+        window_index, _ = hfcompat.qwen2_5_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
         return window_index.to(grid_thw.device)
 
@@ -208,7 +206,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     def _block_qk(self, block, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(q, k) of a ViT block with rotary applied, (S, heads, d), as its attention computes them."""
         attn = block.attn
-        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        rotary = hfcompat.modeling_function(attn, "apply_rotary_pos_emb_vision")
         S = hidden.shape[0]
         q, k, _ = attn.qkv(block.norm1(hidden)).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
@@ -538,17 +536,3 @@ def _rescale_runs(text: str, token: str, stock: int, new: int) -> str:
 
     return re.sub(f"(?:{re.escape(token)})+", one, text)
 
-
-_SIGNATURES: dict[type, list[str]] = {}
-
-
-def _bind_call(module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by name, whatever was passed positionally (the orders differ between families)."""
-    names = _SIGNATURES.get(type(module))
-    if names is None:
-        params = inspect.signature(type(module).forward).parameters
-        names = _SIGNATURES[type(module)] = [n for n, p in params.items() if n != "self"
-                                             and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    given = dict(zip(names, args))
-    given.update(kwargs)
-    return given

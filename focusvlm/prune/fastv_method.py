@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import hfcompat
 from ..compress import fastv
 from ..config import ConfigError, fail
 from ..methods import Method, register_method
@@ -157,7 +158,7 @@ class FastVBinding:
             call = self.adapter.call_inputs(module, args, kwargs)
         except CMAIStateError as exc:
             raise ValueError(str(exc).replace("CMAI", "FastV")) from None
-        cache = call.past_key_values
+        cache = call.cache
         if cache is not None and getattr(cache, "is_compileable", False):
             raise NotImplementedError("FastV does not support a static (compileable) cache: its layers would all "
                                       "hold the full length. Use the default dynamic cache.")
@@ -216,7 +217,7 @@ class FastVBinding:
 
     def _remove(self, layer, args, kwargs):
         inputs = self.adapter.decoder_layer_inputs(args, kwargs)
-        cache = inputs["past_key_values"]
+        cache = inputs["cache"]
         call = self.call
         if call is None:
             if cache is not None and hasattr(cache, _CACHE_ATTR):
@@ -252,7 +253,7 @@ class FastVBinding:
         if removal is None:
             call.replacements = None
             return None   # the prefill dropped nothing: stock
-        held = int(cache.get_seq_length(self.k))
+        held = hfcompat.layer_length(cache, self.k)
         if held != removal.positions.shape[1] or call.past != removal.length:
             raise RuntimeError(f"FastV: the cache holds {call.past} positions ({held} in layer {self.k}) but FastV "
                                f"recorded {removal.length} ({removal.positions.shape[1]}); was it cropped or reused?")

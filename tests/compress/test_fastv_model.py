@@ -4,6 +4,8 @@ the later layers' caches, left-padded batches, cached generation, identity at R 
 import pytest
 import torch
 
+from focusvlm import hfcompat
+
 from focusvlm import CMAIConfig, ConfigError, FastVConfig, FocusConfig, VMTCConfig, patch, unpatch
 from focusvlm.methods import get_method
 from focusvlm.models.factory import random_llava
@@ -67,7 +69,7 @@ def test_cached_generate_equals_full_forward_of_the_pruned_model():
             out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                                  return_dict_in_generate=True, output_logits=True)
         kept = handle.llm.last_positions
-        cache = out.past_key_values
+        cache = hfcompat.output_cache(out)
         # real removal: layers >= K hold only the kept entries (plus the decoded tokens), layers < K everything
         held = [cache.get_seq_length(i) for i in range(len(cache.layers))]
         assert held[:k] == [L + new - 1] * k
@@ -169,12 +171,12 @@ def test_refusals():
                 "attention_mask": torch.cat([batch["attention_mask"]] * 2, dim=1)}
         with pytest.raises(NotImplementedError, match="prefill only"):
             with torch.no_grad():
-                model(**more, past_key_values=out.past_key_values)
-        out.past_key_values.crop(-1)   # drops one entry of every layer: no longer the record FastV kept
+                model(**more, **hfcompat.cache_kwargs(hfcompat.output_cache(out)))
+        hfcompat.output_cache(out).crop(-1)   # drops one entry of every layer: no longer the record FastV kept
         step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": batch["attention_mask"]}
         with pytest.raises(RuntimeError, match="cropped"):
             with torch.no_grad():
-                model(**step, past_key_values=out.past_key_values)
+                model(**step, **hfcompat.cache_kwargs(hfcompat.output_cache(out)))
     finally:
         unpatch(model)
     model.config.text_config._attn_implementation = "flex_attention"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from focusvlm import hfcompat
+
 from focusvlm import CMAIConfig, FocusConfig, patched
 from focusvlm.models.factory import random_llava
 from helpers import make_inputs
@@ -24,7 +26,7 @@ def _losses_and_grads(checkpointing: bool, reentrant: bool, interleave: bool):
     model = random_llava("tiny", seed=0)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        hfcompat.enable_checkpointing(model, checkpoint_kwargs={"use_reentrant": reentrant})
     a, b = _batch(model, LAYOUTS_A, seed=1), _batch(model, LAYOUTS_B, seed=2)
     with patched(model, FocusConfig(cmai=CMAIConfig())) as handle:
         state = handle.cmai.state
@@ -86,8 +88,8 @@ def test_recomputing_a_layer_writes_its_rows_in_place():
             handle_hook.remove()
         store = handle.cmai.state.store
         length, rows = store.length, store.rows[2].clone()
-        out_first = layer(*seen["args"], **{**seen["kwargs"], "past_key_values": None})[0]
-        out_again = layer(*seen["args"], **{**seen["kwargs"], "past_key_values": None})[0]
+        out_first = layer(*seen["args"], **{**seen["kwargs"], hfcompat.CACHE_ARG: None})[0]
+        out_again = layer(*seen["args"], **{**seen["kwargs"], hfcompat.CACHE_ARG: None})[0]
         assert store.length == length > 0
         assert torch.equal(store.rows[2], rows)
         assert torch.equal(out_first, out_again)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from focusvlm import hfcompat
 from transformers import CompileConfig, StaticCache
 
 from focusvlm import CMAIConfig, FocusConfig, patched
@@ -69,13 +71,13 @@ def _decode(model, inputs, forward, steps=STEPS):
     batch, prompt = inputs["input_ids"].shape
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 3)
     with torch.no_grad():
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **hfcompat.cache_kwargs(cache), use_cache=True)
         logits = [out.logits[:, -1]]
         mask, token = inputs["attention_mask"], out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             position = mask.cumsum(-1)[:, -1:] - 1
-            out = forward(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+            out = forward(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True,
                           position_ids=position)
             logits.append(out.logits[:, -1])
             token = out.logits[:, -1:].argmax(-1)
@@ -131,7 +133,7 @@ def test_compiled_decode_with_dynamic_cache_is_refused(model):
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
         compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
         with pytest.raises(Exception, match="static cache"):
-            compiled(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+            compiled(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, **hfcompat.cache_kwargs(hfcompat.output_cache(out)))
     torch._dynamo.reset()
 
 
@@ -164,15 +166,15 @@ def test_a_second_prompt_continues_a_static_cache(model):
 
     def run(cache):
         with torch.no_grad():
-            out = model(**inputs, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(**inputs, **hfcompat.cache_kwargs(cache), use_cache=True)
+            cache = hfcompat.output_cache(out)
             tokens = [out.logits[:, -1:].argmax(-1)]
             for _ in range(3):
                 mask = torch.ones(1, prompt + len(tokens), dtype=torch.long)
-                out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(input_ids=tokens[-1], attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True)
                 tokens.append(out.logits[:, -1:].argmax(-1))
             mask = torch.ones(1, prompt + 3 + extra.shape[1], dtype=torch.long)
-            follow = model(input_ids=extra, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            follow = model(input_ids=extra, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True).logits
         sequence = torch.cat([inputs["input_ids"]] + tokens[:-1] + [extra], dim=1)
         return follow, sequence
 

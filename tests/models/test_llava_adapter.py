@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from focusvlm import hfcompat
+
 from focusvlm import CMAIConfig, ConfigError, FocusConfig, VMTCConfig, patched
 from focusvlm.models import adapter_for
 from focusvlm.models.factory import random_llava
@@ -26,7 +28,7 @@ def test_decoded_token_with_the_image_id_is_text(model):
         before = state.store.text_count.clone()
         step = torch.full((2, 1), image_id)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
-        logits = model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True).logits
+        logits = model(input_ids=step, attention_mask=mask, **hfcompat.cache_kwargs(hfcompat.output_cache(out)), use_cache=True).logits
         assert torch.equal(state.store.text_count, before + 1)
     assert torch.isfinite(logits).all()
 

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from focusvlm import hfcompat
+
 import tiny
 from focusvlm import CMAIConfig, FocusConfig, VMTCConfig, patch, unpatch
 from focusvlm.train import train
@@ -85,7 +87,7 @@ def gc_equivalence(base, config):
     model.train()
     batch = batch_for(model, proc, base)
     loss, grads = loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hfcompat.enable_checkpointing(model, checkpoint_kwargs={"use_reentrant": False})
     loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
     assert torch.allclose(loss, loss_ckpt, atol=1e-6)
     assert grads.keys() == grads_ckpt.keys()

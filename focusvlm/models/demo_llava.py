@@ -99,12 +99,15 @@ def fresh_tower(vision_config):
     return CLIPVisionModel(vision_config).eval()
 
 
-def compose_demo_llava(tower, image_processor, lm=None, tokenizer=None, seed: int = 0):
+def compose_demo_llava(tower, image_processor, lm=None, tokenizer=None, seed: int = 0, init_projector: bool = True):
     """(``LlavaForConditionalGeneration``, ``LlavaProcessor``): ``tower``'s weights, a fresh seeded 2-layer
     GELU projector and ``lm`` (default: SmolLM2 from the GGUF), LLaVA-1.5 wiring (features of layer -2,
     CLS dropped), the ChatML chat template. ``tokenizer`` must already hold ``<image>``.
 
     Deterministic: the same inputs give bit-identical weights, so shipped deltas can be applied later.
+    ``init_projector=False`` leaves the projector's memory uninitialised, for a caller that loads its weights
+    next (``load_demo``): every other weight is copied in below, so the LLaVA is built without running its
+    random initialisation (seconds of CPU for a 135M-parameter model whose weights are all overwritten).
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -121,7 +124,13 @@ def compose_demo_llava(tower, image_processor, lm=None, tokenizer=None, seed: in
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu", tie_word_embeddings=text_config.tie_word_embeddings)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    if init_projector:
+        model = LlavaForConditionalGeneration(config)
+    else:
+        from ..hfcompat import no_weight_init
+
+        with no_weight_init():
+            model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)

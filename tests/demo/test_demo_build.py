@@ -70,6 +70,45 @@ def test_lora_delta_against_a_loop():
         B.lora_delta(a, b.T, 1.0)
 
 
+def test_merge_lora_is_the_fp64_formula_bit_for_bit():
+    """merge_lora works in one reused fp64 buffer; its result is exactly (W.double() + lora_delta).to(W.dtype)."""
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 9), torch.nn.Linear(9, 3))
+    pairs = {name: (torch.randn(2, m.in_features, generator=g).half(), torch.randn(m.out_features, 2, generator=g))
+             for name, m in model.named_children()}
+    want = {name: (m.weight.double() + B.lora_delta(pairs[name][0].float(), pairs[name][1].float(), 0.3)).float()
+            for name, m in model.named_children()}
+    B.merge_lora(model, pairs, 0.3)
+    for name, m in model.named_children():
+        assert torch.equal(m.weight.detach(), want[name]), name
+    with pytest.raises(B.DemoWeightsError, match="do not chain"):
+        B.merge_lora(model, {"0": (torch.zeros(2, 7), torch.zeros(5, 3))}, 1.0)
+    with pytest.raises(B.DemoWeightsError, match="does not fit"):
+        B.merge_lora(model, {"0": (torch.zeros(2, 5), torch.zeros(5, 2))}, 1.0)
+    with pytest.raises(B.DemoWeightsError, match="not have as a linear layer"):
+        B.merge_lora(model, {"nope": (torch.zeros(2, 7), torch.zeros(5, 2))}, 1.0)
+
+
+def test_loading_skips_random_init_and_gives_the_same_model(tower_dir, tmp_path):
+    """load_demo composes without random initialisation (every weight is loaded next); the result equals the
+    initialised composition, buffers and tying included."""
+    model, _ = B.build_trainable(tower_dir, lm_factory=tiny_lm)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a projector unlike a fresh one, as a trained one is
+        for p in model.model.multi_modal_projector.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    B.pack_demo(model, tmp_path / "ship")
+    threads = torch.get_num_threads()
+    loaded, _ = B.load_demo(tmp_path / "ship", lm_factory=tiny_lm)
+    assert torch.get_num_threads() == threads  # loading runs on one intra-op thread, then gives the setting back
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    want_buffers, got_buffers = dict(model.named_buffers()), dict(loaded.named_buffers())
+    assert want_buffers.keys() == got_buffers.keys()
+    assert all(torch.equal(want_buffers[k], got_buffers[k]) for k in want_buffers)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+
+
 def _peft_model(tower_dir, r=4, alpha=8, rslora=False):
     peft = pytest.importorskip("peft")
     model, processor = B.build_trainable(tower_dir, lm_factory=tiny_lm)

@@ -91,13 +91,13 @@ def test_gguf_conversion_bar_follows_the_progress_switch(capfd):
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
-    from focusvlm.models.factory import smollm2_lm
+    from focusvlm.models.factory import smollm2_lm_from_gguf
     from focusvlm.runtime import set_progress_bars
 
     original = gguf_reader.tqdm
     set_progress_bars(False)
-    try:
-        lm, tokenizer = smollm2_lm()
+    try:  # the conversion itself: smollm2_lm() reads the cached conversion, which draws no such bar
+        lm, tokenizer = smollm2_lm_from_gguf()
     finally:
         set_progress_bars(True)
     assert "GGUF tensors" not in capfd.readouterr().err

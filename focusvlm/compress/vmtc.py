@@ -118,7 +118,10 @@ def cls_importance(cls_query: torch.Tensor, keys: torch.Tensor, scale: float) ->
     with N = 1 + n (CLS first). Returns (B, n) in float32. Only the CLS row of
     the attention matrix is formed.
     """
-    logits = torch.einsum("bhd,bhnd->bhn", cls_query.float(), keys.float()) * scale
+    # .float() only where needed: on float32 it returns the tensor itself, yet still costs a dispatched op
+    q = cls_query if cls_query.dtype == torch.float32 else cls_query.float()
+    k = keys if keys.dtype == torch.float32 else keys.float()
+    logits = torch.einsum("bhd,bhnd->bhn", q, k) * scale
     probs = logits.softmax(dim=-1)
     return probs.mean(dim=1)[:, 1:]
 
@@ -156,69 +159,134 @@ def select_primary(importance: torch.Tensor, keep: int) -> tuple[torch.Tensor, t
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+    """Rows scaled to unit length (zero rows stay zero): torch.nn.functional.normalize(eps=1e-12)
+    without its expand_as, i.e. the same values with one op fewer."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def kmeans_init(m: int, clusters: int, device=None) -> torch.Tensor:
     """Deterministic initial centre indices (V3): ``clusters`` points evenly spread over the m tokens
-    (index floor((i + 0.5) * m / c)), so the seeds cover the whole image in raster order."""
-    i = torch.arange(clusters, device=device, dtype=torch.float64)
-    return torch.floor((i + 0.5) * m / clusters).long()
+    (index floor((i + 0.5) * m / c)), so the seeds cover the whole image in raster order.
+
+    Integer form ((2i + 1) m) // (2c): the exact quotient is either a whole number or at least
+    1 / (2c) away from one, so it floors to the same index as the float64 formula (checked for every
+    m < 700, c <= m), in two ops instead of six.
+    """
+    return torch.arange(m, (2 * clusters + 1) * m, 2 * m, device=device) // (2 * clusters)
+
+
+# Re-seeding as a fixed op sequence. The rule (V3, ``reseed_empty``): the e-th empty cluster (ascending
+# id) takes the e-th point in ascending (similarity to own centre, index) order among the points that
+# are not their cluster's "anchor" (best-fitting member, lowest index on ties). The rule is one-shot,
+# not sequential: every mover is picked from this assignment's labels at once, and moving a non-anchor
+# never empties a cluster, so no pick depends on an earlier one and it vectorises exactly.
+#
+# All of it works on one (B, m, c) matrix ``member``: each point's fit in its own cluster's column,
+# ``non_member`` (far below any fit) in the others.
+#   * Column max: per cluster its anchor (max(dim) returns the first maximal row, as the arg-max of
+#     the old masked fit did) and the anchor's fit; an empty column's max is ``non_member``.
+#   * Sort key: fit, with each anchor raised to fit + ``lift`` (above every fit) by a
+#     scatter_reduce(amax). An empty column scatters non_member + lift, below any fit, onto its arg-max
+#     row 0, which therefore keeps its own fit. Stable sort: non-anchors by (fit, index), anchors last.
+#   * Stable sort of the column maxima: the empty clusters first, in ascending id. Pair k (k-th mover,
+#     k-th cluster of that order) gets -2 * (the cluster's column max) added to its cell of ``member``.
+#     For an empty cluster that is -2 * non_member, which makes the cell the row's maximum: the point
+#     moves. For a non-empty one it is at most 2 * bound in size, too little to change the row's arg-max.
+#     So no count of empty clusters, no mask and no branch is needed.
+#   * Row arg-max of ``member``: the new label of every point.
+# With similarities in [-b, b], non_member = -(4b + 2) and lift = 2b + 1 leave every one of these margins
+# at 1 or more.
+_COSINE_BOUND = 2.0   # |cos| <= 1 for unit rows, up to rounding; 2 leaves room
+
+
+def _reseed_constants(bound):
+    return -(4 * bound + 2), 2 * bound + 1
+
+
+def _reseed(fit: torch.Tensor, labels: torch.Tensor, member_fill: torch.Tensor, batch: torch.Tensor,
+            rows: torch.Tensor, lift: float | None, keepdim: bool) -> torch.Tensor:
+    """New labels after re-seeding (see the comment above). fit, labels (B, m); member_fill (B, m, c)
+    all ``non_member``; batch (B, 1) and rows (m,) index maps. 11 ops when m > c, none reading values.
+
+    ``lift=None``: anchors get an infinite key, all equal, as in the rule's literal form. That only
+    matters when there are more clusters than points (c > m), where anchors themselves must move and
+    then go in index order; K-means never has c > m and uses the cheaper finite lift.
+    """
+    member = torch.index_put(member_fill, (batch, rows, labels), fit)                    # (B, m, c)
+    top, anchor = member.max(dim=1)                                                      # (B, c)
+    if lift is None:  # an empty column's maximum is the fill value, a filled one's is a member's fit
+        src = torch.where(top > member_fill.amin(), torch.inf, -torch.inf).to(top.dtype)
+    else:
+        src = top + lift
+    key = fit.scatter_reduce(1, anchor, src, "amax")                                     # anchors last
+    m, c = member.shape[1], member.shape[2]
+    movers = key.sort(dim=1, stable=True).indices                                        # (B, m)
+    level, target = top.sort(dim=1, stable=True)                                         # empty clusters first
+    if m > c:  # shapes only: the k-th empty cluster pairs with the k-th mover, k < min(m, c)
+        movers = movers[:, :c]
+    elif c > m:
+        level, target = level[:, :m], target[:, :m]
+    member.index_put_((batch, movers, target), level * -2, accumulate=True)
+    return member.argmax(dim=-1, keepdim=keepdim)
 
 
 def reseed_empty(labels: torch.Tensor, sim_own: torch.Tensor, clusters: int) -> torch.Tensor:
     """Give every empty cluster one point, so exactly ``clusters`` clusters are non-empty (V3).
 
-    The e-th empty cluster (ascending id) takes the e-th point in ascending
-    order of similarity to its own centre (ties: lower index), chosen among
-    points that are not the best-fitting member ("anchor") of their cluster;
-    taking only non-anchors never empties another cluster. labels (B, m),
-    sim_own (B, m) similarity of each point to its assigned centre.
+    The e-th empty cluster (ascending id) takes the e-th point in ascending order of similarity to its own
+    centre (ties: lower index), chosen among points that are not the best-fitting member ("anchor") of
+    their cluster; taking only non-anchors never empties another cluster. labels (B, m), sim_own (B, m)
+    finite similarity of each point to its assigned centre, compared in float32. ``spherical_kmeans``
+    runs the same steps (``_reseed``) with buffers made once per call; here the margins follow the
+    largest |sim_own|, in float64 so that they cannot overflow.
     """
     B, m = labels.shape
-    onehot = torch.nn.functional.one_hot(labels, clusters).bool()                      # (B, m, c)
-    sizes = onehot.sum(1)                                                               # (B, c)
-    empty = sizes == 0
-    # no early exit when nothing is empty: testing that would cost a host sync every iteration,
-    # and with no empty cluster `take` below is all False, so labels come back unchanged
-    fit = sim_own.float().unsqueeze(-1).masked_fill(~onehot, float("-inf"))
-    anchor = fit.argmax(dim=1)                                                          # (B, c)
-    positions = torch.arange(m, device=labels.device).view(1, m, 1)
-    is_anchor = (onehot & (positions == anchor.unsqueeze(1))).any(-1)                  # (B, m)
-    # Non-anchors in ascending similarity, anchors last; the first `num_empty` of them move.
-    key = sim_own.float().masked_fill(is_anchor, float("inf"))
-    movers = torch.sort(key, dim=-1, stable=True).indices                               # (B, m)
-    empty_ids = torch.sort(empty.long(), dim=-1, descending=True, stable=True).indices  # empties first, ascending
-    num_empty = empty.sum(-1, keepdim=True)                                             # (B, 1)
-    rank = torch.arange(min(m, clusters), device=labels.device).unsqueeze(0)
-    take = rank < num_empty
-    who = movers[:, : rank.shape[1]]
-    new = empty_ids[:, : rank.shape[1]]
-    current = labels.gather(1, who)
-    return labels.scatter(1, who, torch.where(take, new, current))
+    if m == 0:
+        return labels
+    fit = sim_own.float().double()   # float32 values as the rule compares them, exactly, in float64
+    non_member, _ = _reseed_constants(fit.abs().amax())
+    batch = torch.arange(B, device=labels.device).unsqueeze(1)
+    rows = torch.arange(m, device=labels.device)
+    return _reseed(fit, labels, non_member.expand(B, m, clusters), batch, rows, None, keepdim=False)
 
 
 def spherical_kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor:
     """Spherical K-means (V3: cosine similarity on L2-normalised rows) with a fixed iteration count.
 
-    x: (B, m, D) with m >= clusters. Each iteration assigns every point to the
-    most similar centre (ties: lower cluster id), re-seeds empty clusters
-    (``reseed_empty``) and sets each centre to the normalised mean of its
-    members. Returns the final labels (B, m), every cluster id in use.
+    x: (B, m, D) with m >= clusters. Each iteration assigns every point to the most similar centre
+    (ties: lower cluster id), re-seeds empty clusters (``reseed_empty``) and sets each centre to the
+    normalised mean of its members. Returns the final labels (B, m), every cluster id in use.
+
+    Every iteration is the same 17 ops (12 in the last, whose centres nobody reads): no Python loop
+    over clusters or samples, no branch on values, no host read. Index maps and constant buffers are
+    made once per call.
     """
-    B, m, _ = x.shape
+    B, m, D = x.shape
     if not 1 <= clusters <= m:
         raise ValueError(f"cannot form {clusters} clusters from {m} tokens")
-    xn = _normalize(x.float())
-    centres = xn[:, kmeans_init(m, clusters, x.device)]                                 # (B, c, D)
-    labels = torch.zeros(B, m, dtype=torch.long, device=x.device)
-    for _ in range(iters):
-        sim = xn @ centres.transpose(1, 2)                                              # (B, m, c)
-        best = sim.max(dim=-1)
-        labels = reseed_empty(best.indices, best.values, clusters)
-        sums = torch.zeros(B, clusters, xn.shape[-1], device=x.device).scatter_add_(
-            1, labels.unsqueeze(-1).expand(-1, -1, xn.shape[-1]), xn)
-        centres = _normalize(sums)
+    if iters < 1:
+        return torch.zeros(B, m, dtype=torch.long, device=x.device)
+    with torch.no_grad():  # labels are discrete: nothing differentiates through the centres
+        return _kmeans(x, clusters, iters)
+
+
+def _kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor:
+    B, m, D = x.shape
+    xn = _normalize(x if x.dtype == torch.float32 else x.float())
+    non_member, lift = _reseed_constants(_COSINE_BOUND)
+    member_fill = torch.full((B, m, clusters), non_member, device=x.device)
+    batch = torch.arange(B, device=x.device).unsqueeze(1)
+    rows = torch.arange(m, device=x.device)
+    zero_sums = torch.zeros(B, clusters, D, device=x.device)
+    centres = xn.index_select(1, kmeans_init(m, clusters, x.device))                    # (B, c, D)
+    for it in range(iters):
+        last = it == iters - 1
+        # einsum: one op for xn @ centres^T (same bmm, same bits as the matmul of a transposed view)
+        best = torch.einsum("bmd,bcd->bmc", xn, centres).max(dim=-1)
+        labels = _reseed(best.values, best.indices, member_fill, batch, rows, lift, keepdim=not last)
+        if not last:
+            # scatter_add adds each cluster's members in index order, as before: same sums, same bits
+            centres = _normalize(torch.scatter_add(zero_sums, 1, labels.expand(-1, -1, D), xn))
     return labels
 
 
@@ -234,17 +302,24 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
     if mode not in ("mean", "sum"):
         raise ValueError(f"unknown merge mode {mode!r}; use 'mean' or 'sum'")
     B, m, D = x.shape
-    w = weights.float()
-    idx = labels.unsqueeze(-1).expand(-1, -1, D)
-    total = torch.zeros(B, clusters, D, device=x.device).scatter_add_(1, idx, x.float() * w.unsqueeze(-1))
-    if mode == "mean":
-        mass = torch.zeros(B, clusters, device=x.device).scatter_add_(1, labels, w)
-        # zero mass only if every member's importance underflowed; fall back to a plain mean then
-        count = torch.zeros(B, clusters, device=x.device).scatter_add_(1, labels, torch.ones_like(w))
-        plain = torch.zeros(B, clusters, D, device=x.device).scatter_add_(1, idx, x.float())
-        total = torch.where(mass.unsqueeze(-1) > 0, total / mass.clamp_min(1e-30).unsqueeze(-1),
-                            plain / count.clamp_min(1).unsqueeze(-1))
-    return total.to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.float()
+    w = (weights if weights.dtype == torch.float32 else weights.float()).unsqueeze(-1)          # (B, m, 1)
+    if mode == "sum":
+        total = torch.zeros(B, clusters, D, device=x.device).scatter_add_(
+            1, labels.unsqueeze(-1).expand(-1, -1, D), xf * w)
+        return total if x.dtype == torch.float32 else total.to(x.dtype)
+    # One scatter_add of [1, x, w, w x] per point: per cluster the count, the plain sum, the mass and the
+    # weighted sum, each added in member order as four separate scatters would, so the same bits.
+    width = 2 * (D + 1)
+    acc = torch.zeros(B, clusters, width, device=x.device).scatter_add_(
+        1, labels.unsqueeze(-1).expand(-1, -1, width), torch.cat([torch.ones_like(w), xf, w, xf * w], dim=-1))
+    mass, sums = acc.view(B, clusters, 2, D + 1).split([1, D], dim=-1)                       # (B, c, 2, .)
+    # slot 1 = weighted mean (sum / mass clamped at 1e-30); slot 0 = plain mean, the fallback where every
+    # member's importance underflowed to zero. A count is a whole number, so clamping it at 1e-30
+    # instead of 1 changes nothing: an empty cluster's sum is 0 either way.
+    plain, weighted = (sums / mass.clamp_min(1e-30)).unbind(2)
+    out = torch.where(mass[:, :, 1] > 0, weighted, plain)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 @dataclass
@@ -272,13 +347,14 @@ def compress(z: torch.Tensor, importance: torch.Tensor, stage: Stage, iters: int
         raise ValueError(f"stage expects {stage.n_in} patch tokens, got {n}")
     primary, redundant = select_primary(importance, stage.keep)
     patches = z[:, prefix:]
-    kept = patches.gather(1, primary.unsqueeze(-1).expand(-1, -1, D))
-    parts = [z[:, :prefix], kept]
-    labels = redundant.new_zeros((B, 0))
+    # take_along_dim broadcasts the (B, k, 1) index over D: the gather without a separate expand
+    parts = [z[:, :prefix], torch.take_along_dim(patches, primary.unsqueeze(-1), dim=1)]
     if not prune_only and stage.clusters > 0:
-        rest = patches.gather(1, redundant.unsqueeze(-1).expand(-1, -1, D))
+        rest = torch.take_along_dim(patches, redundant.unsqueeze(-1), dim=1)
         labels = spherical_kmeans(rest, stage.clusters, iters)
         parts.append(merge_clusters(rest, labels, importance.gather(1, redundant), stage.clusters, merge))
+    else:
+        labels = redundant.new_zeros((B, 0))
     return torch.cat(parts, dim=1), StageRecord(importance, primary, redundant, labels)
 
 

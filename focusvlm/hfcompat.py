@@ -16,6 +16,8 @@ Contacts:
 * the past length and static capacity of a cache object (what every version
   hands a layer), or a ``cache_position`` where a version still passes one;
 * the keyword names a decoder layer receives;
+* generation hooks: the position-ids hook Qwen-VL's adapter overrides, the
+  precomputed-features keyword generate() hands a prefill;
 * the attention-function and mask-function registries (CMAI's attention is
   registered under its own name) and the stock attention a layer would call;
 * functions that live in a family's modeling module (``eager_attention_forward``,
@@ -97,6 +99,20 @@ def bound_arguments(module: torch.nn.Module, args: tuple, kwargs: Mapping[str, A
     given = dict(zip(_positional_names(type(module)), args))
     given.update(kwargs)
     return given
+
+
+# --------------------------------------------------------------------------- generation hooks
+
+# the GenerationMixin method that builds a prefill's position ids before the pixels are encoded (Qwen-VL's
+# 3-D rope positions); Qwen's adapter overrides it per instance so a compressed encoding comes first
+POSITION_IDS_HOOK = "_prepare_position_ids_for_generation"
+# the keyword under which generate() hands a prefill vision features it already computed, per modality
+ENCODER_OUTPUTS_ARG = "mm_encoder_outputs"
+
+
+def encoder_outputs(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The precomputed vision features a call carries ({} when none), keyed by modality ("image", "video")."""
+    return arguments.get(ENCODER_OUTPUTS_ARG) or {}
 
 
 # --------------------------------------------------------------------------- caches
@@ -293,10 +309,10 @@ def progress_bars_enabled() -> bool:
     return hf_logging.is_progress_bar_enabled()
 
 
-__all__ = ["CACHE_ARG", "CACHE_NAMES", "DECODER_LAYER_KWARGS", "TRANSFORMERS_VERSION", "bound_arguments", "cache_kwargs",
-           "cache_of", "decoder_layer_inputs", "enable_checkpointing", "encoder_layer_class", "gguf_progress_bar", "image_height_width",
-           "is_checkpointing", "last_checkpoint",
-           "layer_length", "modeling_function", "no_weight_init", "output_cache", "past_length",
-           "progress_bars_enabled",
-           "qwen2_5_vision_window_index", "register_attention", "replace_decoder_layer_inputs",
-           "select_best_resolution", "static_cache", "static_capacity", "stock_attention"]
+__all__ = ["CACHE_ARG", "CACHE_NAMES", "DECODER_LAYER_KWARGS", "ENCODER_OUTPUTS_ARG", "POSITION_IDS_HOOK",
+           "TRANSFORMERS_VERSION", "bound_arguments", "cache_kwargs", "cache_of", "decoder_layer_inputs",
+           "enable_checkpointing", "encoder_layer_class", "encoder_outputs", "gguf_progress_bar",
+           "image_height_width", "is_checkpointing", "last_checkpoint", "layer_length", "modeling_function",
+           "no_weight_init", "output_cache", "past_length", "progress_bars_enabled", "qwen2_5_vision_window_index",
+           "register_attention", "replace_decoder_layer_inputs", "select_best_resolution", "static_cache",
+           "static_capacity", "stock_attention"]

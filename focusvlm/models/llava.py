@@ -176,7 +176,7 @@ class LlavaAdapter(FamilyAdapter):
 
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
         # generate() may hand the prefill precomputed features (mm_encoder_outputs) instead of pixels
-        encoded = given.get("mm_encoder_outputs") or {}
+        encoded = hfcompat.encoder_outputs(given)
         image_mask = None
         features = markers = False
         for token_id, pixel_args, encoded_key in self.modalities(module):

@@ -146,7 +146,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     def call_inputs(self, module, args, kwargs) -> CallInputs:
         given = hfcompat.bound_arguments(module, args, kwargs)
         input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
-        encoded = given.get("mm_encoder_outputs") or {}
+        encoded = hfcompat.encoder_outputs(given)
         carries = {module.config.image_token_id: given.get("pixel_values") is not None or encoded.get("image") is not None,
                    module.config.video_token_id: given.get("pixel_values_videos") is not None
                    or encoded.get("video") is not None}
@@ -261,8 +261,8 @@ class Qwen25VLAdapter(FamilyAdapter):
             lambda *args, **kwargs: self._compressed_rope_index(stock_rope, state, *args, **kwargs))
         undo_items.append((core, "get_rope_index"))
         if isinstance(model, self.model_class):
-            model._prepare_position_ids_for_generation = self._encode_then_position(model, core)
-            undo_items.append((model, "_prepare_position_ids_for_generation"))
+            setattr(model, hfcompat.POSITION_IDS_HOOK, self._encode_then_position(model, core))
+            undo_items.append((model, hfcompat.POSITION_IDS_HOOK))
 
         def undo() -> None:
             for owner, name in undo_items:
@@ -358,17 +358,17 @@ class Qwen25VLAdapter(FamilyAdapter):
     def _encode_then_position(self, model, core) -> Callable:
         """generate() computes 3-D positions before it encodes the pixels; with VMTC the positions depend on the
         encoding, so encode first and hand the features on (generate then skips its own encoding)."""
-        stock = type(model)._prepare_position_ids_for_generation.__get__(model)
+        stock = getattr(type(model), hfcompat.POSITION_IDS_HOOK).__get__(model)
 
         def prepare(inputs_tensor, model_kwargs):
-            encoded = dict(model_kwargs.get("mm_encoder_outputs") or {})
+            encoded = dict(hfcompat.encoder_outputs(model_kwargs))
             for modality, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                            ("video", "pixel_values_videos", "video_grid_thw")):
                 if model_kwargs.get(pixels) is not None and encoded.get(modality) is None:
                     encode = getattr(core, f"get_{modality}_features")
                     encoded[modality] = encode(model_kwargs.pop(pixels), model_kwargs.get(grid), return_dict=True)
             if encoded:
-                model_kwargs["mm_encoder_outputs"] = encoded
+                model_kwargs[hfcompat.ENCODER_OUTPUTS_ARG] = encoded
             return stock(inputs_tensor, model_kwargs)
 
         return prepare

@@ -21,11 +21,21 @@ that. The flash CPU kernel accepts a causal flag and an additive mask
 together, so the fused call keeps the stock kernel, the causal skipping and
 its bits, and adds only -inf at the inhibited keys.
 
-A decode step (one text row per sample) takes a lean path: a few ops per
-layer on (B, 1, K) tensors, precomputed per-call indices, no host
-synchronisation, fixed shapes under a static cache. Its per-head
-probabilities are small, so C8 reuses them when no sample needs the stock
-kernel's bits.
+Everything that depends only on the call (index maps, the causal triangle,
+C6's interpolation positions for every layer's gamma, views of the row
+store) comes from the call's plan (state.py) or is built by the first layer
+that needs it and kept in the call's workspace; no layer reads a tensor value
+back to the host.
+
+A decode step (one text row per sample) takes a lean path: a dozen ops per
+layer on (B, 1, K) tensors, buffers and views made once per sequence, no host
+synchronisation, fixed shapes under a static cache. One gather takes the
+row's weights on the image keys and on every stored text row; F is one fused
+multiply-add; the threshold one partial selection; C8 one attention call with
+the inhibited mask. (Renormalising C1's probabilities instead of that call
+reads the keys once less, which a CPU notices at long contexts, but takes
+three ops where the call takes one: on a GPU, where a decode step is bound by
+kernel launches, the call wins.)
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .focus import inhibition_mask, matmul, quantile_positions
-from .state import CallPlan, CMAIState, DecodeThreshold, RowChunk, chunk_budget
+from .focus import SelectedQuantile, matmul, quantile_positions_per_gamma
+from .state import CallPlan, CMAIState, DecodeThreshold, RowChunk, SortedQuantile, chunk_budget
 
 # the plan travels with the forward call as a keyword argument the language model hands to every layer
 PLAN_KWARG = "focusvlm_cmai_plan"
@@ -88,32 +98,44 @@ def head_mean_attention(q_rows: torch.Tensor, key: torch.Tensor, scaling: float,
     later (every row sees the earlier ones). Heads are taken a few key heads at a time so the float32 block
     stays under ``budget`` elements.
     """
+    return _head_mean(q_rows, key, scaling, None if hidden is None else hidden.unsqueeze(1), budget, hidden_from)
+
+
+def _head_mean(q_rows, key, scaling, hidden, budget, hidden_from):
+    """``head_mean_attention`` with ``hidden`` already (B, 1, R, W): the per-call shape the plan keeps."""
     b, h, r, d = q_rows.shape
     hkv, kc = key.shape[1], key.shape[2]
     group = h // hkv
-    hidden = None if hidden is None else hidden.unsqueeze(1)      # (B, 1, R, Kc - hidden_from)
     step = max(1, min(hkv, budget // max(1, b * group * r * kc)))
+    if step == hkv:   # every head in one block (the usual case): no slicing, no reshaping when there is no GQA
+        # scale the few query rows, not the (R x Kc) scores: a pass over a D-wide tensor instead of a Kc-wide one
+        qg = q_rows * scaling
+        if group > 1:
+            qg = qg.view(b, hkv, group * r, d)
+        scores = torch.matmul(qg, key.transpose(-1, -2))
+        if group > 1:
+            scores = scores.view(b, h, r, kc)
+        scores = scores.float() if scores.dtype != torch.float32 else scores
+        if hidden is not None:
+            (scores if hidden_from == 0 else scores[..., hidden_from:]).masked_fill_(hidden, float("-inf"))
+        return torch.softmax(scores, dim=-1).mean(dim=1)
     total = None
     for k0 in range(0, hkv, step):
         k1 = min(hkv, k0 + step)
-        # scale the few query rows, not the (R x Kc) scores: a pass over a D-wide tensor instead of a Kc-wide one
         qg = (q_rows[:, k0 * group:k1 * group] * scaling).reshape(b, k1 - k0, group * r, d)
         scores = torch.matmul(qg, key[:, k0:k1].transpose(-1, -2)).view(b, (k1 - k0) * group, r, kc)
         scores = scores.float() if scores.dtype != torch.float32 else scores
         if hidden is not None:
             scores[..., hidden_from:].masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if step == hkv:
-            return probs.mean(dim=1)
-        part = probs.sum(dim=1)
+        part = torch.softmax(scores, dim=-1).sum(dim=1)
         total = part if total is None else total.add_(part)
     return total.div_(h)
 
 
-def _chunk_hidden(plan: CallPlan, chunk: RowChunk, stock_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
-    """Keys the chunk's text rows do not see in the stock model (causal + padding), as (hidden, hidden_from)."""
-    s, e, kc = chunk.start, chunk.stop, chunk.key_stop
-    q_pos = plan.query.pos[:, s:e]
+def _chunk_hidden(chunk: RowChunk, stock_mask: torch.Tensor | None, batch_index: torch.Tensor,
+                  ) -> tuple[torch.Tensor | None, int]:
+    """Keys the chunk's text rows do not see in the stock model (causal + padding), as ((B, 1, R, W), hidden_from)."""
+    kc, q_pos = chunk.key_stop, chunk.q_pos
     if stock_mask is None:
         # causal only: every key below the chunk's first row is seen by all its rows, so only the short
         # triangle beyond it needs masking
@@ -123,63 +145,78 @@ def _chunk_hidden(plan: CallPlan, chunk: RowChunk, stock_mask: torch.Tensor | No
         hidden = torch.arange(lo, kc, device=q_pos.device) > q_pos.unsqueeze(-1)
         hidden_from = lo
     elif stock_mask.dim() == 4:
-        batch = torch.arange(q_pos.shape[0], device=q_pos.device).unsqueeze(1)
-        rows = stock_mask[batch, 0, plan.slot[:, s:e], :kc]
+        rows = stock_mask[batch_index.view(-1, 1), 0, chunk.slot, :kc] if stock_mask.shape[0] > 1 else \
+            stock_mask[0, 0, chunk.slot, :kc]
         # an additive mask: its minimum (or -inf) hides a key, anything else keeps it
         hidden = ~rows if rows.dtype == torch.bool else rows <= torch.finfo(rows.dtype).min / 2
         hidden_from = 0
     else:  # a 2-D padding mask (flash-style implementations)
         hidden = (torch.arange(kc, device=q_pos.device) > q_pos.unsqueeze(-1)) | ~stock_mask[:, None, :kc].bool()
         hidden_from = 0
-    if chunk.take is not None:  # padded slots see every key: their row stays finite and is never used
-        hidden = hidden & plan.query.valid[:, s:e].unsqueeze(-1)
-    return hidden, hidden_from
+    if chunk.q_valid is not None:  # padded slots see every key: their row stays finite and is never used
+        hidden = hidden & chunk.q_valid.unsqueeze(-1)
+    return hidden.unsqueeze(1), hidden_from
+
+
+def _shared(plan: CallPlan, key: Any, build: Callable[[], Any]) -> Any:
+    """What every layer of the call would build alike: built by the first, kept in the call's workspace."""
+    found = plan.workspace.masks.get(key)
+    if found is None:
+        found = plan.workspace.masks[key] = build()
+    return found
+
+
+def _row_views(plan: CallPlan, chunk: RowChunk, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where the chunk's A_t2i rows go, every row known so far) of one layer."""
+    out = chunk.rows_out.get(layer if plan.keep_rows else None)
+    if out is not None:
+        return out, chunk.rows_known[layer if plan.keep_rows else None]
+    # a layer the plan was not made for (a state built without the model's gammas)
+    rows = plan.store.layer_rows(layer)
+    a, b = plan.row_start + chunk.start, plan.row_start + chunk.stop
+    return rows[:, a:b], rows[:, :b]
+
+
+def _late_threshold(plan: CallPlan, chunk: RowChunk, gamma: float, layer: int) -> Callable:
+    """C6 of a layer the plan has no positions for (a state built without the model's gammas)."""
+    n = plan.images.count
+    if chunk.visible_count is not None:
+        found = SelectedQuantile.build(chunk.visible_count, gamma, n, chunk.q_pos.device)
+    else:
+        found = SortedQuantile(quantile_positions_per_gamma(chunk.visible.sum(dim=-1), [gamma], n)[0])
+    chunk.thresholds[layer] = found
+    return found
 
 
 def _prefill_attention(link, plan: CallPlan, module, query, key, value, stock_mask, scaling, kwargs, want_weights):
-    layer, gamma, focus = module.layer_idx, link.gamma, plan.focus
-    images = plan.images
+    layer, focus = module.layer_idx, plan.focus
     batch, heads, _, dim = query.shape
     fused = FusedMask.for_layer(link, plan, stock_mask, query, key, want_weights, kwargs.get("dropout", 0.0))
-    count = plan.query.pos.shape[1]
-    if plan.keep_rows:
-        rows_store = plan.store.layer_rows(layer)[:, 0]                   # (B, C, N), shared with later calls
-        known_pos = plan.store.pos
-    else:
-        rows_store = torch.zeros(batch, count, images.count, device=query.device)
-        known_pos = plan.query.pos
-    start = plan.row_start
+    fused.plan = plan
     budget = chunk_budget(query.device)
     with torch.no_grad():
-        for chunk in plan.chunks:
-            s, e, kc = chunk.start, chunk.stop, chunk.key_stop
-            q_pos = plan.query.pos[:, s:e]
-            slot = plan.slot[:, s:e]
-            q_rows = query.gather(2, slot[:, None, :, None].expand(batch, heads, e - s, dim))
-            hidden, hidden_from = _chunk_hidden(plan, chunk, stock_mask)
-            a = head_mean_attention(q_rows, key[:, :, :kc], scaling, hidden, budget, hidden_from)   # (B, R, Kc) C1
-            # C6's visible set: image keys at or before the row (padded image slots and rows: none)
-            visible = (images.valid.unsqueeze(1) & (images.pos.unsqueeze(1) <= q_pos.unsqueeze(2))
-                       & plan.query.valid[:, s:e].unsqueeze(2))            # (B, R, N)
-            if images.padded:
-                # padded image slots point at the row's own key: never an image key, so writes there collide with none
-                img_index = torch.where(images.valid.unsqueeze(1), images.pos.unsqueeze(1), q_pos.unsqueeze(2))
-            else:
-                img_index = images.pos.unsqueeze(1).expand(batch, e - s, images.count)
-            # image keys beyond the chunk's last row (a later image) are invisible to all its rows
-            a_img = a.gather(2, img_index if images.last < kc else img_index.clamp(max=kc - 1))
-            a_img = a_img * visible                                         # C2 (0 where the row cannot see)
-            rows_store[:, start + s:start + e] = a_img
-            known = start + e
-            a_text = None
-            if focus.reads_text_attention:
-                # every row known so far (earlier calls, earlier chunks, this chunk) sits at a key below kc
-                a_text = a.gather(2, known_pos[:, None, :known].expand(batch, e - s, known))
-            relation = None if plan.relation is None else plan.relation[:, s:e, :known]
-            score = focus.score(a_img, a_text, rows_store[:, :known], relation)   # C5 / C10-C12
-            blocked = inhibition_mask(score, visible, gamma, chunk.visible_count)  # C6, C7
-            hide = torch.zeros(batch, e - s, fused.width, dtype=torch.bool, device=query.device)
-            fused.write(chunk, hide.scatter_(2, img_index, blocked))
+        for i, chunk in enumerate(plan.chunks):
+            kc = chunk.key_stop
+            q_index = _shared(plan, ("q_index", i, heads, dim),
+                              lambda: chunk.slot[:, None, :, None].expand(batch, heads, chunk.stop - chunk.start, dim))
+            # keyed by the stock mask (every layer of a call gets the same one); the entry holds it, so its id stays
+            hidden, hidden_from, _ = _shared(plan, ("hidden", i, id(stock_mask)),
+                                             lambda: (*_chunk_hidden(chunk, stock_mask, plan.batch_index), stock_mask))
+            q_rows = query.gather(2, q_index)
+            keys = key if kc == key.shape[2] else key[:, :, :kc]
+            a = _head_mean(q_rows, keys, scaling, hidden, budget, hidden_from)     # (B, R, Kc) C1
+            out, known_rows = _row_views(plan, chunk, layer)
+            if chunk.visible is None:   # C2, written straight into the layer's rows
+                a_img = torch.gather(a, 2, chunk.img_gather, out=out)
+            else:                       # C2, 0 where the row cannot see the key (padded slots and rows included)
+                a_img = torch.mul(a.gather(2, chunk.img_gather), chunk.visible, out=out)
+            a_text = a.gather(2, chunk.text_index) if focus.reads_text_attention else None
+            score = focus.score(a_img, a_text, known_rows, chunk.relation)           # C5 / C10-C12
+            if chunk.invisible is not None:   # C6 ranks only the image keys the row sees
+                score = score.masked_fill(chunk.invisible, float("inf"))
+            threshold = chunk.thresholds.get(layer) or _late_threshold(plan, chunk, link.gamma, layer)
+            # C7: keys below the row's quantile; an unseen key (+inf) never is, whatever the threshold
+            fused.write(plan, i, chunk, score < threshold(score))
     return fused.attend(link, module, query, key, value, scaling, kwargs)
 
 
@@ -190,11 +227,15 @@ class FusedMask:
         except -inf at inhibited keys (the stock call had no mask: an unpadded prompt);
     kind "bool": a boolean mask, the stock one (or causal + padding) with inhibited keys cleared;
     kind "additive": the stock additive mask (eager) with the stock's fill value at inhibited keys.
-    Every text row is rewritten on every layer, so one tensor serves all layers of a call in inference.
+    Every (text row, image slot) pair is rewritten on every layer, so one tensor serves all layers of a call in
+    inference; a layer writes its pairs with one indexed write at positions the plan fixed.
     """
 
-    def __init__(self, kind: str, tensor: torch.Tensor, base: torch.Tensor | None, fill: Any, width: int):
+    def __init__(self, kind: str, tensor: torch.Tensor, base: torch.Tensor | None, fill: Any, width: int,
+                 rows: torch.Tensor):
         self.kind, self.tensor, self.base, self.fill, self.width = kind, tensor, base, fill, width
+        self.rows = rows   # the tensor as (B, Q, width): what the indexed writes address
+        self.plan: CallPlan | None = None
 
     @classmethod
     def for_layer(cls, link: LayerLink, plan: CallPlan, stock_mask, query, key, want_weights: bool,
@@ -203,52 +244,65 @@ class FusedMask:
         reuse = not torch.is_grad_enabled()   # autograd may keep a layer's mask for backward: never overwrite it
         ws = plan.workspace.masks
         if (stock_mask is None and link.implementation == "sdpa" and not want_weights and _FLASH_CPU is not None
-                and query.device.type == "cpu" and _picks_flash(query, key, dropout)):
+                and query.device.type == "cpu"
+                and _shared(plan, ("flash", tuple(query.shape), tuple(key.shape), query.dtype, dropout),
+                            lambda: _picks_flash(query, key, dropout))):
             width = q_len  # stock SDPA crops an empty static cache's keys to the queries for its causal call
-            tensor = ws.get("causal") if reuse else None
-            if tensor is None:
+            found = ws.get("causal") if reuse else None
+            if found is None:
                 tensor = torch.zeros(batch, 1, q_len, width, dtype=query.dtype, device=query.device)
+                found = (tensor, tensor.view(batch, q_len, width))
                 if reuse:
-                    ws["causal"] = tensor
-            return cls("causal", tensor, None, float("-inf"), width)
+                    ws["causal"] = found
+            return cls("causal", found[0], None, float("-inf"), width, found[1])
         if stock_mask is not None and stock_mask.dim() == 4 and stock_mask.dtype != torch.bool:
-            tensor = ws.get("additive") if reuse else None
-            if tensor is None:
-                tensor = stock_mask.clone()
+            found = ws.get("additive") if reuse else None
+            if found is None:
+                tensor = stock_mask.expand(batch, *stock_mask.shape[1:]).clone()
+                found = (tensor, tensor.view(batch, tensor.shape[2], tensor.shape[3]))
                 if reuse:
-                    ws["additive"] = tensor
-            return cls("additive", tensor, stock_mask, torch.finfo(stock_mask.dtype).min, k_len)
+                    ws["additive"] = found
+            return cls("additive", found[0], stock_mask, torch.finfo(stock_mask.dtype).min, k_len, found[1])
         base = ws.get("bool_base")
         if base is None:
             base = stock_allowed(stock_mask, query, key)
             ws["bool_base"] = base
-        tensor = ws.get("bool") if reuse else None
-        if tensor is None:
+        found = ws.get("bool") if reuse else None
+        if found is None:
             tensor = base.expand(batch, 1, q_len, k_len).clone()
+            found = (tensor, tensor.view(batch, q_len, k_len))
             if reuse:
-                ws["bool"] = tensor
-        return cls("bool", tensor, base, False, k_len)
+                ws["bool"] = found
+        return cls("bool", found[0], base, False, k_len, found[1])
 
-    def write(self, chunk: RowChunk, hide: torch.Tensor) -> None:
-        """Install one chunk's text rows: ``hide`` (B, R, width) marks their inhibited keys."""
-        hide = hide.reshape(-1, self.width)
-        if chunk.take is not None:
-            hide = hide.index_select(0, chunk.take)
+    def _pair_values(self, plan: CallPlan, i: int, chunk: RowChunk) -> torch.Tensor:
+        """The stock mask's values at the chunk's (row, image slot) pairs (zeros for the causal kind)."""
         if self.kind == "causal":
-            rows = torch.zeros(hide.shape, dtype=self.tensor.dtype, device=hide.device).masked_fill_(hide, self.fill)
-        elif self.kind == "bool":
-            rows = self.base.expand(self.tensor.shape)[chunk.mask_sample, 0, chunk.mask_row] & ~hide
-        else:
-            rows = self.base[chunk.mask_sample, 0, chunk.mask_row].masked_fill(hide, self.fill)
-        self.tensor[chunk.mask_sample, 0, chunk.mask_row] = rows
+            n = plan.images.count
+            return torch.zeros(plan.batch_index.shape[0], chunk.stop - chunk.start, n, dtype=self.tensor.dtype,
+                               device=self.tensor.device)
+        b, s, k = chunk.write_index
+        base = self.base.expand(b.shape[0], 1, *self.base.shape[2:])
+        return base[b, 0, s, k]
+
+    def write(self, plan: CallPlan, i: int, chunk: RowChunk, blocked: torch.Tensor) -> None:
+        """Install one chunk's text rows: ``blocked`` (B, R, N) marks their inhibited image slots."""
+        stock, _ = _shared(plan, ("pairs", i, self.kind, id(self.base)),
+                           lambda: (self._pair_values(plan, i, chunk), self.base))
+        self.rows.index_put_(chunk.write_index, stock.masked_fill(blocked, self.fill))
 
     def attend(self, link: LayerLink, module, query, key, value, scaling, kwargs):
         dropout = kwargs.get("dropout", 0.0)
         if kwargs.get("output_attentions"):
             return explicit_attention(query, key, value, self.tensor, scaling, dropout, module.training)
         if self.kind == "causal":
-            group = query.shape[1] // key.shape[1]
-            key, value = _repeat_kv(key[:, :, :self.width], group), _repeat_kv(value[:, :, :self.width], group)
+            heads, kv_heads = query.shape[1], key.shape[1]
+            if key.shape[2] != self.width:
+                key, value = key[:, :, :self.width], value[:, :, :self.width]
+            if heads != kv_heads:   # the flash kernel takes no GQA: each query head's key head, one op per tensor
+                head_of = _shared(self.plan, ("kv_head", heads, kv_heads),
+                                  lambda: torch.arange(heads, device=key.device) // (heads // kv_heads))
+                key, value = key.index_select(1, head_of), value.index_select(1, head_of)
             out = _FLASH_CPU(query, key, value, dropout, True, attn_mask=self.tensor, scale=scaling)[0]
             return out.transpose(1, 2).contiguous(), None
         if link.takes_mask:
@@ -310,44 +364,58 @@ def explicit_attention(query, key, value, mask: torch.Tensor, scaling: float, dr
 # --------------------------------------------------------------------------- decode
 
 def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mask, scaling, kwargs, want_weights):
-    """One new text row per sample: the same equations on (B, 1, ...) tensors, every index precomputed."""
-    step, store, layer = plan.decode, plan.store, module.layer_idx
+    """One new text row per sample: the same equations on (B, 1, ...) tensors, every index and buffer precomputed."""
+    step, store, layer, focus = plan.decode, plan.store, module.layer_idx, plan.focus
+    views, constants = step.views, step.constants
     batch, heads, _, dim = query.shape
-    group = heads // key.shape[1]
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    compiling = torch.compiler.is_compiling()
+    if layer not in views.found:
+        _late_decode_layer(store, views, layer, compiling)
     with torch.no_grad():
         q = query * scaling
-        if torch.compiler.is_compiling():
-            queries = q if group == 1 else q.view(batch, key.shape[1], group, dim)
-            scores = matmul(queries, key.transpose(-1, -2))
+        if compiling:
+            scores = matmul(q if group == 1 else q.view(batch, kv_heads, group, dim), key.transpose(-1, -2))
         elif group == 1:
             scores = torch.einsum("bhqd,bhkd->bhqk", q, key)                            # (B, H, 1, K)
         else:
-            scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, key.shape[1], group, dim), key)
-        raw = scores
+            scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, kv_heads, group, dim), key)
         if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
             scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
                       else scores + stock_mask)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        a = probs.mean(dim=(1, 2), keepdim=True)                                              # (B, 1, 1, K) C1
-        constants = step.constants
-        a_img = a.gather(-1, constants.img_index)                                             # (B, 1, 1, N) C2
-        rows = store.layer_rows(layer)                                                        # (B, 1, C, N)
-        rows.index_copy_(2, step.write_index, a_img)                                          # C13
-        a_text = a.gather(-1, step.text_index) if plan.focus.reads_text_attention else None
+        a = torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2))        # (B, K) C1
+        # C2 and the weights on every stored text row (C13) in one gather, into the buffer the next call stores
+        found = views.found[layer]
+        if compiling:
+            found.copy_(a.gather(1, step.index))
+        else:
+            torch.gather(a, 1, step.index, out=found)
+            store.pending_layers.add(layer)
+        a_img = views.a_img[layer]                                                            # (B, 1, N)
         if constants.img_pad is not None:  # padded image slots rank last and are never inhibited
             a_img = a_img + constants.img_pad
-        score = plan.focus.score(a_img, a_text, rows, plan.relation)                         # C5 / C10-C12
-        threshold = constants.thresholds.get(layer)
-        if threshold is None:  # a state built without the model's gammas (direct use of the layer function)
-            at = quantile_positions(store.images.valid.sum(dim=1).view(batch, 1, 1), link.gamma, store.images.count)
-            threshold = constants.thresholds[layer] = DecodeThreshold(at.lo, at.hi, at.weight)
+        weights = focus.step_weights(views.a_text[layer], plan.relation)
+        if weights is None:                                                                   # C10
+            score = views.a_img4[layer] if constants.img_pad is None else a_img.unsqueeze(1)
+        elif weights is NotImplemented:   # a registered variant: its own score over the rows, this one's included
+            rows = views.rows[layer].clone()
+            if isinstance(step.write_index, int):
+                rows[:, step.write_index] = views.a_img[layer][:, 0]
+            else:
+                rows.index_copy_(1, step.write_index, views.a_img[layer])
+            score = focus.score(a_img, views.a_text[layer], rows, plan.relation).unsqueeze(1)
+        elif compiling:
+            score = torch.baddbmm(a_img, weights, views.rows[layer]).unsqueeze(1)
+        else:  # C4 + C5 (C11, C12): a_img + weights @ earlier rows, one fused op into a buffer of fixed shape
+            torch.baddbmm(a_img, weights, views.rows[layer], out=views.score3)
+            score = views.score                                                               # (B, 1, 1, N)
+        threshold = constants.thresholds.get(layer) or _late_decode_threshold(plan, layer, link.gamma, score.device)
         kept = score >= threshold(score)                                                      # C6, C7
-        if stock_mask is None:
-            base = plan.workspace.masks.get("ones")
-            if base is None:
-                base = plan.workspace.masks["ones"] = torch.ones(batch, 1, 1, key.shape[2], dtype=torch.bool,
-                                                                 device=query.device)
-            mask = base.scatter(-1, constants.img_index, kept)
+        if stock_mask is None:   # the call's all-True base, made by its first layer
+            ones = step.ones if step.ones is not None else _shared(
+                plan, "ones", lambda: torch.ones(batch, 1, 1, key.shape[2], dtype=torch.bool, device=key.device))
+            mask = ones.scatter(-1, constants.img_index, kept)
         else:
             if stock_mask.shape[0] != batch:  # a mask shared by the batch
                 stock_mask = stock_mask.expand(batch, *stock_mask.shape[1:])
@@ -359,20 +427,41 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     dropout = kwargs.get("dropout", 0.0)
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)
-    if constants.every_sample_has_image and not torch.is_grad_enabled() and not (module.training and dropout):
-        # C8 from the scores C1 already computed: their softmax over the allowed keys, then one small matmul
-        # with V instead of a second attention call that reads every cached key again (no sample needs the
-        # stock kernel's bits: every one has an image, so every decode row is inhibited). Two ops; renormalising
-        # the C1 probabilities instead would take three
-        masked = torch.where(mask, raw, float("-inf")) if mask.dtype == torch.bool else raw + mask
-        weights = torch.softmax(masked, dim=-1, dtype=torch.float32)
-        if weights.dtype != value.dtype:
-            weights = weights.to(value.dtype)
-        out = matmul(weights, value)                                                          # (B, Hkv, g, D)
-        return out.view(batch, heads, 1, dim).transpose(1, 2), None
+    if constants.every_sample_has_image and not (module.training and dropout):
+        # C8 in one attention call (no sample needs the stock kernel's bits: every one has an image, so every
+        # decode row is inhibited); GQA without repeating the keys
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                             enable_gqa=group > 1)
+        return out.transpose(1, 2), None
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)
     return _sdpa(query, key, value, mask, scaling, dropout), None
+
+
+def _late_decode_layer(store, views, layer: int, compiling: bool) -> None:
+    """Decode buffers for a layer the store was not made for (a state built without the model's gammas)."""
+    if compiling:
+        raise RuntimeError(f"CMAI: layer {layer} has no decode buffers; bind CMAI with the model's gammas "
+                           "(focusvlm.patch) before compiling")
+    rows = store.layer_rows(layer)
+    batch, n = rows.shape[0], store.images.count
+    found = torch.zeros(batch, views.index.shape[1], device=rows.device)
+    a_img, a_text = found.view(batch, 1, -1).split([n, found.shape[1] - n], dim=-1)
+    views.found[layer], views.a_img[layer], views.a_text[layer] = found, a_img, a_text
+    views.a_img4[layer], views.rows[layer] = a_img.unsqueeze(1), rows
+
+
+def _late_decode_threshold(plan: CallPlan, layer: int, gamma: float, device) -> DecodeThreshold:
+    images, constants = plan.images, plan.decode.constants
+    n = images.count
+    if images.valid is None:
+        select = SelectedQuantile.build(n, gamma, n, device)
+        found = DecodeThreshold(select.lo, select.hi, select.weight)
+    else:
+        at = quantile_positions_per_gamma(images.valid.sum(dim=1).view(-1, 1, 1), [gamma], n)[0]
+        found = DecodeThreshold(at.lo, at.hi, at.weight)
+    constants.thresholds[layer] = found
+    return found
 
 
 __all__ = ["LayerLink", "PLAN_KWARG", "cmai_attention_forward", "explicit_attention", "head_mean_attention",

@@ -18,6 +18,8 @@ positions, so it is computed once per forward call and shared by every layer.
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -55,6 +57,10 @@ class FocusScore:
     name: ClassVar[str]
     # score() reads a_text, the new rows' weights on earlier text rows (gathering it costs a pass over A)
     reads_text_attention: ClassVar[bool] = False
+    # relation() reads the rows' text ranks (positions alone do not give them): the state keeps ranks only then
+    reads_rank: ClassVar[bool] = False
+    # a decode step computes relation() (step_weights may read it); a variant whose decode F needs none says False
+    decode_relation: ClassVar[bool] = True
 
     def relation(self, query: TextPositions, known: TextPositions, discount: float) -> torch.Tensor | None:
         """Per-call weights of every known row for every new row, (B, Qt, T); None when unused."""
@@ -65,6 +71,15 @@ class FocusScore:
         """F of the new rows, (B, Qt, N), from their A_t2i rows ``a_img`` (B, Qt, N), their weights on the known
         text rows ``a_text`` (B, Qt, T), the known rows' A_t2i ``rows`` (B, T, N) and ``relation``."""
         raise NotImplementedError
+
+    def step_weights(self, a_text: torch.Tensor | None, relation: torch.Tensor | None) -> torch.Tensor | None:
+        """A decode row's F as ``a_img + step_weights @ earlier_rows`` (None: F = a_img), or NotImplemented.
+
+        The decode step keeps its own A_t2i row out of the store until the next call, and every store slot that
+        holds no earlier real text row of the sample is zero, so the weights need not exclude them: every
+        variant whose own row enters F with weight 1 (C4/C5, C10, C11, C12 with rank gap 0) fits.
+        """
+        return NotImplemented
 
 
 FOCUS_VARIANTS: dict[str, FocusScore] = {}
@@ -104,6 +119,7 @@ class NeighborhoodFocus(FocusScore):
     """C3-C5: F_j = A_t2i[j] + sum_{h text, h < j} A[j, h] A_t2i[h]  (the paper's method)."""
 
     reads_text_attention = True
+    decode_relation = False
 
     def relation(self, query, known, discount):
         return _earlier(query, known)
@@ -112,13 +128,22 @@ class NeighborhoodFocus(FocusScore):
         # C4 + C5: (A_t2n = weights on earlier text rows) @ A_t2i, added to A_t2i
         return a_img + matmul(a_text * relation, rows)
 
+    def step_weights(self, a_text, relation):
+        # the row's weight on its own key multiplies its own (not yet stored, zero) slot: no relation mask needed
+        return a_text
+
 
 @register_focus("tia")
 class TextImageFocus(FocusScore):
     """C10: F_j = A_t2i[j]."""
 
+    decode_relation = False
+
     def score(self, a_img, a_text, rows, relation):
         return a_img
+
+    def step_weights(self, a_text, relation):
+        return None
 
 
 @register_focus("sum")
@@ -131,10 +156,15 @@ class SumFocus(FocusScore):
     def score(self, a_img, a_text, rows, relation):
         return matmul(relation, rows)
 
+    def step_weights(self, a_text, relation):
+        return relation
+
 
 @register_focus("discounted")
 class DiscountedFocus(FocusScore):
     """C12: F_j = sum_{h text, h <= j} discount^(rank_j - rank_h) A_t2i[h]."""
+
+    reads_rank = True
 
     def relation(self, query, known, discount):
         gap = (query.rank.unsqueeze(2) - known.rank.unsqueeze(1)).clamp(min=0).float()
@@ -142,6 +172,9 @@ class DiscountedFocus(FocusScore):
 
     def score(self, a_img, a_text, rows, relation):
         return matmul(relation, rows)
+
+    def step_weights(self, a_text, relation):
+        return relation
 
 
 @dataclass(frozen=True)
@@ -180,6 +213,62 @@ def quantile_positions(count: torch.Tensor, q: float, width: int, dtype: torch.d
     lo = lo.long().clamp(max=width - 1)
     hi = rank.ceil().long().clamp(max=width - 1)
     return QuantilePositions(lo.unsqueeze(-1), hi.unsqueeze(-1), weight.unsqueeze(-1))
+
+
+def quantile_positions_per_gamma(count: torch.Tensor, gammas: list[float], width: int) -> list[QuantilePositions]:
+    """``quantile_positions(count, gamma, width)`` for every gamma at once (float32): one pass of small ops per call
+    instead of one per layer. A float32 tensor of gammas times the float32 counts rounds exactly as the scalar
+    gamma does (the scalar is converted to float32 before the multiplication)."""
+    gamma = torch.tensor(gammas, dtype=torch.float32, device=count.device).view(-1, *([1] * (count.dim() + 1)))
+    rank = gamma * (count - 1).clamp(min=0).to(torch.float32).unsqueeze(-1)     # (L, ..., 1)
+    lo = rank.floor()
+    weight = rank - lo
+    lo = lo.long().clamp(max=width - 1)
+    hi = rank.ceil().long().clamp(max=width - 1)
+    return [QuantilePositions(*at) for at in zip(lo.unbind(0), hi.unbind(0), weight.unbind(0))]
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def host_quantile_positions(count: int, q: float, width: int) -> tuple[int, int, float]:
+    """``quantile_positions`` for a count the host knows: (lo, hi, weight) with the same float32 arithmetic, so
+    no device work and no read-back. float32(q) * float32(count - 1) is exact in double (24 + 24 significant bits)
+    and rounds once to float32, as the device multiplication does; floor, ceil and the fraction are exact."""
+    rank = _float32(_float32(q) * _float32(float(max(count - 1, 0))))
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return min(lo, width - 1), min(hi, width - 1), rank - lo
+
+
+@dataclass(frozen=True)
+class SelectedQuantile:
+    """C6 for rows that each hold ``count`` valid entries among ``width`` (the others +inf): the interpolation
+    positions are host integers, so the two order statistics come from one partial selection, with no sort of
+    the whole row and no read-back. Same values, same ``torch.lerp`` as ``masked_quantile``."""
+
+    lo: int
+    hi: int
+    width: int
+    weight: torch.Tensor      # 0-d float32 on the values' device
+
+    @classmethod
+    def build(cls, count: int, q: float, width: int, device: torch.device | str = "cpu") -> "SelectedQuantile":
+        lo, hi, w = host_quantile_positions(count, q, width)
+        return cls(lo, hi, width, torch.tensor(w, dtype=torch.float32, device=device))
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """The quantile of each row of ``values`` (..., width), shape (..., 1)."""
+        lo, hi, width = self.lo, self.hi, self.width
+        if lo == hi:   # an exact rank: lerp(x, x, 0) is x
+            return values.kthvalue(lo + 1, dim=-1, keepdim=True).values
+        if hi + 1 <= width - lo:   # from the small end: the hi + 1 smallest, ascending, end with both statistics
+            small = values.topk(hi + 1, dim=-1, largest=False, sorted=True).values
+            _, x_lo, x_hi = small.split([lo, 1, 1], dim=-1)
+        else:                      # from the large end: the width - lo largest, descending, end with them
+            large = values.topk(width - lo, dim=-1, largest=True, sorted=True).values
+            _, x_hi, x_lo = large.split([width - lo - 2, 1, 1], dim=-1)
+        return torch.lerp(x_lo, x_hi, self.weight)
 
 
 def quantile_of_sorted(ordered: torch.Tensor, at: QuantilePositions) -> torch.Tensor:
@@ -228,24 +317,11 @@ def uniform_quantile(values: torch.Tensor, count: int, q: float) -> torch.Tensor
     """
     if count == 0:
         return values.new_full(values.shape[:-1] + (1,), float("inf"))
-    width = values.shape[-1]
-    at = quantile_positions(torch.tensor(count), q, width, values.dtype)  # the same float arithmetic, on the host
-    lo, hi = int(at.lo), int(at.hi)
-    if hi + 1 <= width - lo:   # select from the small end: the hi + 1 smallest hold both order statistics
-        small = values.topk(hi + 1, dim=-1, largest=False, sorted=False).values
-        if hi == lo:
-            x_lo = x_hi = small.amax(dim=-1, keepdim=True)
-        else:
-            two = small.topk(2, dim=-1, largest=True, sorted=True).values
-            x_hi, x_lo = two[..., :1], two[..., 1:]
-    else:                      # from the large end: the width - lo largest hold them
-        large = values.topk(width - lo, dim=-1, largest=True, sorted=False).values
-        if hi == lo:
-            x_lo = x_hi = large.amin(dim=-1, keepdim=True)
-        else:
-            two = large.topk(2, dim=-1, largest=False, sorted=True).values
-            x_lo, x_hi = two[..., :1], two[..., 1:]
-    return torch.lerp(x_lo, x_hi, at.weight.to(values.device))
+    if values.dtype != torch.float32:   # the host positions reproduce float32 arithmetic only
+        at = quantile_positions(torch.tensor(count), q, values.shape[-1], values.dtype)
+        weight = at.weight.to(values.device).view(())
+        return SelectedQuantile(int(at.lo), int(at.hi), values.shape[-1], weight)(values)
+    return SelectedQuantile.build(count, q, values.shape[-1], values.device)(values)
 
 
 def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
@@ -263,6 +339,7 @@ def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
     return visible & (focus < tau)
 
 
-__all__ = ["FOCUS_VARIANTS", "FocusInputs", "FocusScore", "QuantilePositions", "TextPositions", "focus_score",
-           "get_focus", "inhibition_mask", "masked_quantile", "matmul", "quantile_of_sorted", "quantile_positions",
-           "register_focus", "sorted_rows", "uniform_quantile"]
+__all__ = ["FOCUS_VARIANTS", "FocusInputs", "FocusScore", "QuantilePositions", "SelectedQuantile", "TextPositions",
+           "focus_score", "get_focus", "host_quantile_positions", "inhibition_mask", "masked_quantile", "matmul",
+           "quantile_of_sorted", "quantile_positions", "quantile_positions_per_gamma", "register_focus",
+           "sorted_rows", "uniform_quantile"]

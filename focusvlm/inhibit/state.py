@@ -2,35 +2,49 @@
 
 One ``CMAIState`` lives on a patched model. ``begin_call`` runs once per
 forward call (before the decoder layers) and returns a ``CallPlan``: one
-immutable object holding every index tensor the layers share, so the
-per-layer attention code does no host synchronisation and no layer sees a
-different plan (the plan travels with the call into every layer, so a layer
+immutable object holding everything the layers share, so no layer repeats
+work that depends only on the call and no layer reads tensor values back to
+the host (the plan travels with the call into every layer, so a layer
 recomputed under gradient checkpointing reads the plan of its own call).
+What the plan holds for every layer at once: the text rows and their
+positions, index maps (which query rows, which image keys, which text keys,
+where a row's inhibited keys go in the fused mask), views of every layer's
+row storage, and C6's positions for every layer's gamma (the gammas are known
+when CMAI is bound and a call's visible image count is one of its host-side
+counts, so the interpolation positions are host integers, computed once per
+call). What also depends on the stock mask or the head shape (the causal
+triangle, the query-row index) is built by the call's first layer and kept in
+the call's workspace.
 
 The cache rule (docs/method.md, C13): a new token's focus score needs the
 head-averaged, pre-inhibition A_t2i rows of every earlier text token of the
 same layer. A ``RowStore`` holds them per sequence: the rows' positions once,
-the A_t2i rows per layer. Each call writes its rows at slots fixed by its
-plan, so writing them again (a recomputed layer) changes nothing.
+every layer's A_t2i rows in one tensor. Each call writes its rows at slots
+fixed by its plan, so writing them again (a recomputed layer) changes nothing.
+A decode step leaves its rows in a per-layer buffer that the next call moves
+into the store with one copy for all layers; until then the step's own slot
+holds zeros, which is what the step's own focus score needs (C3: h < j).
 
 Two kinds of plan:
-* prefill (any call with more than one new position): text rows found with
-  one host synchronisation, grouped in chunks whose (batch x heads x rows x
-  keys) block stays under a memory budget whatever the head count;
-* decode (one new token per sample): no host synchronisation, a handful of
-  ops shared by all layers, fixed shapes when the cache is static, so a
-  decode step can run under ``torch.compile(fullgraph=True)``.
+* prefill (any call with more than one new position): one host read of a few
+  counts (two when the text rows come in several chunks), rows grouped in
+  chunks whose (batch x heads x rows x keys) block stays under a memory
+  budget whatever the head count;
+* decode (one new token per sample): no host read, a handful of ops shared by
+  all layers, fixed shapes when the cache is static, so a decode step can run
+  under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from .focus import (FocusScore, QuantilePositions, TextPositions, get_focus, quantile_of_sorted,
-                    quantile_positions)
+from .focus import (FocusScore, QuantilePositions, SelectedQuantile, TextPositions, get_focus,
+                    host_quantile_positions, quantile_of_sorted, quantile_positions_per_gamma, sorted_rows)
 
 
 class CMAIStateError(RuntimeError):
@@ -45,6 +59,8 @@ NEVER = torch.iinfo(torch.long).max
 CHUNK_ELEMENTS = {"cpu": 1 << 21}
 CHUNK_ELEMENTS_DEFAULT = 1 << 26
 MIN_CHUNK_ROWS = 16
+# row slots a dynamic store starts with (it grows by doubling)
+MIN_CAPACITY = 64
 
 
 def chunk_budget(device: torch.device) -> int:
@@ -52,14 +68,18 @@ def chunk_budget(device: torch.device) -> int:
 
 
 def _new_positions_valid(attention_mask: Any, batch: int, past_len: int, q_len: int,
-                         device: torch.device) -> torch.Tensor:
-    """(B, Q) bool: which new positions are real tokens, from a 2-D padding mask or a prepared 4-D mask."""
+                         device: torch.device) -> torch.Tensor | None:
+    """(B, Q) bool: which new positions are real tokens, from a 2-D padding mask or a prepared 4-D mask.
+
+    None when there is no mask (every new position is a real token): the callers then skip the ops it would take.
+    """
     if isinstance(attention_mask, dict):  # one prepared mask per attention type: any of them marks padding
         attention_mask = next((m for m in attention_mask.values() if m is not None), None)
     if attention_mask is None:
-        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        return None
     if attention_mask.dim() == 2 and attention_mask.shape[1] == past_len + q_len:
-        return attention_mask[:, past_len:].to(device=device, dtype=torch.bool)
+        new = attention_mask if past_len == 0 else attention_mask[:, past_len:]
+        return new.to(device=device, dtype=torch.bool)
     if attention_mask.dim() == 4 and attention_mask.shape[2] == q_len and attention_mask.shape[3] >= past_len + q_len:
         # a padding position hides its own key: the diagonal tells real tokens from padding
         rows = torch.arange(q_len, device=attention_mask.device)
@@ -85,79 +105,24 @@ def first_true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.masked_fill(~valid, 0), valid
 
 
-class RowStore:
-    """The text rows of one sequence (C13): where they are, and each layer's A_t2i rows.
-
-    Positions, ranks and validity are shared by every layer and written once per call; ``rows[layer]``
-    holds that layer's head-averaged, pre-inhibition weights of each text row on the image keys,
-    (B, 1, capacity, N) float32 (the extra axis is the head axis decode steps keep). A dynamic cache lets the store grow by doubling (a decode step appends one
-    row per sample; copying the whole store every step would be quadratic in the answer length); a static
-    cache fixes the capacity to the cache length up front, so shapes never change.
-    """
-
-    def __init__(self, batch: int, images: "Images", capacity: int, static: bool, device: torch.device):
-        self.images = images
-        self.static = static
-        self.capacity = capacity
-        self.length = 0                 # rows filled (host side; dynamic caches only)
-        self.seq_len = 0                # positions of the sequence so far (host side; dynamic caches only)
-        self.fill = torch.zeros((), dtype=torch.long, device=device)   # rows filled, on the device
-        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.rank = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.text_count = torch.zeros(batch, dtype=torch.long, device=device)  # text tokens so far, per sample
-        self.rows: dict[int, torch.Tensor] = {}
-        self.decode: DecodeConstants | None = None   # set by the sequence's prefill
-
-    def reserve(self, length: int) -> None:
-        """Room for ``length`` rows (dynamic caches: grow by doubling)."""
-        if length <= self.capacity:
-            return
-        if self.static:
-            raise CMAIStateError(f"the static cache holds {self.capacity} positions; CMAI was asked for "
-                                 f"{length} text rows")
-        size = max(length, 2 * self.capacity, 64)
-        self.pos, self.rank, self.valid = (_grown(t, size, self.length) for t in (self.pos, self.rank, self.valid))
-        self.capacity = size
-
-    def layer_rows(self, layer_idx: int) -> torch.Tensor:
-        """This layer's row storage, allocated (or grown to the store's capacity) on first use."""
-        rows = self.rows.get(layer_idx)
-        if rows is None or rows.shape[2] != self.capacity:
-            fresh = torch.zeros(self.pos.shape[0], 1, self.capacity, self.images.count, dtype=torch.float32,
-                                device=self.pos.device)
-            if rows is not None:
-                fresh[:, :, :rows.shape[2]] = rows
-            rows = self.rows[layer_idx] = fresh
-        return rows
-
-    def known(self, stop: int | None = None) -> TextPositions:
-        """Positions of the first ``stop`` rows (all slots when None)."""
-        if stop is None:
-            return TextPositions(self.pos, self.rank, self.valid)
-        return TextPositions(self.pos[:, :stop], self.rank[:, :stop], self.valid[:, :stop])
-
-
-def _grown(t: torch.Tensor, size: int, used: int) -> torch.Tensor:
-    out = torch.zeros((t.shape[0], size) + t.shape[2:], dtype=t.dtype, device=t.device)
-    out[:, :used] = t[:, :used]
-    return out
-
-
 @dataclass(frozen=True)
 class Images:
     """The image positions of a sequence, fixed by its prefill (all images arrive there)."""
 
-    pos: torch.Tensor          # (B, N) key index of each image slot; padded slots 0
-    valid: torch.Tensor        # (B, N) real slots
-    padded: bool               # some sample has fewer images than N
-    last: int                  # the largest image position (-1 without images)
-    first: torch.Tensor        # (B,) position of the first image; NEVER without one
-    has_image: torch.Tensor    # (B,)
+    pos: torch.Tensor                 # (B, N) key index of each image slot; padded slots 0
+    valid: torch.Tensor | None        # (B, N) real slots; None: every slot is real (every sample has N images)
+    has_image: torch.Tensor           # (B,)
+    every_sample_has_image: bool
+    last: int | None = None           # the largest image position, when the plan needed it
 
     @property
     def count(self) -> int:
         return self.pos.shape[1]
+
+    @property
+    def padded(self) -> bool:
+        """Some sample has fewer images than N."""
+        return self.valid is not None
 
 
 @dataclass(frozen=True)
@@ -171,11 +136,8 @@ class DecodeThreshold:
 
     def __call__(self, score: torch.Tensor) -> torch.Tensor:
         """tau of (B, 1, 1, N) scores, (B, 1, 1, 1): the same order statistics and interpolation as C6."""
-        if isinstance(self.lo, int):  # two selections instead of a sort
-            x_lo = score.kthvalue(self.lo + 1, dim=-1, keepdim=True).values
-            if self.hi == self.lo:
-                return x_lo
-            return torch.lerp(x_lo, score.kthvalue(self.hi + 1, dim=-1, keepdim=True).values, self.weight)
+        if isinstance(self.lo, int):  # one partial selection instead of a sort
+            return SelectedQuantile(self.lo, self.hi, score.shape[-1], self.weight)(score)
         return quantile_of_sorted(score.sort(dim=-1).values, QuantilePositions(self.lo, self.hi, self.weight))
 
 
@@ -185,62 +147,226 @@ class DecodeConstants:
 
     img_index: torch.Tensor               # (B, 1, 1, N) key of each image slot; padded slots: a real text key
                                           # every decode row sees (never an image key: scatters there collide with none)
-    img_pad: torch.Tensor | None          # (B, 1, 1, N) float32 max on padded image slots (None: none padded)
+    img_pad: torch.Tensor | None          # (B, 1, N) float32 max on padded image slots (None: none padded)
     thresholds: dict[int, DecodeThreshold]
     every_sample_has_image: bool          # no sample's decode row keeps the stock kernel's output
 
-    @classmethod
-    def build(cls, images: Images, spare_key: torch.Tensor, gammas: list[float] | None) -> "DecodeConstants":
-        batch, count = images.pos.shape
-        shape = (batch, 1, 1, count)
-        thresholds: dict[int, DecodeThreshold] = {}
-        if images.padded:
-            img_index = torch.where(images.valid, images.pos, spare_key.unsqueeze(1)).view(shape)
-            # the largest float, not +inf: a sample without images then has the threshold lerp(max, max) = max,
-            # where lerp(inf, inf) would be NaN and fail every comparison
-            img_pad = torch.zeros(shape, device=images.pos.device).masked_fill_(
-                ~images.valid.view(shape), torch.finfo(torch.float32).max)
-            seen = images.valid.sum(dim=1).view(batch, 1, 1)
-        else:
-            img_index, img_pad, seen = images.pos.view(shape), None, torch.tensor(count)
-        for layer, gamma in enumerate(gammas or []):
-            if gamma > 0:
-                at = quantile_positions(seen, gamma, count)
-                if images.padded:
-                    thresholds[layer] = DecodeThreshold(at.lo, at.hi, at.weight)
-                else:  # same float arithmetic as the prefill's threshold, read back once per sequence
-                    thresholds[layer] = DecodeThreshold(int(at.lo), int(at.hi), at.weight.to(images.pos.device))
-        return cls(img_index, img_pad, thresholds, bool(images.has_image.all()))
+
+@dataclass
+class DecodeViews:
+    """Buffers and views a sequence's decode steps share, made once per sequence (and again when a dynamic
+    store grows), so a step takes no view op per layer.
+
+    ``index`` (B, N + C) is the one gather index of a decode row: its image keys, then the key of every store
+    slot (``store.pos`` is a view of its tail, so writing a slot's position updates it). ``found[layer]`` (B, N + C)
+    receives the row's head-averaged weights at those keys; ``a_img`` / ``a_text`` are its two parts as (B, 1, .)
+    views, ``rows`` the layer's stored rows (B, C, N). ``step_img`` (L, B, N) is every layer's A_t2i row of the last
+    step, what the next call moves into the store.
+    """
+
+    index: torch.Tensor
+    found_all: torch.Tensor               # (L', B, N + C) the buffers below, one tensor
+    found: dict[int, torch.Tensor]
+    a_img: dict[int, torch.Tensor]
+    a_text: dict[int, torch.Tensor]
+    a_img4: dict[int, torch.Tensor]
+    rows: dict[int, torch.Tensor]
+    score: torch.Tensor                   # (B, 1, 1, N) scratch for F (shared by the layers, used one after another)
+    score3: torch.Tensor                  # (B, 1, N) view of it
+    step_img: torch.Tensor | None         # (L, B, N) the inhibited layers' rows of the last step (None: no layers)
+    slot_rows: list[torch.Tensor] | None  # dynamic stores: per slot, every layer's row (L, B, N)
+    slot_pos: list[torch.Tensor] | None   # dynamic stores: per slot, (B,) views of pos / valid / rank
+    slot_valid: list[torch.Tensor] | None
+    slot_rank: list[torch.Tensor] | None
+    ones: torch.Tensor | None             # static stores: the all-True (B, 1, 1, K) mask base decode steps scatter into
+
+
+class RowStore:
+    """The text rows of one sequence (C13): where they are, and each layer's A_t2i rows.
+
+    Positions, ranks and validity are shared by every layer; ``rows[layer]`` (B, capacity, N) float32 holds that
+    layer's head-averaged, pre-inhibition weights of each text row on the image keys. The inhibited layers known
+    when the store is made share one (L, B, capacity, N) tensor, so a call takes per-layer views of all of them with
+    two ops and a decode step's rows go in with one copy. A dynamic cache lets the store grow by doubling (a decode
+    step appends one row per sample; copying the whole store every step would be quadratic in the answer length); a
+    static cache fixes the capacity to the cache length up front, so shapes never change.
+    """
+
+    def __init__(self, images: Images, pos: torch.Tensor, rank: torch.Tensor | None, valid: torch.Tensor,
+                 text_count: torch.Tensor, static: bool, layers: list[int], length: int, seq_len: int):
+        self.images = images
+        self.static = static
+        self.pos, self.rank, self.valid = pos, rank, valid      # (B, capacity); rank None when no focus reads it
+        self.capacity = pos.shape[1]
+        self.length = length            # rows filled (host side; a static store's decode steps count on the device)
+        self.seq_len = seq_len          # positions of the sequence so far (host side)
+        self.fill = torch.full((), length, dtype=torch.long, device=pos.device) if static else None
+        self.text_count = text_count    # (B,) text tokens so far, per sample
+        self.layers = list(layers)
+        self.rows: dict[int, torch.Tensor] = {}
+        self.all_rows: torch.Tensor | None = None       # (L, B, capacity, N) for ``layers``
+        self.decode: DecodeConstants | None = None      # set by the sequence's prefill
+        self.views: DecodeViews | None = None
+        # the last decode step's rows wait in ``views.step_img`` for this slot (dynamic stores; a static store
+        # keeps the slot on the device in ``pending_index`` and always moves them, see ``flush``)
+        self.pending: int | None = None
+        self.pending_layers: set[int] = set()
+        self.pending_index: torch.Tensor | None = None
+        self._allocate_rows(self.layers)
+
+    # ------------------------------------------------------------------ rows
+    def _allocate_rows(self, layers: list[int]) -> None:
+        batch, capacity, n = self.pos.shape[0], self.capacity, self.images.count
+        if not layers or capacity == 0 or n == 0:
+            return
+        self.all_rows = torch.zeros(len(layers), batch, capacity, n, device=self.pos.device)
+        self.rows.update(zip(layers, self.all_rows.unbind(0)))
+
+    def layer_rows(self, layer_idx: int) -> torch.Tensor:
+        """This layer's row storage (B, capacity, N); a layer the store was not made for gets its own tensor."""
+        rows = self.rows.get(layer_idx)
+        if rows is None:   # (decode buffers made before take it up when the layer first decodes)
+            rows = self.rows[layer_idx] = torch.zeros(self.pos.shape[0], self.capacity, self.images.count,
+                                                      device=self.pos.device)
+        return rows
+
+    def reserve(self, length: int) -> None:
+        """Room for ``length`` rows (dynamic caches: grow by doubling)."""
+        if length <= self.capacity:
+            return
+        if self.static:
+            raise CMAIStateError(f"the static cache holds {self.capacity} positions; CMAI was asked for "
+                                 f"{length} text rows")
+        self.flush()
+        size = max(length, 2 * self.capacity, MIN_CAPACITY)
+        used = self.length
+        self.pos, self.valid = _grown(self.pos, size, used), _grown(self.valid, size, used)
+        if self.rank is not None:
+            self.rank = _grown(self.rank, size, used)
+        old_all, old_rows = self.all_rows, self.rows
+        self.capacity, self.rows, self.all_rows = size, {}, None
+        self._allocate_rows(self.layers)
+        if old_all is not None:
+            self.all_rows[:, :, :used] = old_all[:, :, :used]
+        for layer, rows in old_rows.items():
+            if layer not in self.rows:   # layers outside the shared tensor
+                self.rows[layer] = _grown(rows, size, used)
+        self.views = None
+
+    def known(self, stop: int | None = None) -> TextPositions:
+        """Positions of the first ``stop`` rows (all slots when None)."""
+        if stop is None:
+            return TextPositions(self.pos, self.rank, self.valid)
+        rank = None if self.rank is None else self.rank[:, :stop]
+        return TextPositions(self.pos[:, :stop], rank, self.valid[:, :stop])
+
+    # ------------------------------------------------------------------ decode buffers
+    def decode_views(self, key_len: int | None = None) -> DecodeViews:
+        """The buffers and views decode steps share (made on first use and after the store grows)."""
+        if self.views is not None:
+            return self.views
+        images = self.images
+        batch, n, capacity, device = self.pos.shape[0], images.count, self.capacity, self.pos.device
+        index = torch.cat([self.decode.img_index.view(batch, n), self.pos], dim=1)
+        self.pos = index[:, n:]      # later writes of a slot's position reach the gather index
+        layers = [l for l in self.layers if l in self.rows] + [l for l in self.rows if l not in self.layers]
+        found_all = torch.zeros(len(layers), batch, n + capacity, device=device)
+        found = dict(zip(layers, found_all.unbind(0)))
+        found3 = found_all.view(len(layers), batch, 1, n + capacity)
+        a_img_all, a_text_all = found3.split([n, capacity], dim=-1)
+        shared = len(self.layers) if self.all_rows is not None else 0
+        score = torch.empty(batch, 1, 1, n, device=device)
+        self.views = DecodeViews(
+            index=index, found_all=found_all, found=found, a_img=dict(zip(layers, a_img_all.unbind(0))),
+            a_text=dict(zip(layers, a_text_all.unbind(0))),
+            a_img4=dict(zip(layers, a_img_all.unsqueeze(2).unbind(0))), rows={l: self.rows[l] for l in layers},
+            score=score, score3=score.view(batch, 1, n),
+            step_img=found_all[:shared, :, :n] if shared else None,
+            slot_rows=None if self.static or not shared else self.all_rows.unbind(2),
+            slot_pos=None if self.static else self.pos.unbind(1),
+            slot_valid=None if self.static else self.valid.unbind(1),
+            slot_rank=None if self.static or self.rank is None else self.rank.unbind(1),
+            ones=None if key_len is None else torch.ones(batch, 1, 1, key_len, dtype=torch.bool, device=device))
+        if self.static and self.pending_index is None:
+            # the first step "moves" the zero buffer into its own, still empty, slot: harmless, and it lets every
+            # compiled step run the same graph
+            self.pending_index = torch.full((1,), self.length, dtype=torch.long, device=device)
+        return self.views
+
+    def flush(self) -> None:
+        """Move the last decode step's rows into the store (one copy for the shared layers)."""
+        views = self.views
+        if views is None:
+            return
+        if self.static:
+            if self.pending_index is not None and views.step_img is not None:
+                self.all_rows.index_copy_(2, self.pending_index, views.step_img.unsqueeze(2))
+            for layer, rows in views.rows.items():
+                if layer not in self.layers:
+                    rows.index_copy_(1, self.pending_index, views.a_img[layer])
+            return
+        slot, self.pending = self.pending, None
+        if slot is None:
+            return
+        written, self.pending_layers = self.pending_layers, set()
+        shared = [l for l in self.layers if l in self.rows]
+        if views.step_img is not None and written.issuperset(shared):
+            views.slot_rows[slot].copy_(views.step_img)
+            written = written.difference(shared)
+        for layer in written:
+            self.rows[layer][:, slot] = views.found[layer][:, :self.images.count]
+
+
+def _grown(t: torch.Tensor, size: int, used: int) -> torch.Tensor:
+    out = torch.zeros((t.shape[0], size) + t.shape[2:], dtype=t.dtype, device=t.device)
+    out[:, :used] = t[:, :used]
+    return out
 
 
 @dataclass(frozen=True)
 class RowChunk:
-    """Text rows of a prefill call processed together (slots [start, stop) of the plan's rows)."""
+    """Text rows of a prefill call processed together (slots [start, stop) of the plan's rows), and every index
+    map its layers share."""
 
     start: int
     stop: int
-    key_stop: int                  # no row of the chunk sees a key at or beyond this index
+    key_stop: int                  # no row of the chunk sees a key at or beyond this index (an upper bound)
     key_first_hidden: int          # nor does causality hide a key below this one from any of its rows
     visible_count: int | None      # image keys every real row of the chunk sees, when they all see as many
-    mask_sample: torch.Tensor      # (n,) sample of each real row of the chunk
-    mask_row: torch.Tensor         # (n,) its query row within the call
-    take: torch.Tensor | None      # (n,) which of the chunk's B x (stop - start) slots are real; None: all
+    q_pos: torch.Tensor            # (B, R) positions of its rows
+    q_valid: torch.Tensor | None   # (B, R) real rows (None: all real)
+    slot: torch.Tensor             # (B, R) query row of each within the call
+    img_index: torch.Tensor        # (B, R, N) key of each image slot for each row (padded slots: the row's own key)
+    img_gather: torch.Tensor       # img_index, clamped below key_stop (the keys C1 computes)
+    visible: torch.Tensor | None   # (B, R, N) C6's visible set (None: every slot, for every row)
+    invisible: torch.Tensor | None  # its complement
+    text_index: torch.Tensor | None  # (B, R, known) key of every known text row, for every row
+    relation: torch.Tensor | None  # (B, R, known) the focus variant's weights
+    # (sample, query row, key) of every (row, image slot) pair in the fused mask: padded rows and slots point at
+    # pairs no real one writes (they write the stock value there), so one indexed write serves all
+    write_index: tuple[torch.Tensor, ...]
+    rows_out: dict[int, torch.Tensor]       # per layer: (B, R, N) where the rows' A_t2i go
+    rows_known: dict[int, torch.Tensor]     # per layer: (B, known, N) every row known so far, these included
+    thresholds: dict[int, Callable[[torch.Tensor], torch.Tensor]]  # per layer: C6 of (B, R, N) masked scores
 
 
 @dataclass(frozen=True)
 class DecodeStep:
     """What a decode step (one new text token per sample) adds to the plan."""
 
-    write_index: torch.Tensor        # (1,) store slot of this step's rows
-    text_index: torch.Tensor         # (B, 1, 1, C) key of each stored text row (0 in empty slots)
+    write_index: int | torch.Tensor  # store slot of this step's rows (host int; (1,) tensor for static stores)
+    index: torch.Tensor              # (B, N + C) image keys, then the key of every stored text row
     constants: DecodeConstants
+    views: DecodeViews
+    ones: torch.Tensor | None        # (B, 1, 1, K) all-True mask base of static stores (others: made by a layer)
 
 
 @dataclass
 class CallWorkspace:
-    """Scratch a call's layers may share in inference (never under autograd): built by the first layer."""
+    """What a call's layers may share and build on first use: the first layer that knows the stock mask, the head
+    count or the head size fills it (scratch masks are reused only in inference, never under autograd)."""
 
-    masks: dict[Any, torch.Tensor] = field(default_factory=dict)
+    masks: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -249,19 +375,26 @@ class CallPlan:
 
     store: RowStore
     q_len: int                       # new positions in this call
-    query: TextPositions             # (B, Qt) the text rows to inhibit in this call
+    query_source: TextPositions | Callable[[], TextPositions]   # the text rows to inhibit (built on demand)
     slot: torch.Tensor | None        # (B, Qt) their query row within the call (decode: None, the only row)
     row_start: int                   # store slot of the call's first row (prefill)
-    relation: torch.Tensor | None    # (B, Qt, T) the focus variant's per-call weights (decode: (B, 1, 1, C))
+    relation: torch.Tensor | None    # (B, Qt, T) the focus variant's per-call weights (decode: (B, 1, C))
     focus: FocusScore
     chunks: tuple[RowChunk, ...]     # prefill only
     decode: DecodeStep | None        # decode only
     keep_rows: bool                  # rows go to the store (a cache may continue the sequence)
     workspace: CallWorkspace
+    batch_index: torch.Tensor | None = None   # (B, 1, 1) sample index (prefill)
+    gammas: dict[int, float] = field(default_factory=dict)   # inhibited layers known to the plan
 
     @property
     def images(self) -> Images:
         return self.store.images
+
+    @property
+    def query(self) -> TextPositions:
+        source = self.query_source
+        return source if isinstance(source, TextPositions) else source()
 
 
 class CMAIState:
@@ -277,6 +410,10 @@ class CMAIState:
     def reset(self) -> None:
         self.store: RowStore | None = None
         self.plan: CallPlan | None = None   # the latest call's plan (a layer reads it when none is handed over)
+
+    @property
+    def inhibited(self) -> dict[int, float]:
+        return {l: g for l, g in enumerate(self.gammas or []) if g > 0}
 
     # ------------------------------------------------------------------ entry
     def begin_call(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None, past_len: Any,
@@ -302,127 +439,354 @@ class CMAIState:
 
     # ------------------------------------------------------------------ prefill
     def _prefill_plan(self, image_mask, attention_mask, past_len, max_cache_len, keep_rows):
+        self._memo: dict[Any, Any] = {}    # what this call computes once for several purposes
         batch, q_len = image_mask.shape
         device = image_mask.device
         new_valid = _new_positions_valid(attention_mask, batch, past_len, q_len, device)
-        if past_len == 0:
-            self.store = self._new_store(image_mask & new_valid, max_cache_len, device)
+        fresh = past_len == 0
+        reads_rank = self.focus.reads_rank
+        if fresh:
+            img = image_mask if new_valid is None else image_mask & new_valid
+            text = ~image_mask if new_valid is None else new_valid ^ img
+            seen = img.cumsum(dim=1)                                     # images at or before each position
+            redo = text & (seen > 0)      # text after its sample's first image; text before it sees no image
+            img_count = seen[:, -1]
+            redo_count = redo.sum(dim=1)
+            between = (redo & (seen < img_count.unsqueeze(1))).sum()     # rows that do not see every image yet
+            img_range, redo_range = torch.aminmax(img_count), torch.aminmax(redo_count)
+            # the call's one read-back: shapes (images, rows) and which code paths apply
+            n_img, least_img, count, least_rows, between = torch.stack(
+                [img_range.max, img_range.min, redo_range.max, redo_range.min, between]).tolist()
+            text_count = text.sum(dim=1)
+            found = self._images(img, img_count, redo, n_img, least_img)
+            images, slot = found.images, None
+            if n_img and count:   # each sample's rows follow its images in the sort's order
+                if images.valid is None:
+                    slot = found.order[:, n_img:n_img + count]
+                else:
+                    first = img_count.unsqueeze(1) + torch.arange(count, device=device)
+                    slot = found.order.gather(1, first.clamp(max=q_len - 1))
+            uniform = n_img if (images.valid is None and between == 0) else None
         else:
-            if self.store is not None and self.store.static:
-                # compiled decode steps count on the device only: catch the host-side counters up
-                self.store.length, self.store.seq_len = int(self.store.fill), past_len
-            self._check_continuation(past_len)
-            if bool(image_mask.any()):
+            store = self._continue(past_len)
+            text = ~image_mask if new_valid is None else new_valid & ~image_mask
+            redo = text & store.images.has_image.unsqueeze(1)        # every sample's images came before this call
+            redo_count = redo.sum(dim=1)
+            redo_range = torch.aminmax(redo_count)
+            facts = [image_mask.sum(), redo_range.max, redo_range.min]
+            if store.static:  # compiled decode steps count on the device only: catch the host-side counters up
+                facts.append(store.fill)
+            facts = torch.stack(facts).tolist()
+            if facts[0]:
                 raise CMAIStateError("CMAI needs all image tokens in the first forward call of a sequence "
                                      "(prefill); this call adds image tokens to an existing cache.")
-        store = self.store
-        images = store.images
-        text = new_valid & ~image_mask
-        positions = past_len + torch.arange(q_len, device=device)
-        # text before a sample's first image sees no image: its output stays the stock kernel's
-        redo = text & (positions.unsqueeze(0) > images.first.unsqueeze(1))
-        rank = store.text_count.unsqueeze(1) + text.cumsum(dim=1) - 1
-        store.text_count = store.text_count + text.sum(dim=1)
+            count, least_rows = facts[1], facts[2]
+            if store.static:
+                store.length = facts[3]
+            images = store.images
+            text_count = store.text_count + text.sum(dim=1)
+            slot = None
+            if count:   # a stable sort lists each sample's rows first, in order (the width came with the facts)
+                slot = (~redo).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
+            uniform = None if images.padded else images.count
+        rows_padded = count > 0 and least_rows < count
+        slot_valid = None
+        if rows_padded:
+            slot_valid = torch.arange(count, device=device) < redo_count.unsqueeze(1)
+            # a padded slot must point at a query row no real slot of its sample points at (the fused mask gets
+            # one indexed write for all): row 0 of a fresh sequence is never a row after an image; a continuation
+            # keeps what its sort put there, the sample's other (padding) positions, each once
+            if fresh:
+                slot = slot.masked_fill(~slot_valid, 0)
+        if slot is not None:
+            q_pos = slot if fresh else slot + past_len
+            q_rank = None
+            if reads_rank:
+                rank = text.cumsum(dim=1) - 1 if fresh else store.text_count.unsqueeze(1) + text.cumsum(dim=1) - 1
+                q_rank = rank.gather(1, slot)
+            valid = slot_valid if slot_valid is not None else torch.ones(batch, count, dtype=torch.bool, device=device)
+            query = TextPositions(q_pos, q_rank, valid)
+        if fresh:
+            store = self._new_store(images, query if slot is not None else None, count, text_count, max_cache_len,
+                                    keep_rows, batch, device)
+            self.store = store
+            if images.count:
+                store.decode = self._decode_constants(images, text, q_len, device)
+                if store.static:
+                    store.decode_views(max_cache_len)
+        else:
+            store.text_count = text_count
         store.seq_len = past_len + q_len
-        if past_len == 0 and images.count:
-            # a key every decode row sees and no image occupies: the sample's last prompt text token, or the
-            # first generated token's own position when the prompt holds no text
-            text_key = torch.where(text, positions, -1).amax(dim=1)
-            spare = torch.where(text_key >= 0, text_key, past_len + q_len)
-            store.decode = DecodeConstants.build(images, spare, self.gammas)
-        slot, slot_valid = first_true_indices(redo)
-        count = slot.shape[1]
-        if count == 0 or images.count == 0:
+        if slot is None or images.count == 0:
             return None
-        query = TextPositions(slot + past_len, rank.gather(1, slot), slot_valid)
-        keep_rows = keep_rows or past_len > 0
-        row_start = store.length if keep_rows else 0
+        keep_rows = keep_rows or not fresh
+        row_start = store.length if keep_rows and not fresh else 0
         if keep_rows:
             stop = row_start + count
-            store.reserve(stop)
-            for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
-                dst[:, row_start:stop] = src
+            if not fresh:
+                store.reserve(stop)
+                for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
+                    if dst is not None:
+                        dst[:, row_start:stop] = src
             store.length = stop
-            store.fill.fill_(stop)
-            known = store.known(stop)
+            if store.static:
+                store.fill.fill_(stop)
+                if not fresh and store.views is not None:
+                    # the rows the buffer held are in the store (flushed above); the next step's first move then
+                    # writes zeros into that step's own, still empty, slot
+                    store.views.found_all.zero_()
+                    store.pending_index.fill_(stop)
+            known = query if fresh else store.known(stop)
         else:
             known = query
-        return CallPlan(store=store, q_len=q_len, query=query, slot=slot, row_start=row_start,
-                        relation=self.focus.relation(query, known, self.discount), focus=self.focus,
-                        chunks=self._chunks(query, slot, past_len + q_len, device), decode=None,
-                        keep_rows=keep_rows, workspace=CallWorkspace())
+        relation = self.focus.relation(query, known, self.discount)
+        gammas = self.inhibited
+        return self._finish_prefill(store, query, slot, relation, row_start, keep_rows, count, least_rows, uniform,
+                                    gammas, past_len, q_len, fresh, device)
 
-    def _new_store(self, image_mask: torch.Tensor, max_cache_len: int | None, device: torch.device) -> RowStore:
-        batch = image_mask.shape[0]
-        img_pos, img_valid = first_true_indices(image_mask)
-        has_image = img_valid.any(dim=1) if img_valid.shape[1] else torch.zeros(batch, dtype=torch.bool, device=device)
-        first = (torch.where(has_image, img_pos[:, 0], NEVER) if img_valid.shape[1]
-                 else torch.full((batch,), NEVER, dtype=torch.long, device=device))
-        last = int(img_pos.masked_fill(~img_valid, -1).max()) if img_valid.numel() else -1
-        images = Images(pos=img_pos, valid=img_valid, padded=not bool(img_valid.all()), last=last, first=first,
-                        has_image=has_image)
+    def _images(self, img, img_count, redo, n_img, least_img) -> "_FoundImages":
+        """Image slots of a fresh sequence from one stable sort that lists, per sample, its images, then its text
+        rows after the first image (the plan slices both out of it)."""
+        batch, device = img.shape[0], img.device
+        has_image = img_count > 0
+        if n_img == 0:
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            return _FoundImages(Images(empty, None, has_image, False), empty)
+        order = torch.where(img, 0, torch.where(redo, 1, 2)).sort(dim=1, stable=True).indices
+        pos = order[:, :n_img]
+        valid = None
+        if least_img < n_img:
+            valid = torch.arange(n_img, device=device) < img_count.unsqueeze(1)
+            pos = pos.masked_fill(~valid, 0)
+        return _FoundImages(Images(pos, valid, has_image, least_img > 0), order)
+
+    def _new_store(self, images, query, count, text_count, max_cache_len, keep_rows, batch, device):
         static = max_cache_len is not None
-        return RowStore(batch, images, max_cache_len if static else 0, static, device)
+        keep = keep_rows and query is not None
+        capacity = max_cache_len if static else (max(count, MIN_CAPACITY) if keep else 0)
+        if static and keep and count > capacity:
+            raise CMAIStateError(f"the static cache holds {capacity} positions; CMAI was asked for {count} text rows")
+        if keep:
+            pad = (0, capacity - count)
+            pos, valid = F.pad(query.pos, pad), F.pad(query.valid, pad)
+            rank = F.pad(query.rank, pad) if query.rank is not None else None
+        else:
+            pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+            valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+            rank = torch.zeros(batch, capacity, dtype=torch.long, device=device) if self.focus.reads_rank else None
+        layers = list(self.inhibited) if images.count else []
+        # the rows of this call are its first (slots [0, count)), written by its layers
+        return RowStore(images, pos, rank, valid, text_count, static, layers, count if keep else 0, 0)
+
+    def _decode_constants(self, images: Images, text: torch.Tensor, q_len: int, device) -> DecodeConstants:
+        batch, count = images.pos.shape
+        shape = (batch, 1, 1, count)
+        img_pad = None
+        if images.padded:
+            # a key every decode row sees and no image occupies: the sample's last prompt text token, or the
+            # first generated token's own position when the prompt holds no text
+            positions = torch.arange(q_len, device=device)
+            text_key = torch.where(text, positions, -1).amax(dim=1)
+            spare = torch.where(text_key >= 0, text_key, q_len)
+            img_index = torch.where(images.valid, images.pos, spare.unsqueeze(1)).view(shape)
+            # the largest float, not +inf: a sample without images then has the threshold lerp(max, max) = max,
+            # where lerp(inf, inf) would be NaN and fail every comparison
+            img_pad = torch.zeros(batch, 1, count, device=device).masked_fill_(
+                ~images.valid.view(batch, 1, count), torch.finfo(torch.float32).max)
+            seen = images.valid.sum(dim=1).view(batch, 1, 1, 1)
+            layers = self.inhibited
+            at = quantile_positions_per_gamma(seen.squeeze(-1), list(layers.values()), count) if layers else []
+            thresholds = {l: DecodeThreshold(p.lo, p.hi, p.weight) for l, p in zip(layers, at)}
+        else:
+            img_index = images.pos.view(shape)
+            thresholds = {l: DecodeThreshold(s.lo, s.hi, s.weight)
+                          for l, s in self._selections(count, self.inhibited, device).items()}
+        return DecodeConstants(img_index, img_pad, thresholds, images.every_sample_has_image)
+
+    def _selections(self, count: int, gammas: dict[int, float], device) -> dict[int, SelectedQuantile]:
+        """C6 positions of every layer for rows that all see ``count`` image keys: host integers, and the
+        interpolation weights in one small tensor made once per call (prefill rows and the decode rows that
+        follow usually see as many keys: they share it)."""
+        memo = self._memo.get((count, tuple(gammas.items())))
+        if memo is not None:
+            return memo
+        at = {l: host_quantile_positions(count, g, count) for l, g in gammas.items()}
+        found = {}
+        if at:
+            weights = torch.tensor([w for _, _, w in at.values()], dtype=torch.float32, device=device).unbind(0)
+            found = {l: SelectedQuantile(lo, hi, count, w) for (l, (lo, hi, _)), w in zip(at.items(), weights)}
+        self._memo[(count, tuple(gammas.items()))] = found
+        return found
+
+    def _continue(self, past_len: int) -> RowStore:
+        store = self.store
+        self._check_continuation(past_len)
+        store.flush()
+        return store
 
     def _check_continuation(self, past_len: int) -> None:
         store = self.store
-        if store is None or past_len != store.seq_len:
-            tracked = 0 if store is None else store.seq_len
+        tracked = None if store is None else store.seq_len
+        if store is not None and store.static and isinstance(past_len, int):
+            tracked = past_len   # a static store's decode steps count on the device; the prefill catches up
+        if store is None or past_len != tracked:
             raise CMAIStateError(
-                f"CMAI saw a cache of {past_len} positions but tracked {tracked}: the cache was cropped, "
-                "reordered or reused across sequences. Start generation with a fresh cache "
+                f"CMAI saw a cache of {past_len} positions but tracked {0 if store is None else store.seq_len}: the "
+                "cache was cropped, reordered or reused across sequences. Start generation with a fresh cache "
                 "(beam search, contrastive search and assisted decoding are not supported).")
 
-    def _chunks(self, query: TextPositions, slot: torch.Tensor, keys: int, device) -> tuple[RowChunk, ...]:
-        """Row chunks of the text rows: (B x heads x rows x keys) under the budget, one host sync for all."""
-        batch, count = slot.shape
+    def _finish_prefill(self, store, query, slot, relation, row_start, keep_rows, count, least_rows, uniform,
+                        gammas, past_len, q_len, fresh, device) -> CallPlan:
+        """Chunks of rows and the index maps of each: all that the layers share."""
+        batch = slot.shape[0]
+        images = store.images
+        keys = past_len + q_len
         size = max(MIN_CHUNK_ROWS, chunk_budget(device) // max(1, batch * self.num_heads * keys))
         bounds = [(s, min(s + size, count)) for s in range(0, count, size)]
-        images = self.store.images
-        valid = query.valid
-        last_pos = query.pos.masked_fill(~valid, -1)
-        first_pos = query.pos.masked_fill(~valid, keys)
-        seen = (images.valid.unsqueeze(1) & (images.pos.unsqueeze(1) <= query.pos.unsqueeze(2))).sum(dim=2)
-        most, least = seen.masked_fill(~valid, -1), seen.masked_fill(~valid, images.count + 1)
-        facts = torch.stack([torch.stack([last_pos[:, s:e].amax() + 1, first_pos[:, s:e].amin() + 1,
-                                          valid[:, s:e].all().long(), most[:, s:e].amax(), least[:, s:e].amin()])
-                             for s, e in bounds])
-        samples = torch.arange(batch, device=device).unsqueeze(1)
+        rows_padded = least_rows < count
+        if len(bounds) == 1:
+            # one chunk: the call's keys bound it (its last row is usually the call's last position), and its rows
+            # see every key below the first of them: no read-back needed for either
+            facts = [(keys, 0)]
+        else:   # the second (and last) read-back: each chunk's key range
+            last_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, -1)
+            first_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, keys)
+            parts = [images.pos.amax() if images.count else torch.zeros((), dtype=torch.long, device=device)]
+            for s, e in bounds:
+                parts += [last_pos[:, s:e].amax(), first_pos[:, s:e].amin()]
+            values = torch.stack(parts).tolist()
+            images = Images(images.pos, images.valid, images.has_image, images.every_sample_has_image, values[0])
+            facts = [(max(values[1 + 2 * i] + 1, 1), values[2 + 2 * i] + 1) for i in range(len(bounds))]
+        if keep_rows:
+            known_pos, all_rows = store.pos, store.all_rows
+            layers = store.layers if all_rows is not None else []
+        else:   # rows needed within the call only: one scratch every layer reuses, each rewriting it before reading
+            known_pos = query.pos
+            all_rows = torch.zeros(1, batch, count, images.count, device=device)
+            layers = None
+        selections = self._selections(uniform, gammas, device) if uniform is not None else {}
+        batch_index = torch.arange(batch, device=device).view(batch, 1, 1)
+        single = len(bounds) == 1
         chunks = []
-        for (s, e), (key_stop, first_hidden, full, most_seen, least_seen) in zip(bounds, facts.tolist()):
-            sample = samples.expand(batch, e - s).reshape(-1)
-            row = slot[:, s:e].reshape(-1)
-            take = None
-            if not full:
-                take = query.valid[:, s:e].reshape(-1).nonzero().squeeze(1)
-                sample, row = sample[take], row[take]
-            key_stop = max(int(key_stop), 1)
-            chunks.append(RowChunk(s, e, key_stop, min(int(first_hidden), key_stop),
-                                   int(most_seen) if most_seen == least_seen else None, sample, row, take))
-        return tuple(chunks)
+        for (s, e), (key_stop, first_hidden) in zip(bounds, facts):
+            whole = single and s == 0 and e == count
+            q_pos = query.pos if whole else query.pos[:, s:e]
+            chunk_slot = slot if whole else slot[:, s:e]
+            padded_here = rows_padded and least_rows < e
+            q_valid = None
+            if padded_here:
+                q_valid = query.valid if whole else query.valid[:, s:e]
+            n = images.count
+            if images.valid is None:
+                img_index = images.pos.unsqueeze(1).expand(batch, e - s, n)
+            else:
+                # padded image slots point at the row's own key: never an image key, so writes there collide with none
+                img_index = torch.where(images.valid.unsqueeze(1), images.pos.unsqueeze(1), q_pos.unsqueeze(2))
+            # image keys beyond the chunk's last row (a later image) are invisible to all its rows
+            clamp = images.last is not None and images.last >= key_stop
+            img_gather = img_index.clamp(max=key_stop - 1) if clamp else img_index
+            visible = invisible = None
+            if uniform is None or padded_here:
+                visible = images.pos.unsqueeze(1) <= q_pos.unsqueeze(2)            # C6's visible set
+                if images.valid is not None:
+                    visible = visible & images.valid.unsqueeze(1)
+                if q_valid is not None:
+                    visible = visible & q_valid.unsqueeze(2)
+                invisible = ~visible
+            known = row_start + e
+            text_index = None
+            if self.focus.reads_text_attention:
+                # every row known so far (earlier calls, earlier chunks, this chunk) sits at a key below key_stop
+                text_index = (known_pos if known == known_pos.shape[1] else known_pos[:, :known]).unsqueeze(1).expand(
+                    batch, e - s, known)
+            chunk_relation = None
+            if relation is not None:
+                chunk_relation = relation if (whole and known == relation.shape[2]) else relation[:, s:e, :known]
+            write_index = (batch_index, chunk_slot.unsqueeze(-1), img_index)
+            a, b = row_start + s, row_start + e
+            if layers is None:
+                out_views, known_views = {None: all_rows[0][:, s:e]}, {None: all_rows[0][:, :e]}
+            elif layers:
+                out_views = dict(zip(layers, all_rows[:, :, a:b].unbind(0)))
+                known_views = dict(zip(layers, all_rows[:, :, :b].unbind(0)))
+            else:
+                out_views, known_views = {}, {}
+            if uniform is not None:
+                thresholds = dict(selections)
+            else:
+                counts = visible.sum(dim=-1)
+                at = quantile_positions_per_gamma(counts, list(gammas.values()), n) if gammas else []
+                thresholds = {l: SortedQuantile(p) for l, p in zip(gammas, at)}
+            chunks.append(RowChunk(s, e, key_stop, min(first_hidden, key_stop), uniform, q_pos, q_valid, chunk_slot,
+                                   img_index, img_gather, visible, invisible, text_index, chunk_relation, write_index,
+                                   out_views, known_views, thresholds))
+        if images is not store.images:
+            store.images = images
+        return CallPlan(store=store, q_len=q_len, query_source=query, slot=slot, row_start=row_start,
+                        relation=relation, focus=self.focus, chunks=tuple(chunks), decode=None, keep_rows=keep_rows,
+                        workspace=CallWorkspace(), batch_index=batch_index, gammas=gammas)
 
     # ------------------------------------------------------------------ decode
     def _decode_plan(self, image_mask, past_len) -> CallPlan | None:
         """One new token per sample, all text: no host sync, shapes fixed by the store."""
         store = self.store
-        compiling = torch.compiler.is_compiling()
         if store is None:
             if isinstance(past_len, torch.Tensor):
                 return None  # a static cache filled before patching: nothing to continue
             self._check_continuation(past_len)
+        images = store.images
         if not store.static:
-            if compiling:
+            if torch.compiler.is_compiling():
                 raise CMAIStateError(COMPILED_DYNAMIC_ERROR)
             self._check_continuation(int(past_len))
-            store.reserve(store.length + 1)
-            store.length += 1
-            store.seq_len += 1
-        images = store.images
-        if images.count == 0:
-            store.text_count.add_(1)
+        if images.count == 0:   # nothing to inhibit; the counters move on (on the device for a static store)
+            if store.static:
+                store.text_count.add_(1)
+            else:
+                store.seq_len += 1
+                store.text_count = store.text_count + 1
             return None
+        if store.static:
+            return self._static_decode_plan(store, image_mask, past_len)
+        past_len = int(past_len)
+        batch = image_mask.shape[0]
+        store.flush()
+        store.reserve(store.length + 1)
+        views = store.decode_views()
+        slot = store.length
+        # the row's position, rank and validity, each written with one op into a view made once per sequence
+        views.slot_pos[slot].fill_(past_len)
+        views.slot_valid[slot].copy_(images.has_image)
+        if views.slot_rank is not None:
+            views.slot_rank[slot].copy_(store.text_count)
+        rank = store.text_count
+        store.text_count = rank + 1            # a new tensor: ``rank`` stays this row's rank
+        store.length += 1
+        store.seq_len += 1
+        store.pending = slot
+        has_image = images.has_image
+
+        def query() -> TextPositions:
+            return TextPositions(torch.full((batch, 1), past_len, dtype=torch.long, device=rank.device),
+                                 rank.view(batch, 1), has_image.view(batch, 1))
+
+        relation = None
+        source: TextPositions | Callable[[], TextPositions] = query
+        if self._needs_step_relation():
+            source = query()
+            relation = self.focus.relation(source, store.known(), self.discount)   # (B, 1, C)
+        step = DecodeStep(write_index=slot, index=views.index, constants=store.decode, views=views, ones=None)
+        return CallPlan(store=store, q_len=1, query_source=source, slot=None, row_start=0, relation=relation,
+                        focus=self.focus, chunks=(), decode=step, keep_rows=True, workspace=CallWorkspace(),
+                        gammas=self.inhibited)
+
+    def _static_decode_plan(self, store: RowStore, image_mask, past_len) -> CallPlan:
+        """A static store's step: counters and slots on the device (the step may be compiled), fixed shapes."""
+        images = store.images
         batch = image_mask.shape[0]
         device = store.pos.device
+        views = store.decode_views()
+        store.flush()
         if isinstance(past_len, torch.Tensor):
             new_pos = past_len.to(device=device, dtype=torch.long).reshape(1, 1).expand(batch, 1)
         else:
@@ -431,17 +795,38 @@ class CMAIState:
         query = TextPositions(new_pos, store.text_count.view(batch, 1).clone(), images.has_image.view(batch, 1))
         write_index = store.fill.view(1).clone()
         for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
-            dst.index_copy_(1, write_index, src)
-        relation = self.focus.relation(query, store.known(), self.discount)
-        if relation is not None:
-            relation = relation.unsqueeze(1)                                  # (B, 1, 1, C)
-        step = DecodeStep(write_index=write_index, text_index=store.pos.view(batch, 1, 1, store.capacity),
-                          constants=store.decode)
+            if dst is not None:
+                dst.index_copy_(1, write_index, src)
+        relation = self.focus.relation(query, store.known(), self.discount) if self._needs_step_relation() else None
+        store.pending_index.copy_(write_index)
         store.fill.add_(1)
         store.text_count.add_(1)
-        return CallPlan(store=store, q_len=1, query=query, slot=None, row_start=0,
-                        relation=relation, focus=self.focus, chunks=(), decode=step, keep_rows=True,
-                        workspace=CallWorkspace())
+        if not torch.compiler.is_compiling():
+            store.seq_len += 1
+        step = DecodeStep(write_index=write_index, index=views.index, constants=store.decode, views=views,
+                          ones=views.ones)
+        return CallPlan(store=store, q_len=1, query_source=query, slot=None, row_start=0, relation=relation,
+                        focus=self.focus, chunks=(), decode=step, keep_rows=True, workspace=CallWorkspace(),
+                        gammas=self.inhibited)
+
+    def _needs_step_relation(self) -> bool:
+        return self.focus.decode_relation
+
+
+@dataclass(frozen=True)
+class _FoundImages:
+    images: Images
+    order: torch.Tensor   # (B, Q) per sample: its images, then its text rows after the first image, then the rest
+
+
+@dataclass(frozen=True)
+class SortedQuantile:
+    """C6 for rows that see different numbers of image keys: a sort, then the precomputed positions."""
+
+    at: QuantilePositions
+
+    def __call__(self, masked: torch.Tensor) -> torch.Tensor:
+        return quantile_of_sorted(sorted_rows(masked), self.at)
 
 
 COMPILED_PREFILL_ERROR = (
@@ -454,5 +839,5 @@ COMPILED_DYNAMIC_ERROR = (
     "length); use cache_implementation='static' or pass a StaticCache.")
 
 
-__all__ = ["CMAIState", "CMAIStateError", "CallPlan", "DecodeStep", "Images", "RowChunk", "RowStore",
-           "first_true_indices"]
+__all__ = ["CMAIState", "CMAIStateError", "CallPlan", "DecodeConstants", "DecodeStep", "DecodeThreshold",
+           "DecodeViews", "Images", "RowChunk", "RowStore", "first_true_indices"]

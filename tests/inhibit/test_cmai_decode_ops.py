@@ -10,8 +10,10 @@ from focusvlm.bench.opcount import decode_step_ops, extra_ops_per_layer
 from focusvlm.models.factory import random_llava
 from helpers import make_inputs
 
-# issue 12's target: at most 20 extra top-level aten ops per decoder layer and decode step (stock: ~65)
-MAX_EXTRA_PER_LAYER = 20
+# issue 12's target was at most 20 extra top-level aten ops per decoder layer and decode step (stock: ~65); the
+# per-call plan brought the largest case here (padded batch, discounted focus, GQA) to 16; tests/bench/
+# test_cmai_call_costs.py pins the benchmark layout's count (<= 10)
+MAX_EXTRA_PER_LAYER = 16
 
 
 @pytest.mark.parametrize("layouts", [[[5, "img", 7], [5, "img", 7]], [[5, "img", 7], [2, "img", 3], [9]]],

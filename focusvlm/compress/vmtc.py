@@ -283,7 +283,9 @@ def _kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor:
         last = it == iters - 1
         # einsum: one op for xn @ centres^T (same bmm, same bits as the matmul of a transposed view)
         best = torch.einsum("bmd,bcd->bmc", xn, centres).max(dim=-1)
-        labels = _reseed(best.values, best.indices, member_fill, batch, rows, lift, keepdim=not last)
+        # under autocast the similarities come out in bf16/fp16: re-seeding compares them as float32, as before
+        fit = best.values if best.values.dtype == torch.float32 else best.values.float()
+        labels = _reseed(fit, best.indices, member_fill, batch, rows, lift, keepdim=not last)
         if not last:
             # scatter_add adds each cluster's members in index order, as before: same sums, same bits
             centres = _normalize(torch.scatter_add(zero_sums, 1, labels.expand(-1, -1, D), xn))

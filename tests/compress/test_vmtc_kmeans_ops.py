@@ -68,6 +68,13 @@ def test_kmeans_labels_identical_to_loop_version(name, x, clusters):
         assert bool((torch.nn.functional.one_hot(got, clusters).sum(1) > 0).all())  # every cluster in use
 
 
+@pytest.mark.parametrize("name,x,clusters", CASES, ids=[c[0] for c in CASES])
+def test_kmeans_under_bf16_autocast_identical_to_loop_version(name, x, clusters):
+    """Training runs the tower under bf16 autocast (the demo recipe): the similarities then come out in bf16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vmtc.spherical_kmeans(x, clusters, 3), old.spherical_kmeans(x, clusters, 3))
+
+
 def test_cases_exercise_reseeding_after_the_first_iteration(monkeypatch):
     """The set above is worth something only if clusters empty out, also once centres are means."""
     late = []

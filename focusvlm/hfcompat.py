@@ -44,8 +44,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-TRANSFORMERS_VERSION = transformers.__version__
-
 # the cache keyword, newest name first; a call may carry either
 CACHE_NAMES = ("cache", "past_key_values")
 
@@ -287,13 +285,14 @@ def no_weight_init() -> contextlib.AbstractContextManager:
 # --------------------------------------------------------------------------- GGUF reading
 
 @contextlib.contextmanager
-def gguf_progress_bar(enabled: bool) -> Iterator[None]:
-    """Silence the GGUF reader's own tqdm bar when ``enabled`` is False (transformers' progress switch does not
-    reach it); the module is left as it was afterwards."""
+def gguf_progress_bar() -> Iterator[None]:
+    """Make the GGUF reader's own tqdm bar follow transformers' progress-bar switch, which does not reach it
+    (``--no-progress`` would still print it); the module is left as it was afterwards."""
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
 
     original = getattr(gguf_reader, "tqdm", None)
-    if original is None or enabled:
+    if original is None or hf_logging.is_progress_bar_enabled():
         yield
         return
     gguf_reader.tqdm = functools.partial(original, disable=True)
@@ -303,16 +302,10 @@ def gguf_progress_bar(enabled: bool) -> Iterator[None]:
         gguf_reader.tqdm = original
 
 
-def progress_bars_enabled() -> bool:
-    from transformers.utils import logging as hf_logging
-
-    return hf_logging.is_progress_bar_enabled()
-
-
 __all__ = ["CACHE_ARG", "CACHE_NAMES", "DECODER_LAYER_KWARGS", "ENCODER_OUTPUTS_ARG", "POSITION_IDS_HOOK",
-           "TRANSFORMERS_VERSION", "bound_arguments", "cache_kwargs", "cache_of", "decoder_layer_inputs",
+           "bound_arguments", "cache_kwargs", "cache_of", "decoder_layer_inputs",
            "enable_checkpointing", "encoder_layer_class", "encoder_outputs", "gguf_progress_bar",
            "image_height_width", "is_checkpointing", "last_checkpoint", "layer_length", "modeling_function",
-           "no_weight_init", "output_cache", "past_length", "progress_bars_enabled", "qwen2_5_vision_window_index",
+           "no_weight_init", "output_cache", "past_length", "qwen2_5_vision_window_index",
            "register_attention", "replace_decoder_layer_inputs", "select_best_resolution", "static_cache",
            "static_capacity", "stock_attention"]

@@ -106,21 +106,14 @@ def smollm2_lm_from_gguf():
     """``smollm2_lm`` converted straight from the GGUF by transformers' reader (~40 s), bypassing the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..hfcompat import gguf_progress_bar
+
     folder = _smollm2_dir()
-    with _gguf_conversion_bar_follows_progress_setting():
+    with gguf_progress_bar():   # --no-progress reaches the reader's own bar too
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEMO_GGUF, dtype=torch.float32)
     return lm, tokenizer
-
-
-def _gguf_conversion_bar_follows_progress_setting():
-    # transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which
-    # transformers' progress-bar switch does not reach; with bars switched off (--no-progress) it would still
-    # print, so it is silenced for the duration of the load only, leaving the module as it was
-    from ..hfcompat import gguf_progress_bar, progress_bars_enabled
-
-    return gguf_progress_bar(progress_bars_enabled())
 
 
 def cache_root() -> Path:

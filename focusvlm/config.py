@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+from .errors import ConfigError
 
 
 def fail(cls: str, field_name: str, problem: str) -> None:

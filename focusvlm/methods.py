@@ -14,23 +14,24 @@ Two sides:
 * ``"llm"``: acts inside the language model (CMAI, ...). At most one per model.
 
 Nothing here imports transformers: a method reaches the model only through
-its family adapter (``focusvlm.models``).
+its family adapter (``focusvlm.models``). Every method has the same shape:
+its tensor functions in one module (``compress/NAME.py`` on the vision side,
+``inhibit/NAME.py`` on the LLM side) and the method in ``NAME_method.py``
+beside them: config, hooks, counts and its own ``show`` panels.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, Callable, ClassVar
 
-from .config import ConfigError
+from .errors import ConfigError
+from .registry import Registry
 
 # modules whose import registers the built-in methods, in the order they are listed
 BUILTIN_MODULES = ("focusvlm.inhibit.method", "focusvlm.compress.vmtc", "focusvlm.compress.spd",
                    "focusvlm.compress.prumerge_method", "focusvlm.compress.visionzip_method",
                    "focusvlm.compress.divprune_method", "focusvlm.prune.fastv_method")
-
-_METHODS: dict[str, type["Method"]] = {}
-_loaded = False
 
 
 class UnknownMethodError(ConfigError):
@@ -57,6 +58,12 @@ class Method:
 
     def __init__(self, model: Any, adapter: Any, config: Any, processor: Any | None = None):
         self.model, self.adapter, self.config = model, adapter, config
+        self._undo: list[Callable[[], None]] = []
+        self.records: list[Any] = []   # what the last recorded forward kept for ``panels``
+
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Queue the exact undo of one change this method made; ``remove`` runs them newest first."""
+        self._undo.append(undo)
 
     @classmethod
     def default_config(cls) -> Any:
@@ -72,7 +79,26 @@ class Method:
         return cls.config_class(**{**_fields(cls.default_config()), cls.cli_arg: _number(value, cls.name)})
 
     def remove(self, processor: Any | None = None) -> None:
-        raise NotImplementedError
+        """Undo every change, newest first: the model is stock again."""
+        while self._undo:
+            self._undo.pop()()
+        self.records = []
+
+    # -- what a benchmark needs to know of a config, without binding it (``focusvlm bench``) --
+    @classmethod
+    def fit_to_model(cls, config: Any, model: Any, adapter: Any) -> Any:
+        """``config`` shrunk to what a small (random-weight preset) model can run; unchanged by default."""
+        return config
+
+    @classmethod
+    def inhibited_layers(cls, config: Any, num_layers: int) -> int:
+        """LLM layers in which the method computes an extra attention term (the FLOP count's share)."""
+        return 0
+
+    @classmethod
+    def llm_layer_tokens(cls, config: Any, num_layers: int, prompt_tokens: int, image_tokens: int) -> list[int] | None:
+        """Sequence length each LLM layer runs at in the prefill, when the method changes it (None: unchanged)."""
+        return None
 
 
 class VisionMethod(Method):
@@ -98,58 +124,38 @@ class VisionMethod(Method):
         """``focusvlm.viz.Panel``s of the last recorded forward (empty: nothing to draw)."""
         return []
 
-    def stage_plan(self) -> list[tuple[int, int, int, int]]:
-        """(tokens in, kept, clusters, k-means iterations) per compressing stage, for the FLOP count."""
+    def stage_plan(self, merged_tokens: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(tokens in, kept, clusters, k-means iterations) per compressing stage, for the FLOP count;
+        ``merged_tokens``: of the one stage after a merger tower (Qwen) that hands the LLM this many tokens."""
         return []
+
+
+METHODS: Registry[type[Method]] = Registry("method", modules=BUILTIN_MODULES, error=UnknownMethodError)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
-    _ensure_loaded()  # built-ins first, so a plug-in never reorders them
     if cls.side not in ("vision", "llm"):
         raise ValueError(f"method {cls.name!r}: side must be 'vision' or 'llm', got {cls.side!r}")
-    existing = _METHODS.get(cls.name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"a method named {cls.name!r} is already registered ({existing.__module__})")
-    _METHODS[cls.name] = cls
+    METHODS.add(cls.name, cls, origin=cls.__module__)
     return cls
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
 
 
 def all_methods() -> dict[str, type[Method]]:
     """Every registered method by name: built-ins in ``BUILTIN_MODULES`` order, then plug-ins as registered."""
-    _ensure_loaded()
-    order = list(_METHODS)
-
-    def rank(name: str) -> tuple[int, int]:
-        module = _METHODS[name].__module__
-        builtin = BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
-        return builtin, order.index(name)
-    return {name: _METHODS[name] for name in sorted(order, key=rank)}
+    return dict(METHODS.items())
 
 
 def list_methods() -> list[str]:
     """Names of every registered method."""
-    return list(all_methods())
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Method]:
-    methods = all_methods()
-    if name not in methods:
-        raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(methods)}")
-    return methods[name]
+    return METHODS.get(name)
 
 
 def _fields(config: Any) -> dict[str, Any]:
-    import dataclasses
-
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 

@@ -14,6 +14,7 @@ docs/method.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -587,9 +588,20 @@ class VMTC(VisionMethod):
             return self.output_patches(grid)
         return super().image_tokens(grid)
 
-    def stage_plan(self) -> list[tuple[int, int, int, int]]:
-        return [(s.n_in + self.prefix, s.keep, s.clusters, self.config.kmeans_iters)
-                for s in self.stages if not s.is_identity]
+    def stage_plan(self, merged_tokens: int | None = None) -> list[tuple[int, int, int, int]]:
+        if self.merged and merged_tokens is None:
+            return []  # the stage's size follows the image: nothing to plan without it
+        stages = [self.merged_stage_for(merged_tokens)] if self.merged else self.stages
+        prefix = 0 if self.merged else self.prefix
+        return [(s.n_in + prefix, s.keep, s.clusters, self.config.kmeans_iters) for s in stages if not s.is_identity]
+
+    @classmethod
+    def fit_to_model(cls, config: VMTCConfig, model: Any, adapter: Any) -> VMTCConfig:
+        """Fewer stages when a small tower runs fewer encoder layers before its feature layer than ``stages``."""
+        if config.layers is not None or adapter.reduces_after_merger:  # one stage after a merger: no layers
+            return config
+        used = adapter.tower_geometry(model).layers_before_features
+        return config if config.stages <= used else dataclasses.replace(config, stages=used)
 
     def panels(self, sample: int = 0) -> list[Any]:
         from .. import viz

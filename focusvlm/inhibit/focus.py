@@ -25,6 +25,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..registry import Registry
+
 
 @torch.library.custom_op("focusvlm::matmul", mutates_args=())
 def _opaque_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,26 +84,21 @@ class FocusScore:
         return NotImplemented
 
 
-FOCUS_VARIANTS: dict[str, FocusScore] = {}
+FOCUS_VARIANTS: Registry[FocusScore] = Registry("focus variant")
 
 
 def register_focus(name: str) -> Callable[[type[FocusScore]], type[FocusScore]]:
     """Class decorator: make a FocusScore selectable as ``CMAIConfig(focus=name)``."""
 
     def add(cls: type[FocusScore]) -> type[FocusScore]:
-        if name in FOCUS_VARIANTS:
-            raise ValueError(f"focus score {name!r} is registered twice")
         cls.name = name
-        FOCUS_VARIANTS[name] = cls()
+        FOCUS_VARIANTS.add(name, cls(), origin=cls.__module__)
         return cls
     return add
 
 
 def get_focus(name: str) -> FocusScore:
-    try:
-        return FOCUS_VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"unknown focus variant {name!r}; known: {', '.join(FOCUS_VARIANTS)}") from None
+    return FOCUS_VARIANTS.get(name)
 
 
 def _earlier(query: TextPositions, known: TextPositions) -> torch.Tensor:

@@ -56,7 +56,7 @@ class CMAIConfig:
                 fail(name, "schedule", f"every gamma must be in [0, 1), got {bad}")
             object.__setattr__(self, "schedule", gammas)
         if self.focus not in FOCUS_VARIANTS:
-            fail(name, "focus", f"unknown focus score {self.focus!r}; use one of {', '.join(FOCUS_VARIANTS)}")
+            fail(name, "focus", f"unknown focus score {self.focus!r}; use one of {', '.join(FOCUS_VARIANTS.names())}")
         if not isinstance(self.discount, (int, float)) or not 0.0 < self.discount <= 1.0:
             fail(name, "discount", f"must be in (0, 1], got {self.discount!r}")
         object.__setattr__(self, "layers", check_layer_list(name, "layers", self.layers, allow_empty=True))
@@ -94,6 +94,10 @@ class CMAI(Method):
     side = "llm"
     summary = "cmai[:gamma_max] cross-modality attention inhibition (default gamma_max 0.6)"
     cli_arg = "gamma_max"
+
+    @classmethod
+    def inhibited_layers(cls, config: CMAIConfig, num_layers: int) -> int:
+        return sum(g > 0 for g in config.gammas(num_layers))
 
     def __init__(self, model: Any, adapter: Any, config: CMAIConfig, processor: Any | None = None):
         from .wiring import CMAIBinding, guard_generate

@@ -43,12 +43,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import CMAIStateError  # noqa: F401 - re-exported: its first home
 from .focus import (FocusScore, QuantilePositions, SelectedQuantile, TextPositions, get_focus,
                     host_quantile_positions, quantile_of_sorted, quantile_positions_per_gamma, sorted_rows)
 
 
-class CMAIStateError(RuntimeError):
-    """The CMAI bookkeeping cannot follow what the model was asked to do."""
 
 
 # a sample without an image: no position is "after its first image"

@@ -13,35 +13,22 @@ first use (imports stay lazy so ``import focusvlm`` does not load them).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from ..registry import Registry
 from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry, UnsupportedModelError
 
 BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.llava_next", "focusvlm.models.llava_onevision",
                     "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
 
-_FAMILIES: dict[str, FamilyAdapter] = {}
-_loaded = False
+FAMILIES: Registry[FamilyAdapter] = Registry("model family", modules=BUILTIN_FAMILIES, error=UnsupportedModelError)
 
-
-def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
-    """Class decorator: register one instance of the adapter under ``cls.name``."""
-    _FAMILIES[cls.name] = cls()
-    return cls
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_FAMILIES:
-            importlib.import_module(module)
+# Class decorator: register one instance of the adapter under ``cls.name``.
+register_family = FAMILIES.decorator(make=lambda cls: cls())
 
 
 def list_families() -> list[FamilyAdapter]:
-    _ensure_loaded()
-    return list(_FAMILIES.values())
+    return [adapter for _, adapter in FAMILIES.items()]
 
 
 def supported() -> str:
@@ -50,10 +37,7 @@ def supported() -> str:
 
 
 def adapter_named(name: str) -> FamilyAdapter:
-    _ensure_loaded()
-    if name not in _FAMILIES:
-        raise UnsupportedModelError(f"unknown model family {name!r}; supported: {', '.join(_FAMILIES)}")
-    return _FAMILIES[name]
+    return FAMILIES.get(name)
 
 
 def adapter_for_type(model_type: str) -> FamilyAdapter:

@@ -18,10 +18,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .. import hfcompat
-
-
-class UnsupportedModelError(TypeError):
-    """focusvlm has no adapter for this model, or the adapter cannot do what was asked."""
+from ..errors import UnsupportedModelError  # noqa: F401 - re-exported: its first home
 
 
 @dataclass(frozen=True)

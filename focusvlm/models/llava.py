@@ -172,7 +172,7 @@ class LlavaAdapter(FamilyAdapter):
         given = hfcompat.bound_arguments(module, args, kwargs)
         input_ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         if input_ids is None and embeds is None:
-            from ..inhibit.state import CMAIStateError
+            from ..errors import CMAIStateError
 
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
         # generate() may hand the prefill precomputed features (mm_encoder_outputs) instead of pixels
@@ -196,7 +196,7 @@ class LlavaAdapter(FamilyAdapter):
         if input_ids is None and not features:
             past = hfcompat.cache_of(given)
             if (past is None or past.get_seq_length() == 0) and not markers:
-                from ..inhibit.state import CMAIStateError
+                from ..errors import CMAIStateError
 
                 raise CMAIStateError(
                     "CMAI cannot find image positions in an inputs_embeds-only call: the image features are "
@@ -343,7 +343,7 @@ class LlavaAdapter(FamilyAdapter):
                                             "focusvlm adjusts LlavaProcessor placeholder counts")
         geometry = self.tower_geometry(model)
         if processor.patch_size != geometry.patch_size:
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"processor patch_size={processor.patch_size} does not match the vision tower's "
                               f"{geometry.patch_size}")

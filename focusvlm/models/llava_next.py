@@ -206,7 +206,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _per_crop(self, model, processor, patches_for_grid) -> int:
         geometry = self.tower_geometry(model)
         if getattr(processor, "patch_size", geometry.patch_size) != geometry.patch_size:
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"processor patch_size={processor.patch_size} does not match the vision tower's "
                               f"{geometry.patch_size}")

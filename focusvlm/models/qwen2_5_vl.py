@@ -165,14 +165,14 @@ class Qwen25VLAdapter(FamilyAdapter):
                     image_mask |= (embeds == marker).all(-1)
             past = hfcompat.cache_of(given)
             if not any(carries.values()) and (past is None or past.get_seq_length() == 0):
-                from ..inhibit.state import CMAIStateError
+                from ..errors import CMAIStateError
 
                 raise CMAIStateError(
                     "CMAI cannot find image positions in an inputs_embeds-only call: the vision features are "
                     "already merged. Pass input_ids (with <|image_pad|> / <|video_pad|> tokens) or inputs_embeds "
                     "holding those tokens' embeddings together with the pixels.")
         else:
-            from ..inhibit.state import CMAIStateError
+            from ..errors import CMAIStateError
 
             raise CMAIStateError("CMAI needs input_ids or inputs_embeds")
         return CallInputs(image_mask, given.get("attention_mask"), hfcompat.cache_of(given))
@@ -405,7 +405,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         merge = getattr(processor.image_processor, "merge_size", None)
         tower_merge = self.core(model).visual.spatial_merge_size
         if merge != tower_merge:
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"processor merge_size={merge} does not match the vision tower's {tower_merge}")
         names = ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens")

@@ -146,7 +146,7 @@ class FastVBinding:
                                       "line up with labels; a loss with FastV is not supported (unpatch to train)")
 
     def _begin_call(self, module, args, kwargs):
-        from ..inhibit.state import CMAIStateError
+        from ..errors import CMAIStateError
 
         if torch.compiler.is_compiling():
             raise RuntimeError(COMPILE_ERROR)
@@ -301,6 +301,11 @@ class FastV(Method):
                 raise ConfigError(f"method 'fastv': a value above 1 is a count of kept image tokens, got {value}")
             return FastVConfig(keep=int(number))
         return FastVConfig(ratio=number)
+
+    @classmethod
+    def llm_layer_tokens(cls, config: FastVConfig, num_layers: int, prompt_tokens: int,
+                         image_tokens: int) -> list[int]:
+        return layer_positions(config, num_layers, prompt_tokens, image_tokens)
 
     def __init__(self, model: Any, adapter: Any, config: FastVConfig, processor: Any | None = None):
         super().__init__(model, adapter, config, processor)

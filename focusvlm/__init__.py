@@ -18,11 +18,11 @@ _EXPORTS = {
     "FocusHandle": "focusvlm.api", "ProcessorHint": "focusvlm.api", "load": "focusvlm.api", "patch": "focusvlm.api", "patched": "focusvlm.api",
     "unpatch": "focusvlm.api",
     "ConfigError": "focusvlm.config", "FocusConfig": "focusvlm.config",
-    "CMAIConfig": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",
-    "SPDConfig": "focusvlm.compress.spd", "PruMergeConfig": "focusvlm.compress.prumerge_method",
+    "CMAIConfig": "focusvlm.inhibit.cmai_method", "VMTCConfig": "focusvlm.compress.vmtc_method",
+    "SPDConfig": "focusvlm.compress.spd_method", "PruMergeConfig": "focusvlm.compress.prumerge_method",
     "VisionZipConfig": "focusvlm.compress.visionzip_method", "DivPruneConfig": "focusvlm.compress.divprune_method",
-    "FastVConfig": "focusvlm.prune.fastv_method",
-    "UnsupportedModelError": "focusvlm.models.base",
+    "FastVConfig": "focusvlm.inhibit.fastv_method",
+    "UnsupportedModelError": "focusvlm.errors",
     "list_methods": "focusvlm.methods", "list_families": "focusvlm.models",
 }
 

@@ -238,12 +238,12 @@ def _plain(value: Any) -> Any:
 
 
 # the method configs live with their methods; these names stay importable from here
-_MOVED = {"CMAIConfig": "focusvlm.inhibit.method", "CMAI_SCHEDULES": "focusvlm.inhibit.method",
-          "FOCUS_VARIANTS": "focusvlm.inhibit.method", "VMTCConfig": "focusvlm.compress.vmtc",
-          "VMTC_MERGES": "focusvlm.compress.vmtc", "SPDConfig": "focusvlm.compress.spd",
+_MOVED = {"CMAIConfig": "focusvlm.inhibit.cmai_method", "CMAI_SCHEDULES": "focusvlm.inhibit.cmai_method",
+          "FOCUS_VARIANTS": "focusvlm.inhibit.cmai_method", "VMTCConfig": "focusvlm.compress.vmtc_method",
+          "VMTC_MERGES": "focusvlm.compress.vmtc_method", "SPDConfig": "focusvlm.compress.spd_method",
           "PruMergeConfig": "focusvlm.compress.prumerge_method",
           "VisionZipConfig": "focusvlm.compress.visionzip_method",
-          "DivPruneConfig": "focusvlm.compress.divprune_method", "FastVConfig": "focusvlm.prune.fastv_method"}
+          "DivPruneConfig": "focusvlm.compress.divprune_method", "FastVConfig": "focusvlm.inhibit.fastv_method"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compress import vmtc
-
 DROPPED, PRIMARY, MERGED = 0, 1, 2
 
 
@@ -31,105 +29,9 @@ class Panel:
     group: np.ndarray   # (n0,) cluster (VMTC), absorbing token (PruMerge) or window (SPD); -1 if none
 
 
-def vmtc_panels(records: list[vmtc.StageRecord], layers: list[int], sample: int = 0) -> list[Panel]:
-    """Per stage: which original patches are primary, merged (with cluster id) or already dropped."""
-    n0 = records[0].importance.shape[1]
-    owner = torch.arange(n0).unsqueeze(0)
-    panels = []
-    for layer, rec in zip(layers, records):
-        rec = vmtc.StageRecord(*(t[sample:sample + 1].cpu() for t in (rec.importance, rec.primary, rec.redundant,
-                                                                      rec.labels)))
-        n_in = rec.importance.shape[1]
-        kind = torch.full((n_in,), DROPPED)
-        kind[rec.primary[0]] = PRIMARY
-        cluster = torch.full((n_in,), -1)
-        if rec.labels.numel():
-            kind[rec.redundant[0]] = MERGED
-            cluster[rec.redundant[0]] = rec.labels[0]
-        o = owner[0]
-        alive = o >= 0
-        state = torch.where(alive, kind[o.clamp_min(0)], torch.tensor(DROPPED))
-        group = torch.where(alive, cluster[o.clamp_min(0)], torch.tensor(-1))
-        kept = rec.primary.shape[1] + (int(rec.labels.max()) + 1 if rec.labels.numel() else 0)
-        panels.append(Panel(f"layer {layer}: {n_in} -> {kept}", state.numpy(), group.numpy()))
-        owner = vmtc.owners_after(owner, rec)
-    return panels
-
-
-def merged_panel(record, frame: int = 0) -> Panel:
-    """VMTC after a patch merger (``vmtc_merged.MergedRecord``), one frame: per merged token (raster order of
-    the merged grid) primary, merged into a cluster (its id) or dropped (prune_only)."""
-    n = record.importance.shape[1]
-    state = np.full(n, DROPPED)
-    group = np.full(n, -1)
-    state[record.primary[frame].cpu().numpy()] = PRIMARY
-    if record.labels.numel():
-        redundant = record.redundant[frame].cpu().numpy()
-        state[redundant] = MERGED
-        group[redundant] = record.labels[frame].cpu().numpy()
-    return Panel(f"after the merger: {n} -> {record.sources.shape[1]}", state, group)
-
-
-def _field(record, name: str):
+def record_field(record, name: str):
+    """A field of a method's record, kept as a dataclass or as a plain dict (a record saved as JSON)."""
     return record[name] if isinstance(record, dict) else getattr(record, name)
-
-
-def prumerge_panel(record, num_patches: int, sample: int = 0, plus: bool = False) -> Panel:
-    """PruMerge(+) (``prumerge.PruMergeRecord`` or a dict with kept / neighbours):
-    kept patches outlined; each kept token's merged neighbours tinted with its
-    colour (a patch several kept tokens absorb shows its nearest claim); every
-    other pruned patch flows into the one extra token, tinted with one more colour."""
-    kept = _field(record, "kept")[sample].cpu()
-    near = _field(record, "neighbours")[sample].cpu()
-    state = np.full(num_patches, MERGED)
-    group = np.full(num_patches, len(kept))          # the extra token (sum of the pruned patches)
-    for slot in range(near.shape[1] - 1, -1, -1):  # the closest neighbour wins where sets overlap
-        group[near[:, slot].numpy()] = np.arange(len(kept))
-    pruned = record.get("pruned") if isinstance(record, dict) else record.pruned
-    if pruned is not None:  # positions the official complement skips (duplicate picks) reach no token
-        reached = np.zeros(num_patches, dtype=bool)
-        for positions in (pruned[sample].cpu(), kept, near.flatten()):
-            reached[positions.numpy()] = True
-        state[~reached], group[~reached] = DROPPED, -1
-    state[kept.numpy()] = PRIMARY
-    group[kept.numpy()] = np.arange(len(kept))
-    return Panel(f"PruMerge{'+' if plus else ''}: {num_patches} -> {len(kept) + 1}", state, group)
-
-
-def visionzip_panel(record, num_patches: int, sample: int = 0) -> Panel:
-    """VisionZip (``visionzip.VisionZipRecord``; positions count CLS as 0): dominant patches outlined,
-    each contextual token's target and members tinted with one colour."""
-    dom = _field(record, "dominant")[sample].cpu().numpy()
-    ctx = _field(record, "contextual")[sample].cpu().numpy()
-    merged = _field(record, "merged")[sample].cpu().numpy()
-    into = _field(record, "merged_into")[sample].cpu().numpy()
-    state = np.full(num_patches, DROPPED)
-    group = np.full(num_patches, -1)
-    patch = lambda pos: pos[pos > 0] - 1  # noqa: E731  (CLS has no patch)
-    state[patch(dom)] = PRIMARY
-    for slot, pos in enumerate(ctx):
-        if pos > 0:
-            state[pos - 1], group[pos - 1] = MERGED, slot
-    for pos, slot in zip(merged, into):
-        if pos > 0:
-            state[pos - 1], group[pos - 1] = MERGED, slot
-    return Panel(f"VisionZip: {num_patches} -> {len(dom)} + {len(ctx)}", state, group)
-
-
-def divprune_panel(record, num_patches: int, sample: int = 0, offset: int = 0) -> Panel:
-    """DivPrune (``divprune.DivPruneRecord``): kept patches outlined, the rest dropped. ``offset`` = 1 when
-    the projected tokens start with CLS."""
-    kept = _field(record, "kept")[sample].cpu().numpy() - offset
-    state = np.full(num_patches, DROPPED)
-    state[kept[kept >= 0]] = PRIMARY
-    return Panel(f"DivPrune: {num_patches + offset} -> {len(kept)}", state, np.full(num_patches, -1))
-
-
-def spd_panel(grid: tuple[int, int], factor: int) -> Panel:
-    h, w = grid
-    ys, xs = np.divmod(np.arange(h * w), w)
-    windows = (ys // factor) * (-(-w // factor)) + xs // factor
-    return Panel(f"SPD x{factor}: {h * w} -> {int(windows.max()) + 1}", np.full(h * w, MERGED), windows)
 
 
 def _palette(k: int) -> np.ndarray:

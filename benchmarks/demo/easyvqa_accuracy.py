@@ -34,8 +34,8 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     items = D.test_items(args.sample or None, seed=0)
-    from focusvlm.compress.vmtc import VMTCConfig
-    from focusvlm.inhibit.method import CMAIConfig
+    from focusvlm.compress.vmtc_method import VMTCConfig
+    from focusvlm.inhibit.cmai_method import CMAIConfig
 
     trained_twin = demo_focus_config_path().is_file()
     # the recipe's focus setting; the trained twin's own file where it is shipped

@@ -72,7 +72,7 @@ def focus_config_from_args(args: argparse.Namespace, *, quiet: bool = False) -> 
     config = FocusConfig.load(path) if path else FocusConfig()
     gamma = getattr(args, "cmai", None)
     if gamma is not None:
-        from ..inhibit.method import CMAIConfig
+        from ..inhibit.cmai_method import CMAIConfig
 
         config = config.replace(cmai=dataclasses.replace(config.cmai or CMAIConfig(), gamma_max=gamma))
     if not quiet:

@@ -54,9 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _rows(args: argparse.Namespace):
     """[(title, model, processor, FocusConfig)] and what they are, loading each model once."""
-    from ..compress.vmtc import VMTCConfig
+    from ..compress.vmtc_method import VMTCConfig
     from ..config import FocusConfig
-    from ..inhibit.method import CMAIConfig
+    from ..inhibit.cmai_method import CMAIConfig
     from .common import load_model, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, fail
 from ..methods import VisionMethod, register_method
+from ..viz import DROPPED, PRIMARY, Panel, record_field
 from . import divprune
 
 
@@ -66,8 +68,7 @@ class DivPrune(VisionMethod):
             config.tokens(g.num_patches + self.extra)
         except ValueError as exc:
             raise ConfigError(f"DivPruneConfig.budget: {exc}") from None
-        self.records: list[divprune.DivPruneRecord] = []
-        self._undo = adapter.reduce_projector_output(model, self._reduce)
+        self.on_remove(adapter.reduce_projector_output(model, self._reduce))
 
     def _reduce(self, projected: torch.Tensor) -> torch.Tensor:
         out, record = divprune.divprune(projected, self.config.tokens(projected.shape[1]))
@@ -79,14 +80,15 @@ class DivPrune(VisionMethod):
         return self.config.tokens(grid[0] * grid[1] + self.extra) - self.extra
 
     def panels(self, sample: int = 0) -> list[Any]:
-        from .. import viz
-
         if not self.records:
             return []
-        return [viz.divprune_panel(self.records[0], self.geometry.num_patches, sample, offset=self.extra)]
+        return [divprune_panel(self.records[0], self.geometry.num_patches, sample, offset=self.extra)]
 
-    def remove(self, processor: Any | None = None) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
-        self.records = []
+
+def divprune_panel(record, num_patches: int, sample: int = 0, offset: int = 0) -> Panel:
+    """DivPrune (``divprune.DivPruneRecord``): kept patches outlined, the rest dropped. ``offset`` = 1 when
+    the projected tokens start with CLS."""
+    kept = record_field(record, "kept")[sample].cpu().numpy() - offset
+    state = np.full(num_patches, DROPPED)
+    state[kept[kept >= 0]] = PRIMARY
+    return Panel(f"DivPrune: {num_patches + offset} -> {len(kept)}", state, np.full(num_patches, -1))

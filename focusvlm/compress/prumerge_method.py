@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, fail
 from ..methods import VisionMethod, register_method
+from ..viz import DROPPED, MERGED, PRIMARY, Panel, record_field
 from . import prumerge
 
 
@@ -102,13 +104,12 @@ class PruMerge(VisionMethod):
             raise ConfigError(f"PruMergeConfig.budget: {exc}") from None
         if processor is not None:
             self.output_patches(g.grid)  # raises the adaptive-count error
-        self.records: list[prumerge.PruMergeRecord] = []
         self._take, undo_capture = adapter.capture_layer_input(model, self.layer)
-        self._undo = [undo_capture]
+        self.on_remove(undo_capture)
         try:
-            self._undo.append(adapter.reduce_projector_input(model, self._reduce))
+            self.on_remove(adapter.reduce_projector_input(model, self._reduce))
             # AnyRes families pack the reduced crops without a grid (the adaptive count is known only per call)
-            self._undo.append(adapter.pack_reduced_crops(model, self.image_tokens() if self.ratio is not None else None))
+            self.on_remove(adapter.pack_reduced_crops(model, self.image_tokens() if self.ratio is not None else None))
         except Exception:
             self.remove()
             raise
@@ -139,14 +140,28 @@ class PruMerge(VisionMethod):
         return prumerge.token_count(n, ratio, self.config.plus)
 
     def panels(self, sample: int = 0) -> list[Any]:
-        from .. import viz
-
         if not self.records:
             return []
-        return [viz.prumerge_panel(self.records[0], self.geometry.num_patches, sample, plus=self.config.plus)]
+        return [prumerge_panel(self.records[0], self.geometry.num_patches, sample, plus=self.config.plus)]
 
-    def remove(self, processor: Any | None = None) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo = []
-        self.records = []
+
+def prumerge_panel(record, num_patches: int, sample: int = 0, plus: bool = False) -> Panel:
+    """PruMerge(+) (``prumerge.PruMergeRecord`` or a dict with kept / neighbours):
+    kept patches outlined; each kept token's merged neighbours tinted with its
+    colour (a patch several kept tokens absorb shows its nearest claim); every
+    other pruned patch flows into the one extra token, tinted with one more colour."""
+    kept = record_field(record, "kept")[sample].cpu()
+    near = record_field(record, "neighbours")[sample].cpu()
+    state = np.full(num_patches, MERGED)
+    group = np.full(num_patches, len(kept))          # the extra token (sum of the pruned patches)
+    for slot in range(near.shape[1] - 1, -1, -1):  # the closest neighbour wins where sets overlap
+        group[near[:, slot].numpy()] = np.arange(len(kept))
+    pruned = record.get("pruned") if isinstance(record, dict) else record.pruned
+    if pruned is not None:  # positions the official complement skips (duplicate picks) reach no token
+        reached = np.zeros(num_patches, dtype=bool)
+        for positions in (pruned[sample].cpu(), kept, near.flatten()):
+            reached[positions.numpy()] = True
+        state[~reached], group[~reached] = DROPPED, -1
+    state[kept.numpy()] = PRIMARY
+    group[kept.numpy()] = np.arange(len(kept))
+    return Panel(f"PruMerge{'+' if plus else ''}: {num_patches} -> {len(kept) + 1}", state, group)

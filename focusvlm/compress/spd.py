@@ -1,19 +1,15 @@
 """SPD, spatial down-sampling (the paper's baseline): average-pool the patch-feature grid.
 
 The features that enter the projector (24x24 for LLaVA-1.5) are pooled over
-non-overlapping f x f windows (factor 2: 576 -> 144 tokens).
+non-overlapping f x f windows (factor 2: 576 -> 144 tokens). The method is in
+``spd_method.py``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-
-from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
 
 
 def spd_grid(height: int, width: int, factor: int) -> tuple[int, int]:
@@ -40,63 +36,3 @@ def spd_pool(x: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tenso
     pooled = torch.nn.functional.avg_pool2d(img, factor, stride=factor, ceil_mode=True, count_include_pad=False)
     assert pooled.shape[-2:] == (oh, ow)
     return pooled.flatten(2).transpose(1, 2).to(x.dtype)
-
-
-@dataclass(frozen=True)
-class SPDConfig:
-    """Spatial down-sampling baseline: average-pool the feature grid by ``factor``."""
-
-    factor: int = 2
-
-    def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
-            fail("SPDConfig", "factor", f"must be a positive integer, got {self.factor!r}")
-
-
-@register_method
-class SPD(VisionMethod):
-    """SPD bound to a model: pools the features the projector receives."""
-
-    name = "spd"
-    config_class = SPDConfig
-    summary = "spd[:factor] spatial down-sampling before the projector (default factor 2)"
-    cli_arg = "factor"
-
-    def __init__(self, model: Any, adapter: Any, config: SPDConfig, processor: Any | None = None):
-        super().__init__(model, adapter, config, processor)
-        self.geometry = adapter.tower_geometry(model)
-        try:
-            spd_grid(*self.geometry.grid, config.factor)  # validates early
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        self.records: list[dict] = []
-        undo_reduce = adapter.reduce_projector_input(model, self._reduce)
-        try:  # pooled crops are packed without their grid by AnyRes families (factor 1 pools nothing)
-            undo_pack = adapter.pack_reduced_crops(model, self.image_tokens()) if config.factor > 1 else (lambda: None)
-        except Exception:
-            undo_reduce()
-            raise
-
-        def undo() -> None:
-            undo_pack()
-            undo_reduce()
-        self._undo = undo
-
-    def _reduce(self, patches: torch.Tensor) -> torch.Tensor:
-        if self.record:
-            self.records = [{"kind": "spd", "factor": self.config.factor, "grid": self.geometry.grid}]
-        return spd_pool(patches, self.geometry.grid, self.config.factor)
-
-    def output_patches(self, grid: tuple[int, int]) -> int:
-        oh, ow = spd_grid(*grid, self.config.factor)
-        return oh * ow
-
-    def panels(self, sample: int = 0) -> list[Any]:
-        from .. import viz
-
-        return [viz.spd_panel(self.geometry.grid, self.config.factor)]
-
-    def remove(self, processor: Any | None = None) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, fail
 from ..methods import VisionMethod, register_method
+from ..viz import DROPPED, MERGED, PRIMARY, Panel, record_field
 from . import visionzip
 
 
@@ -86,11 +88,10 @@ class VisionZip(VisionMethod):
             visionzip.token_count(g.num_patches, config.dominant, config.contextual)
         except ValueError as exc:
             raise ConfigError(f"VisionZipConfig: {exc}") from None
-        self.records: list[visionzip.VisionZipRecord] = []
         self._take, undo_capture = adapter.capture_layer_output(model, self.layer)
-        self._undo = [undo_capture]
+        self.on_remove(undo_capture)
         try:
-            self._undo.append(adapter.replace_projector_input(model, self._replace))
+            self.on_remove(adapter.replace_projector_input(model, self._replace))
         except Exception:
             self.remove()
             raise
@@ -113,12 +114,24 @@ class VisionZip(VisionMethod):
         return total - (1 if self.geometry.keeps_cls else 0)
 
     def panels(self, sample: int = 0) -> list[Any]:
-        from .. import viz
+        return [visionzip_panel(self.records[0], self.geometry.num_patches, sample)] if self.records else []
 
-        return [viz.visionzip_panel(self.records[0], self.geometry.num_patches, sample)] if self.records else []
 
-    def remove(self, processor: Any | None = None) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo = []
-        self.records = []
+def visionzip_panel(record, num_patches: int, sample: int = 0) -> Panel:
+    """VisionZip (``visionzip.VisionZipRecord``; positions count CLS as 0): dominant patches outlined,
+    each contextual token's target and members tinted with one colour."""
+    dom = record_field(record, "dominant")[sample].cpu().numpy()
+    ctx = record_field(record, "contextual")[sample].cpu().numpy()
+    merged = record_field(record, "merged")[sample].cpu().numpy()
+    into = record_field(record, "merged_into")[sample].cpu().numpy()
+    state = np.full(num_patches, DROPPED)
+    group = np.full(num_patches, -1)
+    patch = lambda pos: pos[pos > 0] - 1  # noqa: E731  (CLS has no patch)
+    state[patch(dom)] = PRIMARY
+    for slot, pos in enumerate(ctx):
+        if pos > 0:
+            state[pos - 1], group[pos - 1] = MERGED, slot
+    for pos, slot in zip(merged, into):
+        if pos > 0:
+            state[pos - 1], group[pos - 1] = MERGED, slot
+    return Panel(f"VisionZip: {num_patches} -> {len(dom)} + {len(ctx)}", state, group)

@@ -2,7 +2,7 @@
 
 An adapter is stateless (one instance per family, shared); every method takes
 the model. Methods (``focusvlm.methods``) and the CMAI wiring
-(``focusvlm.inhibit.wiring``) reach transformers' model internals only
+(``focusvlm.inhibit.cmai_wiring``) reach transformers' model internals only
 through these calls, so a new family is one adapter file plus its
 registration (``@register_family``), and nothing else changes.
 

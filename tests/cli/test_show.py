@@ -9,7 +9,12 @@ from PIL import Image
 
 from focusvlm import viz
 from focusvlm.cli import show
+from focusvlm.compress.divprune_method import divprune_panel
+from focusvlm.compress.prumerge_method import prumerge_panel
+from focusvlm.compress.spd_method import window_panel
+from focusvlm.compress.visionzip_method import visionzip_panel
 from focusvlm.compress.vmtc import StageRecord
+from focusvlm.compress.vmtc_method import stage_panels
 from focusvlm.models.factory import demo_image_path, random_llava
 from test_vmtc_model import tiny_processor
 
@@ -19,7 +24,7 @@ def test_vmtc_panels_follow_patches_through_stages():
     r1 = StageRecord(torch.zeros(1, 4), torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), torch.tensor([[0, 0]]))
     # stage 2: keep token 2 (the cluster), drop tokens 0 and 1
     r2 = StageRecord(torch.zeros(1, 3), torch.tensor([[2]]), torch.tensor([[0, 1]]), torch.zeros(1, 0, dtype=torch.long))
-    p1, p2 = viz.vmtc_panels([r1, r2], [3, 7])
+    p1, p2 = stage_panels([r1, r2], [3, 7])
     assert p1.state.tolist() == [viz.MERGED, viz.PRIMARY, viz.MERGED, viz.PRIMARY]
     assert p1.group.tolist() == [0, -1, 0, -1]
     assert p2.state.tolist() == [viz.PRIMARY, viz.DROPPED, viz.PRIMARY, viz.DROPPED]
@@ -27,10 +32,10 @@ def test_vmtc_panels_follow_patches_through_stages():
 
 
 def test_spd_and_prumerge_panels():
-    p = viz.spd_panel((4, 4), 2)
+    p = window_panel((4, 4), 2)
     assert p.group.reshape(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
     rec = {"kept": torch.tensor([[0, 5]]), "neighbours": torch.tensor([[[1, 2], [2, 6]]])}
-    q = viz.prumerge_panel(rec, 8)
+    q = prumerge_panel(rec, 8)
     # patches no kept token absorbs flow into the extra (merged) token, group 2
     assert q.state.tolist() == [1, 2, 2, 2, 2, 1, 2, 2]
     # patch 2 is kept 1's nearest neighbour but only kept 0's second: the nearer claim wins
@@ -38,7 +43,7 @@ def test_spd_and_prumerge_panels():
     assert q.title == "PruMerge: 8 -> 3"
     # official fixed PruMerge+ duplicates: the pruned position the complement skips reaches no token
     rec["pruned"] = torch.tensor([[4, 7]])
-    assert viz.prumerge_panel(rec, 8).state.tolist() == [1, 2, 2, 0, 2, 1, 2, 2]
+    assert prumerge_panel(rec, 8).state.tolist() == [1, 2, 2, 0, 2, 1, 2, 2]
 
 
 def test_visionzip_and_divprune_panels():
@@ -48,13 +53,13 @@ def test_visionzip_and_divprune_panels():
     # positions count CLS as 0: dominant CLS + patch 2 (position 3); contextual targets 1 and 5 (positions 2, 6)
     rec = VisionZipRecord(torch.tensor([[0, 3]]), torch.tensor([[2, 6]]), torch.tensor([[1, 4, 5]]),
                           torch.tensor([[1, 0, 1]]))
-    p = viz.visionzip_panel(rec, 6)
+    p = visionzip_panel(rec, 6)
     assert p.state.tolist() == [viz.MERGED, viz.MERGED, viz.PRIMARY, viz.MERGED, viz.MERGED, viz.MERGED]
     assert p.group.tolist() == [1, 0, -1, 0, 1, 1]
-    d = viz.divprune_panel(DivPruneRecord(torch.tensor([[4, 1]]), torch.tensor([[1, 4]])), 6)
+    d = divprune_panel(DivPruneRecord(torch.tensor([[4, 1]]), torch.tensor([[1, 4]])), 6)
     assert d.state.tolist() == [viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED, viz.PRIMARY, viz.DROPPED]
     # with CLS among the projected tokens (LLaVA's 'full' strategy) position 0 is no patch
-    d = viz.divprune_panel(DivPruneRecord(torch.tensor([[0, 3]]), torch.tensor([[0, 3]])), 6, offset=1)
+    d = divprune_panel(DivPruneRecord(torch.tensor([[0, 3]]), torch.tensor([[0, 3]])), 6, offset=1)
     assert d.state.tolist() == [viz.DROPPED, viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED, viz.DROPPED]
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from focusvlm import viz
+from focusvlm.compress.vmtc_method import merged_panel
 from focusvlm.cli import show
 from focusvlm.compress.vmtc_merged import MergedRecord
 from qwen_builders import IMAGE, random_images, tiny_processor
@@ -155,13 +156,13 @@ def test_merged_panel_marks_kept_merged_and_dropped():
     # 6 merged tokens: keep 1 and 4; 0, 2 -> cluster 1, 3, 5 -> cluster 0
     rec = MergedRecord(torch.zeros(1, 6), torch.tensor([[1, 4]]), torch.tensor([[0, 2, 3, 5]]),
                        torch.tensor([[1, 1, 0, 0]]), torch.tensor([[0, 1, 3, 4]]))
-    p = viz.merged_panel(rec)
+    p = merged_panel(rec)
     assert p.state.tolist() == [viz.MERGED, viz.PRIMARY, viz.MERGED, viz.MERGED, viz.PRIMARY, viz.MERGED]
     assert p.group.tolist() == [1, -1, 1, 0, -1, 0]
     assert p.title == "after the merger: 6 -> 4"
     pruned = MergedRecord(torch.zeros(1, 6), torch.tensor([[1, 4]]), torch.tensor([[0, 2, 3, 5]]),
                           torch.zeros(1, 0, dtype=torch.long), torch.tensor([[1, 4]]))
-    assert viz.merged_panel(pruned).state.tolist() == [viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED,
+    assert merged_panel(pruned).state.tolist() == [viz.DROPPED, viz.PRIMARY, viz.DROPPED, viz.DROPPED,
                                                        viz.PRIMARY, viz.DROPPED]
 
 

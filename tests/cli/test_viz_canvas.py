@@ -4,6 +4,8 @@ import numpy as np
 from PIL import Image
 
 from focusvlm import viz
+from focusvlm.compress.prumerge_method import prumerge_panel
+from focusvlm.compress.spd_method import window_panel
 
 
 def _blank_columns(picture, top, bottom):
@@ -14,7 +16,7 @@ def _blank_columns(picture, top, bottom):
 
 def test_single_panel_canvas_is_as_wide_as_the_panel():
     image = Image.new("RGB", (336, 336), (90, 120, 60))
-    panel = viz.spd_panel((24, 24), 2)
+    panel = window_panel((24, 24), 2)
     footer = ("576 patches -> 144 image tokens to the LLM (SPDConfig; white outline = kept as is, tint = merged "
               "group, dark = dropped)")
     picture = viz.render(image, (24, 24), [panel], footer)
@@ -30,6 +32,6 @@ def test_prumerge_panel_has_the_same_geometry():
 
     image = Image.new("RGB", (112, 112), (200, 10, 10))
     record = {"kept": torch.tensor([[0, 5, 9]]), "neighbours": torch.tensor([[[1, 2], [6, 7], [10, 11]]])}
-    panel = viz.prumerge_panel(record, 64)
+    panel = prumerge_panel(record, 64)
     picture = viz.render(image, (8, 8), [panel], "word " * 120)
     assert picture.width == 112 + 16 and _blank_columns(picture, 30, 120) < 0.2

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from focusvlm.compress import divprune, fastv, prumerge, visionzip
+from focusvlm.compress import divprune, prumerge, visionzip
+from focusvlm.inhibit import fastv
 from reference import peers_reference as ref
 
 F64 = torch.float64

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from focusvlm.bench.opcount import top_level_aten_ops
-from focusvlm.compress import vmtc
+from focusvlm.compress import vmtc, vmtc_method
 from reference import vmtc_kmeans_loop as old
 
 ITERS = (1, 2, 3, 10)
@@ -165,7 +165,7 @@ def capture_stage_inputs(preset, stages, batch=2, seed=0):
 
     model = random_llava(preset)
     seen = []
-    real = vmtc.compress
+    real = vmtc_method.compress  # the method calls the function it imported from vmtc
 
     def record(z, importance, stage, *args, **kwargs):
         seen.append((z.clone(), importance.clone(), stage))
@@ -173,14 +173,14 @@ def capture_stage_inputs(preset, stages, batch=2, seed=0):
 
     size = model.config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=_gen(seed))
-    vmtc.compress = record
+    vmtc_method.compress = record
     try:
         with pytest.warns(Warning):  # no processor passed: the placeholder-count hint
             patch(model, FocusConfig(vmtc=VMTCConfig(stages=stages)))
         with torch.no_grad():
             model.model.get_image_features(pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
     finally:
-        vmtc.compress = real
+        vmtc_method.compress = real
         unpatch(model)
     return model, seen
 

@@ -9,7 +9,7 @@ from helpers import assert_is_torch_quantile
 from focusvlm.inhibit.attention import head_mean_attention
 from focusvlm.inhibit.focus import (FOCUS_VARIANTS, FocusInputs, FocusScore, TextPositions, focus_score,
                                     inhibition_mask, masked_quantile, register_focus, sorted_rows, uniform_quantile)
-from focusvlm.inhibit.method import CMAIConfig
+from focusvlm.inhibit.cmai_method import CMAIConfig
 from focusvlm.config import ConfigError
 from reference import cmai_reference
 

@@ -164,7 +164,7 @@ SIZES = [(56, 56), (60, 90), (100, 130), (130, 100), (64, 200), (200, 64), (90, 
 
 def vmtc_counts(model, cfg: VMTCConfig):
     """tokens_per_frame(h, w) of the patched model, for make_inputs (grids in patches)."""
-    from focusvlm.compress.vmtc import VMTC
+    from focusvlm.compress.vmtc_method import VMTC
 
     method = VMTC.__new__(VMTC)
     method.config, method.merged = cfg, True

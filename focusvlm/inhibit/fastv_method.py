@@ -1,6 +1,6 @@
 """FastV as a registered LLM-side method: config, binding and the removal of tokens from later layers.
 
-The token choice is a pure function (``focusvlm.compress.fastv``); this module
+The token choice is a pure function (``focusvlm.inhibit.fastv``); this module
 wires it into the language model through the family adapter:
 
 * a pre-hook on the call module records each call (image positions, padding,
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import hfcompat
-from ..compress import fastv
+from . import fastv
 from ..config import ConfigError, fail
 from ..methods import Method, register_method
 

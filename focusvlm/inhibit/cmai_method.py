@@ -100,7 +100,7 @@ class CMAI(Method):
         return sum(g > 0 for g in config.gammas(num_layers))
 
     def __init__(self, model: Any, adapter: Any, config: CMAIConfig, processor: Any | None = None):
-        from .wiring import CMAIBinding, guard_generate
+        from .cmai_wiring import CMAIBinding, guard_generate
 
         super().__init__(model, adapter, config, processor)
         num_layers = len(adapter.decoder_attention_modules(model))
@@ -112,7 +112,7 @@ class CMAI(Method):
         return self.binding.state
 
     def remove(self, processor: Any | None = None) -> None:
-        from .wiring import unguard_generate
+        from .cmai_wiring import unguard_generate
 
         self.binding.remove()
         unguard_generate(self.model)

@@ -3,7 +3,8 @@
 * nothing outside focusvlm/cli imports focusvlm.cli;
 * transformers' model, layer, processor and auto classes are named only under focusvlm/models/ (and the boundary);
 * only focusvlm/hfcompat.py reaches inside transformers (submodules), and it imports nothing of focusvlm;
-* module-level imports inside focusvlm form no cycle.
+* every module sits in a declared layer, imports only its own layer or lower, and no import (function-level
+  ones included) closes a cycle.
 """
 
 from __future__ import annotations
@@ -92,17 +93,69 @@ def test_the_boundary_is_a_leaf():
     assert not inside, inside
 
 
-def test_no_import_cycle_at_module_level():
-    graph: dict[str, set[str]] = {}
+# The declared layer order, lowest first (docs/architecture.md draws it). A module may import its own layer
+# or a lower one; every import counts, the ones inside functions too. The first release kept many imports
+# inside functions, and they hid cycles a module-level check could not see.
+LAYERS = (
+    ("foundation", ("focusvlm", "focusvlm.errors", "focusvlm.registry", "focusvlm.hfcompat")),
+    ("config", ("focusvlm.config", "focusvlm.methods")),
+    ("tensor functions", ("focusvlm.compress", "focusvlm.compress.*", "focusvlm.inhibit", "focusvlm.inhibit.*",
+                          "focusvlm.viz")),
+    ("models", ("focusvlm.models", "focusvlm.models.*")),
+    ("methods", ("focusvlm.compress.*_method", "focusvlm.inhibit.*_method", "focusvlm.inhibit.cmai_wiring")),
+    ("runtime", ("focusvlm.api", "focusvlm.runtime")),
+    ("applications", ("focusvlm.eval", "focusvlm.eval.*", "focusvlm.train", "focusvlm.train.*",
+                      "focusvlm.bench", "focusvlm.bench.*", "focusvlm.demo", "focusvlm.demo.*")),
+    ("integrations", ("focusvlm.integrations", "focusvlm.integrations.*")),
+    ("cli", ("focusvlm.cli", "focusvlm.cli.*", "focusvlm.__main__")),
+)
+
+
+def layer_of(module: str) -> int:
+    """The highest layer whose patterns match (a method module also matches its folder's tensor pattern)."""
+    import fnmatch
+
+    matches = [rank for rank, (_, patterns) in enumerate(LAYERS)
+               if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns)]
+    if not matches:
+        raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_layering.py")
+    return max(matches)
+
+
+def _graph() -> dict[str, dict[str, int]]:
+    """module -> {imported focusvlm module: line}, every import statement included."""
     known = {m for m, _, _ in _modules()}
+    graph: dict[str, dict[str, int]] = {}
     for module, path, tree in _modules():
-        deps = set()
-        for target, names in _imports(module, path, tree, top_level_only=True):
-            for candidate in [f"{target}.{n}" for n in names] + [target]:
-                if candidate in known and candidate != module:
-                    deps.add(candidate)
-                    break
+        deps: dict[str, int] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [(alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                targets = [(_resolve(module, node, path.name == "__init__.py"), [a.name for a in node.names])]
+            else:
+                continue
+            for target, names in targets:
+                # ``from . import fastv`` imports the submodule; ``from .x import name`` the module x
+                hits = [f"{target}.{n}" for n in names if f"{target}.{n}" in known] or [target]
+                deps.update({hit: node.lineno for hit in hits if hit in known and hit != module})
         graph[module] = deps
+    return graph
+
+
+def test_every_module_has_a_layer():
+    for module, _, _ in _modules():
+        layer_of(module)
+
+
+def test_every_import_respects_the_layer_order():
+    upward = [f"{module}:{line} ({LAYERS[layer_of(module)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+              for module, deps in _graph().items() for dep, line in deps.items() if layer_of(dep) > layer_of(module)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle_anywhere():
+    graph = _graph()
     seen, stack, cycles = set(), [], []
 
     def visit(node):
@@ -114,11 +167,17 @@ def test_no_import_cycle_at_module_level():
         seen.add(node)
         stack.append(node)
         for dep in graph.get(node, ()):
-            # a package importing its own submodule (registration lists) is not a cycle
-            if not dep.startswith(node + "."):
-                visit(dep)
+            visit(dep)
         stack.pop()
 
     for node in graph:
         visit(node)
     assert not cycles, cycles
+
+
+def test_the_layering_check_sees_imports_inside_functions(tmp_path):
+    """The check would fail on an upward import hidden in a function body."""
+    tree = ast.parse("def f():\n    from ..cli import main\n")
+    module = "focusvlm.compress.example"
+    found = [target for target, _ in _imports(module, PACKAGE / "compress" / "example.py", tree, top_level_only=False)]
+    assert found == ["focusvlm.cli"] and layer_of("focusvlm.cli") > layer_of(module)

@@ -34,6 +34,7 @@ import torch
 from .. import hfcompat
 from . import fastv
 from ..config import ConfigError, fail
+from ..errors import CMAIStateError, UnsupportedModelError
 from ..methods import Method, register_method
 
 COMPILE_ERROR = ("focusvlm FastV cannot run under torch.compile: the kept positions have data-dependent shapes. "
@@ -108,8 +109,6 @@ class FastVBinding:
     """FastV switched on for one model; ``remove`` restores the stock model exactly."""
 
     def __init__(self, model: torch.nn.Module, adapter: Any, config: FastVConfig):
-        from ..models import UnsupportedModelError
-
         self.model, self.adapter, self.config = model, adapter, config
         layers = adapter.decoder_layers(model)
         if config.k >= len(layers):
@@ -146,8 +145,6 @@ class FastVBinding:
                                       "line up with labels; a loss with FastV is not supported (unpatch to train)")
 
     def _begin_call(self, module, args, kwargs):
-        from ..errors import CMAIStateError
-
         if torch.compiler.is_compiling():
             raise RuntimeError(COMPILE_ERROR)
         for flag in ("output_hidden_states", "output_attentions"):

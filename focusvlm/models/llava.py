@@ -31,11 +31,11 @@ from . import register_family
 CLIPEncoderLayer = hfcompat.encoder_layer_class("clip")
 
 
-class VMTCEncoderLayer(CLIPEncoderLayer):
+class StagedCLIPEncoderLayer(CLIPEncoderLayer):
     """A CLIP encoder layer that runs one in-tower stage between attention and MLP.
 
     Never constructed: stock layers have their ``__class__`` swapped to it and
-    carry their stage in ``_focusvlm_stage``. (Named for VMTC, its first user.)
+    carry their stage in ``_focusvlm_stage`` by ``add_tower_stage``, for any method that works inside the tower.
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
@@ -254,7 +254,7 @@ class LlavaAdapter(FamilyAdapter):
             raise UnsupportedModelError(f"encoder layer {layer_idx} is a {type(layer).__name__}, expected a "
                                         "stock CLIPEncoderLayer")
         layer._focusvlm_stage = stage
-        layer.__class__ = VMTCEncoderLayer
+        layer.__class__ = StagedCLIPEncoderLayer
 
         def undo() -> None:
             layer.__class__ = CLIPEncoderLayer

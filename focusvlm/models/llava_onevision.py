@@ -36,7 +36,7 @@ from .llava_next import AnyResPreset, LlavaNextAdapter, build_random, packed_len
 SiglipEncoderLayer = hfcompat.encoder_layer_class("siglip")
 
 
-class VMTCSiglipEncoderLayer(SiglipEncoderLayer):
+class StagedSiglipEncoderLayer(SiglipEncoderLayer):
     """A SigLIP encoder layer that runs one in-tower stage between attention and MLP.
 
     Never constructed: stock layers have their ``__class__`` swapped to it (it stays a
@@ -173,7 +173,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return z if in_video() else stage(layer_, normed, z)
 
         layer._focusvlm_stage = images_only
-        layer.__class__ = VMTCSiglipEncoderLayer
+        layer.__class__ = StagedSiglipEncoderLayer
 
         def undo() -> None:
             layer.__class__ = SiglipEncoderLayer

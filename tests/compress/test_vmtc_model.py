@@ -8,7 +8,7 @@ from focusvlm import CMAIConfig, ConfigError, FocusConfig, VMTCConfig, patch, un
 from focusvlm.compress import vmtc
 from focusvlm.models.factory import random_llava
 from focusvlm.models.llava import UnsupportedModelError
-from focusvlm.models.llava import VMTCEncoderLayer
+from focusvlm.models.llava import StagedCLIPEncoderLayer
 
 IMAGE_ID = 511
 
@@ -65,7 +65,7 @@ def test_target_one_is_stock_exactly(model):
     batch = inputs(p)
     stock = run(model, batch)
     handle = patch(model, FocusConfig(vmtc=VMTCConfig(target=1.0, stages=3)), processor=p)
-    assert not any(isinstance(l, VMTCEncoderLayer) for l in model.model.vision_tower.encoder.layers)
+    assert not any(isinstance(l, StagedCLIPEncoderLayer) for l in model.model.vision_tower.encoder.layers)
     batch2 = inputs(p)
     assert torch.equal(batch2["input_ids"], batch["input_ids"])
     assert torch.equal(run(model, batch2), stock)

@@ -365,26 +365,15 @@ def explicit_attention(query, key, value, mask: torch.Tensor, scaling: float, dr
 
 def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mask, scaling, kwargs, want_weights):
     """One new text row per sample: the same equations on (B, 1, ...) tensors, every index and buffer precomputed."""
-    step, store, layer, focus = plan.decode, plan.store, module.layer_idx, plan.focus
+    step, store, layer = plan.decode, plan.store, module.layer_idx
     views, constants = step.views, step.constants
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
+    batch, heads = query.shape[:2]
+    group = heads // key.shape[1]
     compiling = torch.compiler.is_compiling()
     if layer not in views.found:
         _late_decode_layer(store, views, layer, compiling)
     with torch.no_grad():
-        q = query * scaling
-        if compiling:
-            scores = matmul(q if group == 1 else q.view(batch, kv_heads, group, dim), key.transpose(-1, -2))
-        elif group == 1:
-            scores = torch.einsum("bhqd,bhkd->bhqk", q, key)                            # (B, H, 1, K)
-        else:
-            scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, kv_heads, group, dim), key)
-        if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
-            scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
-                      else scores + stock_mask)
-        a = torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2))        # (B, K) C1
+        a = _decode_text_attention(query, key, stock_mask, scaling, compiling)              # (B, K) C1
         # C2 and the weights on every stored text row (C13) in one gather, into the buffer the next call stores
         found = views.found[layer]
         if compiling:
@@ -392,38 +381,10 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
         else:
             torch.gather(a, 1, step.index, out=found)
             store.pending_layers.add(layer)
-        a_img = views.a_img[layer]                                                            # (B, 1, N)
-        if constants.img_pad is not None:  # padded image slots rank last and are never inhibited
-            a_img = a_img + constants.img_pad
-        weights = focus.step_weights(views.a_text[layer], plan.relation)
-        if weights is None:                                                                   # C10
-            score = views.a_img4[layer] if constants.img_pad is None else a_img.unsqueeze(1)
-        elif weights is NotImplemented:   # a registered variant: its own score over the rows, this one's included
-            rows = views.rows[layer].clone()
-            if isinstance(step.write_index, int):
-                rows[:, step.write_index] = views.a_img[layer][:, 0]
-            else:
-                rows.index_copy_(1, step.write_index, views.a_img[layer])
-            score = focus.score(a_img, views.a_text[layer], rows, plan.relation).unsqueeze(1)
-        elif compiling:
-            score = torch.baddbmm(a_img, weights, views.rows[layer]).unsqueeze(1)
-        else:  # C4 + C5 (C11, C12): a_img + weights @ earlier rows, one fused op into a buffer of fixed shape
-            torch.baddbmm(a_img, weights, views.rows[layer], out=views.score3)
-            score = views.score                                                               # (B, 1, 1, N)
+        score = _decode_focus_score(plan, layer, compiling)
         threshold = constants.thresholds.get(layer) or _late_decode_threshold(plan, layer, link.gamma, score.device)
         kept = score >= threshold(score)                                                      # C6, C7
-        if stock_mask is None:   # the call's all-True base, made by its first layer
-            ones = step.ones if step.ones is not None else _shared(
-                plan, "ones", lambda: torch.ones(batch, 1, 1, key.shape[2], dtype=torch.bool, device=key.device))
-            mask = ones.scatter(-1, constants.img_index, kept)
-        else:
-            if stock_mask.shape[0] != batch:  # a mask shared by the batch
-                stock_mask = stock_mask.expand(batch, *stock_mask.shape[1:])
-            if stock_mask.dtype == torch.bool:
-                mask = stock_mask.scatter(-1, constants.img_index, kept)
-            else:
-                fill = torch.finfo(stock_mask.dtype).min
-                mask = stock_mask.scatter(-1, constants.img_index, torch.where(kept, 0.0, fill).to(stock_mask.dtype))
+        mask = _decode_mask(plan, kept, stock_mask, batch, key)
     dropout = kwargs.get("dropout", 0.0)
     if want_weights:
         return explicit_attention(query, key, value, mask, scaling, dropout, module.training)
@@ -436,6 +397,63 @@ def _decode_attention(link, plan: CallPlan, module, query, key, value, stock_mas
     if link.takes_mask:
         return link.base(module, query, key, value, mask, scaling=scaling, **kwargs)
     return _sdpa(query, key, value, mask, scaling, dropout), None
+
+
+def _decode_text_attention(query, key, stock_mask, scaling, compiling: bool) -> torch.Tensor:
+    """(B, K) C1: the decode row's attention over every key, averaged over heads (GQA without repeating keys)."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    q = query * scaling
+    if compiling:
+        scores = matmul(q if group == 1 else q.view(batch, kv_heads, group, dim), key.transpose(-1, -2))
+    elif group == 1:
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, key)                            # (B, H, 1, K)
+    else:
+        scores = torch.einsum("bhgd,bhkd->bhgk", q.view(batch, kv_heads, group, dim), key)
+    if stock_mask is not None:  # C1 masks keys the stock way: padding, and a static cache's empty slots
+        scores = (torch.where(stock_mask, scores, float("-inf")) if stock_mask.dtype == torch.bool
+                  else scores + stock_mask)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).mean(dim=(1, 2))
+
+
+def _decode_focus_score(plan: CallPlan, layer: int, compiling: bool) -> torch.Tensor:
+    """(B, 1, 1, N) the decode row's focus score of every image key (C4, C5; C10-C12 by the variant)."""
+    step, focus = plan.decode, plan.focus
+    views, constants = step.views, step.constants
+    a_img = views.a_img[layer]                                                            # (B, 1, N)
+    if constants.img_pad is not None:  # padded image slots rank last and are never inhibited
+        a_img = a_img + constants.img_pad
+    weights = focus.step_weights(views.a_text[layer], plan.relation)
+    if weights is None:                                                                   # C10
+        return views.a_img4[layer] if constants.img_pad is None else a_img.unsqueeze(1)
+    if weights is NotImplemented:   # a registered variant: its own score over the rows, this one's included
+        rows = views.rows[layer].clone()
+        if isinstance(step.write_index, int):
+            rows[:, step.write_index] = views.a_img[layer][:, 0]
+        else:
+            rows.index_copy_(1, step.write_index, views.a_img[layer])
+        return focus.score(a_img, views.a_text[layer], rows, plan.relation).unsqueeze(1)
+    if compiling:
+        return torch.baddbmm(a_img, weights, views.rows[layer]).unsqueeze(1)
+    # C4 + C5 (C11, C12): a_img + weights @ earlier rows, one fused op into a buffer of fixed shape
+    torch.baddbmm(a_img, weights, views.rows[layer], out=views.score3)
+    return views.score
+
+
+def _decode_mask(plan: CallPlan, kept: torch.Tensor, stock_mask, batch: int, key: torch.Tensor) -> torch.Tensor:
+    """The stock mask with the image keys each row does not keep masked out (C7)."""
+    step, constants = plan.decode, plan.decode.constants
+    if stock_mask is None:   # the call's all-True base, made by its first layer
+        ones = step.ones if step.ones is not None else _shared(
+            plan, "ones", lambda: torch.ones(batch, 1, 1, key.shape[2], dtype=torch.bool, device=key.device))
+        return ones.scatter(-1, constants.img_index, kept)
+    if stock_mask.shape[0] != batch:  # a mask shared by the batch
+        stock_mask = stock_mask.expand(batch, *stock_mask.shape[1:])
+    if stock_mask.dtype == torch.bool:
+        return stock_mask.scatter(-1, constants.img_index, kept)
+    fill = torch.finfo(stock_mask.dtype).min
+    return stock_mask.scatter(-1, constants.img_index, torch.where(kept, 0.0, fill).to(stock_mask.dtype))
 
 
 def _late_decode_layer(store, views, layer: int, compiling: bool) -> None:

@@ -443,51 +443,9 @@ class CMAIState:
         device = image_mask.device
         new_valid = _new_positions_valid(attention_mask, batch, past_len, q_len, device)
         fresh = past_len == 0
-        reads_rank = self.focus.reads_rank
-        if fresh:
-            img = image_mask if new_valid is None else image_mask & new_valid
-            text = ~image_mask if new_valid is None else new_valid ^ img
-            seen = img.cumsum(dim=1)                                     # images at or before each position
-            redo = text & (seen > 0)      # text after its sample's first image; text before it sees no image
-            img_count = seen[:, -1]
-            redo_count = redo.sum(dim=1)
-            between = (redo & (seen < img_count.unsqueeze(1))).sum()     # rows that do not see every image yet
-            img_range, redo_range = torch.aminmax(img_count), torch.aminmax(redo_count)
-            # the call's one read-back: shapes (images, rows) and which code paths apply
-            n_img, least_img, count, least_rows, between = torch.stack(
-                [img_range.max, img_range.min, redo_range.max, redo_range.min, between]).tolist()
-            text_count = text.sum(dim=1)
-            found = self._images(img, img_count, redo, n_img, least_img)
-            images, slot = found.images, None
-            if n_img and count:   # each sample's rows follow its images in the sort's order
-                if images.valid is None:
-                    slot = found.order[:, n_img:n_img + count]
-                else:
-                    first = img_count.unsqueeze(1) + torch.arange(count, device=device)
-                    slot = found.order.gather(1, first.clamp(max=q_len - 1))
-            uniform = n_img if (images.valid is None and between == 0) else None
-        else:
-            store = self._continue(past_len)
-            text = ~image_mask if new_valid is None else new_valid & ~image_mask
-            redo = text & store.images.has_image.unsqueeze(1)        # every sample's images came before this call
-            redo_count = redo.sum(dim=1)
-            redo_range = torch.aminmax(redo_count)
-            facts = [image_mask.sum(), redo_range.max, redo_range.min]
-            if store.static:  # compiled decode steps count on the device only: catch the host-side counters up
-                facts.append(store.fill)
-            facts = torch.stack(facts).tolist()
-            if facts[0]:
-                raise CMAIStateError("CMAI needs all image tokens in the first forward call of a sequence "
-                                     "(prefill); this call adds image tokens to an existing cache.")
-            count, least_rows = facts[1], facts[2]
-            if store.static:
-                store.length = facts[3]
-            images = store.images
-            text_count = store.text_count + text.sum(dim=1)
-            slot = None
-            if count:   # a stable sort lists each sample's rows first, in order (the width came with the facts)
-                slot = (~redo).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
-            uniform = None if images.padded else images.count
+        rows = self._fresh_rows(image_mask, new_valid) if fresh else self._continued_rows(image_mask, new_valid, past_len)
+        text, redo_count, count, least_rows, images, slot = (rows.text, rows.redo_count, rows.count, rows.least_rows,
+                                                            rows.images, rows.slot)
         rows_padded = count > 0 and least_rows < count
         slot_valid = None
         if rows_padded:
@@ -500,48 +458,100 @@ class CMAIState:
         if slot is not None:
             q_pos = slot if fresh else slot + past_len
             q_rank = None
-            if reads_rank:
-                rank = text.cumsum(dim=1) - 1 if fresh else store.text_count.unsqueeze(1) + text.cumsum(dim=1) - 1
+            if self.focus.reads_rank:
+                rank = text.cumsum(dim=1) - 1 if fresh else self.store.text_count.unsqueeze(1) + text.cumsum(dim=1) - 1
                 q_rank = rank.gather(1, slot)
             valid = slot_valid if slot_valid is not None else torch.ones(batch, count, dtype=torch.bool, device=device)
             query = TextPositions(q_pos, q_rank, valid)
         if fresh:
-            store = self._new_store(images, query if slot is not None else None, count, text_count, max_cache_len,
-                                    keep_rows, batch, device)
+            store = self._new_store(images, query if slot is not None else None, count, rows.text_count,
+                                    max_cache_len, keep_rows, batch, device)
             self.store = store
             if images.count:
                 store.decode = self._decode_constants(images, text, q_len, device)
                 if store.static:
                     store.decode_views(max_cache_len)
         else:
-            store.text_count = text_count
+            store = self.store
+            store.text_count = rows.text_count
         store.seq_len = past_len + q_len
         if slot is None or images.count == 0:
             return None
         keep_rows = keep_rows or not fresh
         row_start = store.length if keep_rows and not fresh else 0
-        if keep_rows:
-            stop = row_start + count
-            if not fresh:
-                store.reserve(stop)
-                for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
-                    if dst is not None:
-                        dst[:, row_start:stop] = src
-            store.length = stop
-            if store.static:
-                store.fill.fill_(stop)
-                if not fresh and store.views is not None:
-                    # the rows the buffer held are in the store (flushed above); the next step's first move then
-                    # writes zeros into that step's own, still empty, slot
-                    store.views.found_all.zero_()
-                    store.pending_index.fill_(stop)
-            known = query if fresh else store.known(stop)
-        else:
-            known = query
+        known = self._keep_rows(store, query, row_start, count, fresh) if keep_rows else query
         relation = self.focus.relation(query, known, self.discount)
-        gammas = self.inhibited
-        return self._finish_prefill(store, query, slot, relation, row_start, keep_rows, count, least_rows, uniform,
-                                    gammas, past_len, q_len, fresh, device)
+        return self._finish_prefill(store, query, slot, relation, row_start, keep_rows, count, least_rows,
+                                    rows.uniform, self.inhibited, past_len, q_len, fresh, device)
+
+    def _fresh_rows(self, image_mask, new_valid) -> "_CallRows":
+        """The first call of a sequence: its images and its text rows after an image, with one read-back."""
+        device, q_len = image_mask.device, image_mask.shape[1]
+        img = image_mask if new_valid is None else image_mask & new_valid
+        text = ~image_mask if new_valid is None else new_valid ^ img
+        seen = img.cumsum(dim=1)                                     # images at or before each position
+        redo = text & (seen > 0)      # text after its sample's first image; text before it sees no image
+        img_count = seen[:, -1]
+        redo_count = redo.sum(dim=1)
+        between = (redo & (seen < img_count.unsqueeze(1))).sum()     # rows that do not see every image yet
+        img_range, redo_range = torch.aminmax(img_count), torch.aminmax(redo_count)
+        # the call's one read-back: shapes (images, rows) and which code paths apply
+        n_img, least_img, count, least_rows, between = torch.stack(
+            [img_range.max, img_range.min, redo_range.max, redo_range.min, between]).tolist()
+        text_count = text.sum(dim=1)
+        found = self._images(img, img_count, redo, n_img, least_img)
+        images, slot = found.images, None
+        if n_img and count:   # each sample's rows follow its images in the sort's order
+            if images.valid is None:
+                slot = found.order[:, n_img:n_img + count]
+            else:
+                first = img_count.unsqueeze(1) + torch.arange(count, device=device)
+                slot = found.order.gather(1, first.clamp(max=q_len - 1))
+        uniform = n_img if (images.valid is None and between == 0) else None
+        return _CallRows(text, redo_count, count, least_rows, images, slot, text_count, uniform)
+
+    def _continued_rows(self, image_mask, new_valid, past_len) -> "_CallRows":
+        """A later call (a decode step, a chunk): text rows only, every sample's images came before."""
+        store = self._continue(past_len)
+        text = ~image_mask if new_valid is None else new_valid & ~image_mask
+        redo = text & store.images.has_image.unsqueeze(1)        # every sample's images came before this call
+        redo_count = redo.sum(dim=1)
+        redo_range = torch.aminmax(redo_count)
+        facts = [image_mask.sum(), redo_range.max, redo_range.min]
+        if store.static:  # compiled decode steps count on the device only: catch the host-side counters up
+            facts.append(store.fill)
+        facts = torch.stack(facts).tolist()
+        if facts[0]:
+            raise CMAIStateError("CMAI needs all image tokens in the first forward call of a sequence "
+                                 "(prefill); this call adds image tokens to an existing cache.")
+        count, least_rows = facts[1], facts[2]
+        if store.static:
+            store.length = facts[3]
+        slot = None
+        if count:   # a stable sort lists each sample's rows first, in order (the width came with the facts)
+            slot = (~redo).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
+        uniform = None if store.images.padded else store.images.count
+        return _CallRows(text, redo_count, count, least_rows, store.images, slot, store.text_count + text.sum(dim=1),
+                         uniform)
+
+    @staticmethod
+    def _keep_rows(store, query, row_start, count, fresh) -> TextPositions:
+        """Append this call's rows to the store (a fresh store already holds them); the rows they relate to."""
+        stop = row_start + count
+        if not fresh:
+            store.reserve(stop)
+            for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
+                if dst is not None:
+                    dst[:, row_start:stop] = src
+        store.length = stop
+        if store.static:
+            store.fill.fill_(stop)
+            if not fresh and store.views is not None:
+                # the rows the buffer held are in the store (flushed above); the next step's first move then
+                # writes zeros into that step's own, still empty, slot
+                store.views.found_all.zero_()
+                store.pending_index.fill_(stop)
+        return query if fresh else store.known(stop)
 
     def _images(self, img, img_count, redo, n_img, least_img) -> "_FoundImages":
         """Image slots of a fresh sequence from one stable sort that lists, per sample, its images, then its text
@@ -638,24 +648,9 @@ class CMAIState:
                         gammas, past_len, q_len, fresh, device) -> CallPlan:
         """Chunks of rows and the index maps of each: all that the layers share."""
         batch = slot.shape[0]
-        images = store.images
-        keys = past_len + q_len
-        size = max(MIN_CHUNK_ROWS, chunk_budget(device) // max(1, batch * self.num_heads * keys))
-        bounds = [(s, min(s + size, count)) for s in range(0, count, size)]
         rows_padded = least_rows < count
-        if len(bounds) == 1:
-            # one chunk: the call's keys bound it (its last row is usually the call's last position), and its rows
-            # see every key below the first of them: no read-back needed for either
-            facts = [(keys, 0)]
-        else:   # the second (and last) read-back: each chunk's key range
-            last_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, -1)
-            first_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, keys)
-            parts = [images.pos.amax() if images.count else torch.zeros((), dtype=torch.long, device=device)]
-            for s, e in bounds:
-                parts += [last_pos[:, s:e].amax(), first_pos[:, s:e].amin()]
-            values = torch.stack(parts).tolist()
-            images = Images(images.pos, images.valid, images.has_image, images.every_sample_has_image, values[0])
-            facts = [(max(values[1 + 2 * i] + 1, 1), values[2 + 2 * i] + 1) for i in range(len(bounds))]
+        bounds, facts, images = self._chunk_key_ranges(store.images, query, count, rows_padded, past_len + q_len,
+                                                       batch, device)
         if keep_rows:
             known_pos, all_rows = store.pos, store.all_rows
             layers = store.layers if all_rows is not None else []
@@ -686,11 +681,7 @@ class CMAIState:
             img_gather = img_index.clamp(max=key_stop - 1) if clamp else img_index
             visible = invisible = None
             if uniform is None or padded_here:
-                visible = images.pos.unsqueeze(1) <= q_pos.unsqueeze(2)            # C6's visible set
-                if images.valid is not None:
-                    visible = visible & images.valid.unsqueeze(1)
-                if q_valid is not None:
-                    visible = visible & q_valid.unsqueeze(2)
+                visible = _visible_images(images, q_pos, q_valid)
                 invisible = ~visible
             known = row_start + e
             text_index = None
@@ -702,14 +693,7 @@ class CMAIState:
             if relation is not None:
                 chunk_relation = relation if (whole and known == relation.shape[2]) else relation[:, s:e, :known]
             write_index = (batch_index, chunk_slot.unsqueeze(-1), img_index)
-            a, b = row_start + s, row_start + e
-            if layers is None:
-                out_views, known_views = {None: all_rows[0][:, s:e]}, {None: all_rows[0][:, :e]}
-            elif layers:
-                out_views = dict(zip(layers, all_rows[:, :, a:b].unbind(0)))
-                known_views = dict(zip(layers, all_rows[:, :, :b].unbind(0)))
-            else:
-                out_views, known_views = {}, {}
+            out_views, known_views = _row_views(all_rows, layers, row_start, s, e)
             if uniform is not None:
                 thresholds = dict(selections)
             else:
@@ -724,6 +708,25 @@ class CMAIState:
         return CallPlan(store=store, q_len=q_len, query_source=query, slot=slot, row_start=row_start,
                         relation=relation, focus=self.focus, chunks=tuple(chunks), decode=None, keep_rows=keep_rows,
                         workspace=CallWorkspace(), batch_index=batch_index, gammas=gammas)
+
+    def _chunk_key_ranges(self, images, query, count, rows_padded, keys, batch, device):
+        """Row chunks sized to the attention budget, each with (key stop, first key hidden from a row); the images
+        with their last position filled in when that took a read-back."""
+        size = max(MIN_CHUNK_ROWS, chunk_budget(device) // max(1, batch * self.num_heads * keys))
+        bounds = [(s, min(s + size, count)) for s in range(0, count, size)]
+        if len(bounds) == 1:
+            # one chunk: the call's keys bound it (its last row is usually the call's last position), and its rows
+            # see every key below the first of them: no read-back needed for either
+            return bounds, [(keys, 0)], images
+        # the second (and last) read-back: each chunk's key range
+        last_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, -1)
+        first_pos = query.pos if not rows_padded else query.pos.masked_fill(~query.valid, keys)
+        parts = [images.pos.amax() if images.count else torch.zeros((), dtype=torch.long, device=device)]
+        for s, e in bounds:
+            parts += [last_pos[:, s:e].amax(), first_pos[:, s:e].amin()]
+        values = torch.stack(parts).tolist()
+        images = Images(images.pos, images.valid, images.has_image, images.every_sample_has_image, values[0])
+        return bounds, [(max(values[1 + 2 * i] + 1, 1), values[2 + 2 * i] + 1) for i in range(len(bounds))], images
 
     # ------------------------------------------------------------------ decode
     def _decode_plan(self, image_mask, past_len) -> CallPlan | None:
@@ -810,6 +813,41 @@ class CMAIState:
 
     def _needs_step_relation(self) -> bool:
         return self.focus.decode_relation
+
+
+def _visible_images(images: "Images", q_pos: torch.Tensor, q_valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, rows, N) C6's visible set: the real image keys at or before each real row."""
+    visible = images.pos.unsqueeze(1) <= q_pos.unsqueeze(2)
+    if images.valid is not None:
+        visible = visible & images.valid.unsqueeze(1)
+    if q_valid is not None:
+        visible = visible & q_valid.unsqueeze(2)
+    return visible
+
+
+def _row_views(all_rows: torch.Tensor, layers: list[int] | None, row_start: int, s: int, e: int):
+    """Per layer, the store's slice a chunk of rows writes (out) and the rows known by its end (known); one
+    shared scratch (key None) when the rows live within the call only."""
+    if layers is None:
+        return {None: all_rows[0][:, s:e]}, {None: all_rows[0][:, :e]}
+    if not layers:
+        return {}, {}
+    a, b = row_start + s, row_start + e
+    return dict(zip(layers, all_rows[:, :, a:b].unbind(0))), dict(zip(layers, all_rows[:, :, :b].unbind(0)))
+
+
+@dataclass
+class _CallRows:
+    """What one call's token types say: its text rows after an image (``slot``), and the facts read back once."""
+
+    text: torch.Tensor                 # (B, Q) real text positions of the call
+    redo_count: torch.Tensor           # (B,) text rows after an image, per sample
+    count: int                         # the most rows a sample has (the plan's width)
+    least_rows: int
+    images: "Images"
+    slot: torch.Tensor | None          # (B, count) query index of each row; None: no row
+    text_count: torch.Tensor           # (B,) real text tokens so far, this call included
+    uniform: int | None                # image keys every row sees, when all see the same number
 
 
 @dataclass(frozen=True)

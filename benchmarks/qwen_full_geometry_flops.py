@@ -16,7 +16,7 @@ for preset, side in (("qwen2.5-vl-7b", 448), ("qwen3-vl-8b", 448)):
     t = TextShape.from_config(cfg.text_config)
     stock = merger_prefill_flops(vc, t, grids=grids, prompt_tokens=64, visual_tokens=n)
     vmtc = merger_prefill_flops(vc, t, grids=grids, prompt_tokens=64, visual_tokens=stage.n_out,
-                                vmtc=merged_vmtc_flops(vc, grids, [stage], 10))
+                                vmtc=merged_vmtc_flops(vc, grids, [(stage.n_in, stage.keep, stage.clusters, 10)]))
     print(f"{preset} {side}px: {n} -> {stage.n_out} image tokens; prefill TFLOPs stock {stock.total/1e12:.2f} "
           f"(vision {stock.vision/1e12:.2f}, llm {stock.llm/1e12:.2f}); vmtc 0.5 {vmtc.total/1e12:.2f} "
           f"(vision {vmtc.vision/1e12:.2f}, llm {vmtc.llm/1e12:.2f}) = {vmtc.total/stock.total:.2f}x")

@@ -210,18 +210,19 @@ def merger_tower_flops(vc: Any, grids: Sequence[Sequence[int]]) -> int:
     return total
 
 
-def merged_vmtc_flops(vc: Any, grids: Sequence[Sequence[int]], stages: Sequence[Any], iters: int) -> int:
+def merged_vmtc_flops(vc: Any, grids: Sequence[Sequence[int]], stages: Sequence[tuple[int, int, int, int]]) -> int:
     """VMTC's own work after the merger (estimate): the last full-attention block's q/k re-projected
     and its attention scored over each frame, then K-means over the redundant merged tokens and the merge.
-    ``stages``: the ``Stage`` of each input's frames."""
+    ``stages``: (merged tokens in, kept, clusters, k-means iterations) of each input's frames, as a bound
+    method's ``stage_plan(merged_tokens)`` lists them."""
     d, out = vc.hidden_size, vc.out_hidden_size
     total = 0
-    for (t, h, w), stage in zip(grids, stages):
+    for (t, h, w), (n_in, keep, clusters, iters) in zip(grids, stages):
         frame = h * w
         total += 2 * t * frame * d * d * 2 + t * 2 * frame * frame * d
-        redundant = stage.n_in - stage.keep
-        if stage.clusters:
-            total += t * iters * (2 * redundant * stage.clusters * out + 2 * redundant * out) + t * 2 * redundant * out
+        redundant = n_in - keep
+        if clusters:
+            total += t * iters * (2 * redundant * clusters * out + 2 * redundant * out) + t * 2 * redundant * out
     return total
 
 

@@ -1,4 +1,4 @@
-"""One method's prefill peak memory, measured in a fresh process of its own.
+"""One benchmark arm's prefill peak memory, measured in a fresh process of its own.
 
 In one long process a method measured after another reuses the memory the
 first one freed (glibc keeps freed pages, the CUDA caching allocator keeps
@@ -28,9 +28,13 @@ from typing import Any, Callable
 
 import torch
 
+from .arms import parse_arm
+from .setup import BenchOptions, arm_applied, bench_inputs, build_model, fit_arm, make_input_ids, probe_vision
+
 
 def measure_in_subprocess(opts: Any, method: str, batch: int, prompt: int) -> dict[str, Any]:
-    """Peak memory of ``method``'s prefill at (batch, prompt), from a child process."""
+    """Peak memory of the prefill of the arm named ``method`` (its ``--methods`` spec) at (batch, prompt), from a
+    child process."""
     payload = {"preset": opts.preset, "model": opts.model, "method": method, "batch": batch, "prompt": prompt,
                "device": opts.device, "dtype": opts.dtype, "seed": opts.seed, "threads": opts.threads}
     package_root = str(Path(__file__).resolve().parents[2])
@@ -90,29 +94,26 @@ def peak_of(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from ..runtime import resolve_device_dtype
     from ..models import adapter_for
-    from .harness import (BenchOptions, bench_inputs, build_model, fit_method, make_input_ids, method_applied,
-                          probe_vision)
-    from .methods import parse_method
+    from ..runtime import resolve_device_dtype
 
     args = json.loads(argv[0])
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
-    method = parse_method(args["method"])
-    opts = BenchOptions(preset=args["preset"], model=args["model"], methods=[method], batches=[args["batch"]],
+    arm = parse_arm(args["method"])
+    opts = BenchOptions(preset=args["preset"], model=args["model"], methods=[arm], batches=[args["batch"]],
                         prompt_tokens=args["prompt"], device=args["device"], dtype=args["dtype"], seed=args["seed"],
                         progress=False)
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
     model = build_model(opts, device, dtype)
-    method = fit_method(model, method)
+    arm = fit_arm(model, arm)
     gen = torch.Generator().manual_seed(opts.seed)
     vision, text_ids = bench_inputs(model, args["batch"], args["prompt"], gen, device, dtype)
-    visual = probe_vision(model, method, vision)["visual_tokens"]
+    visual = probe_vision(model, arm, vision)["visual_tokens"]
     ids = make_input_ids(text_ids, visual, model.config.image_token_id)
     mask = torch.ones_like(ids)
     extra = adapter_for(model).prompt_inputs(model, ids)
-    with method_applied(model, method), torch.inference_mode():
+    with arm_applied(model, arm), torch.inference_mode():
         result = peak_of(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
                                        **vision, **extra), device)
     print(json.dumps(result))

@@ -50,66 +50,85 @@ def markdown_tables(report: dict[str, Any]) -> str:
     """One table per batch size (and prompt length): absolute figures with the ratio to stock in brackets."""
     meta = report["meta"]
     lines = []
+    for run in report["runs"]:
+        lines += _run_table(meta, run)
+    for run in report["runs"]:
+        lines += _profile_tables(meta, run)
+    lines += _targets_table(report)
+    return "\n".join(lines)
+
+
+def _run_table(meta: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The table of one run: its heading, one row per arm, and a note where a paired ratio disagrees."""
     what = meta.get("model") or f"preset {meta.get('preset')}"
     extras = []
     if meta.get("compile"):
         extras.append("static cache, decode steps compiled (fullgraph)")
     if meta.get("clock") == "cpu":
         extras.append("times are process CPU time")
-    for run in report["runs"]:
-        columns = _COLUMNS + (_OPS_COLUMNS if any("decode_ops" in r for r in run["methods"].values()) else ())
-        lines.append(f"**{what}{' (vision tower only)' if meta.get('vision_only') else ''}, {meta['dtype']}, "
-                     f"batch {run['batch']}, {run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens"
-                     f"{'' if meta.get('vision_only') else ', ' + str(meta['new_tokens']) + ' new tokens'}"
-                     f"{''.join(', ' + e for e in extras)}** "
-                     f"(medians of {meta['repeats']} rounds; ratio to {run['reference']} = median of back-to-back pairs, "
-                     f"{run.get('interleave', 'round')} interleave; memory: {run['memory_source']})")
+    columns = _COLUMNS + (_OPS_COLUMNS if any("decode_ops" in r for r in run["methods"].values()) else ())
+    lines = [f"**{what}{' (vision tower only)' if meta.get('vision_only') else ''}, {meta['dtype']}, "
+             f"batch {run['batch']}, {run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens"
+             f"{'' if meta.get('vision_only') else ', ' + str(meta['new_tokens']) + ' new tokens'}"
+             f"{''.join(', ' + e for e in extras)}** "
+             f"(medians of {meta['repeats']} rounds; ratio to {run['reference']} = median of back-to-back pairs, "
+             f"{run.get('interleave', 'round')} interleave; memory: {run['memory_source']})"]
+    lines.append("")
+    lines.append("| method | " + " | ".join(c[1] for c in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    ref_row = run["methods"].get(run["reference"], {})
+    notes = []
+    for name, row in run["methods"].items():
+        cells = []
+        for f, header, s, fmt in columns:
+            text, note = _cell(row.get(f), row["ratio"].get(f) if name != run["reference"] else None, s, fmt,
+                               ref_row.get(f))
+            cells.append(text)
+            if note:
+                notes.append(f"{name} {header}: {note}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if notes:
+        lines.append("\\* the load on the machine changed during the run: these paired ratios differ by more "
+                     f"than {RATIO_DISAGREEMENT:.0%} from the ratio of the medians in the same row (rerun with "
+                     "more --repeats or on a quiet machine): " + "; ".join(notes))
         lines.append("")
-        lines.append("| method | " + " | ".join(c[1] for c in columns) + " |")
-        lines.append("|---|" + "---|" * len(columns))
-        ref_row = run["methods"].get(run["reference"], {})
-        notes = []
-        for name, row in run["methods"].items():
-            cells = []
-            for f, header, s, fmt in columns:
-                text, note = _cell(row.get(f), row["ratio"].get(f) if name != run["reference"] else None, s, fmt,
-                                   ref_row.get(f))
-                cells.append(text)
-                if note:
-                    notes.append(f"{name} {header}: {note}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _profile_tables(meta: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """Where each arm's extra prefill time goes (``--profile``), one table per arm; none without a profile."""
+    prof = run.get("profile")
+    if not prof:
+        return []
+    lines = []
+    for name, top in prof["top"].items():
+        lines.append(f"Where {name}'s extra prefill time goes (batch {run['batch']}, "
+                     f"{run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens; {prof['unit']}; "
+                     f"totals: {name} {prof['total'][name]:.0f}, {run['reference']} "
+                     f"{prof['total'][run['reference']]:.0f}):")
         lines.append("")
-        if notes:
-            lines.append("\\* the load on the machine changed during the run: these paired ratios differ by more "
-                         f"than {RATIO_DISAGREEMENT:.0%} from the ratio of the medians in the same row (rerun with "
-                         "more --repeats or on a quiet machine): " + "; ".join(notes))
-            lines.append("")
-    for run in report["runs"]:
-        prof = run.get("profile")
-        if not prof:
-            continue
-        for name, top in prof["top"].items():
-            lines.append(f"Where {name}'s extra prefill time goes (batch {run['batch']}, "
-                         f"{run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens; {prof['unit']}; "
-                         f"totals: {name} {prof['total'][name]:.0f}, {run['reference']} "
-                         f"{prof['total'][run['reference']]:.0f}):")
-            lines.append("")
-            lines.append(f"| op | {name} | {run['reference']} | extra |")
-            lines.append("|---|---|---|---|")
-            for row in top:
-                lines.append(f"| {row['op']} | {row['method_ms']:.1f} | {row['stock_ms']:.1f} | {row['extra_ms']:+.1f} |")
-            lines.append("")
+        lines.append(f"| op | {name} | {run['reference']} | extra |")
+        lines.append("|---|---|---|---|")
+        for row in top:
+            lines.append(f"| {row['op']} | {row['method_ms']:.1f} | {row['stock_ms']:.1f} | {row['extra_ms']:+.1f} |")
+        lines.append("")
+    return lines
+
+
+def _targets_table(report: dict[str, Any]) -> list[str]:
+    """The verdict of every speed target that applies to the report; none when no target does."""
     verdicts = check_targets(report)
-    if verdicts:
-        lines.append("| target | batch | prompt tokens | measured | limit | met |")
-        lines.append("|---|---|---|---|---|---|")
-        for v in verdicts:
-            unit = "" if v.get("absolute") else "x"
-            measured = "n/a" if v["ratio"] is None else f"{v['ratio']:.3f}{unit}"
-            lines.append(f"| {v['target']} | {v['batch']} | {v.get('prompt_tokens', '')} | {measured} | "
-                         f"<= {v['limit']:.2f}{unit} | {'yes' if v['met'] else 'NO'} |")
-        lines.append("")
-    return "\n".join(lines)
+    if not verdicts:
+        return []
+    lines = ["| target | batch | prompt tokens | measured | limit | met |", "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        unit = "" if v.get("absolute") else "x"
+        measured = "n/a" if v["ratio"] is None else f"{v['ratio']:.3f}{unit}"
+        lines.append(f"| {v['target']} | {v['batch']} | {v.get('prompt_tokens', '')} | {measured} | "
+                     f"<= {v['limit']:.2f}{unit} | {'yes' if v['met'] else 'NO'} |")
+    lines.append("")
+    return lines
 
 
 def environment_line(report: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ def _ints(text: str) -> list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench.methods import DEFAULT_METHODS
+    from ..bench.arms import DEFAULT_METHODS
 
     p = subparsers.add_parser(
         "bench", help="speed / memory / FLOPs of each method vs the stock model",
@@ -76,11 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench.harness import BenchOptions, run_bench
-    from ..bench.methods import parse_methods
+    from ..bench.arms import parse_arms
+    from ..bench.harness import run_bench
+    from ..bench.setup import BenchOptions
     from ..bench.report import environment_line, markdown_tables, plot, write_json
 
-    opts = BenchOptions(preset=args.preset, model=args.model, methods=parse_methods(args.methods),
+    opts = BenchOptions(preset=args.preset, model=args.model, methods=parse_arms(args.methods),
                         batches=args.batch, prompt_tokens=args.prompt_tokens if len(args.prompt_tokens) > 1
                         else args.prompt_tokens[0], new_tokens=args.new_tokens,
                         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,

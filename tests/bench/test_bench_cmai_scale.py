@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from focusvlm.bench import harness
-from focusvlm.bench.harness import BenchOptions, run_bench
-from focusvlm.bench.methods import parse_methods
+from focusvlm.bench.arms import parse_arms
+from focusvlm.bench.harness import run_bench
 from focusvlm.bench.report import markdown_tables
+from focusvlm.bench.setup import BenchOptions
 from focusvlm.bench.targets import check_targets
 
 
 def _opts(**kw):
-    base = dict(preset="tiny", methods=parse_methods("stock,cmai"), batches=[1], prompt_tokens=8, new_tokens=4,
+    base = dict(preset="tiny", methods=parse_arms("stock,cmai"), batches=[1], prompt_tokens=8, new_tokens=4,
                 repeats=1, warmup=0, progress=False)
     return BenchOptions(**{**base, **kw})
 

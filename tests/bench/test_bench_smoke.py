@@ -7,16 +7,17 @@ import json
 import pytest
 
 from focusvlm.bench import flops
-from focusvlm.bench.harness import BenchOptions, run_bench
-from focusvlm.bench.methods import parse_method, parse_methods
+from focusvlm.bench.arms import parse_arm, parse_arms
+from focusvlm.bench.harness import run_bench
 from focusvlm.bench.report import markdown_tables, write_json
+from focusvlm.bench.setup import BenchOptions
 from focusvlm.bench.targets import check_targets
 from focusvlm.models.factory import llava_config
 
 
 @pytest.fixture(scope="module")
 def tiny_report():
-    opts = BenchOptions(preset="tiny", methods=parse_methods("stock,cmai"), batches=[2], prompt_tokens=8,
+    opts = BenchOptions(preset="tiny", methods=parse_arms("stock,cmai"), batches=[2], prompt_tokens=8,
                         new_tokens=3, repeats=1, warmup=0, progress=False)
     return run_bench(opts)
 
@@ -44,7 +45,7 @@ def test_report_structure(tiny_report, tmp_path):
 
 
 def test_round_interleave_measures_generate_and_memory():
-    opts = BenchOptions(preset="tiny", methods=parse_methods("stock,eager"), batches=[1], prompt_tokens=8,
+    opts = BenchOptions(preset="tiny", methods=parse_arms("stock,eager"), batches=[1], prompt_tokens=8,
                         new_tokens=3, repeats=1, warmup=0, progress=False, interleave="round")
     run = run_bench(opts)["runs"][0]
     assert run["interleave"] == "round"
@@ -53,7 +54,7 @@ def test_round_interleave_measures_generate_and_memory():
 
 
 def test_vision_only_vmtc_changes_token_count():
-    opts = BenchOptions(preset="tiny", methods=parse_methods("stock,vmtc"), batches=[1], repeats=1, warmup=0,
+    opts = BenchOptions(preset="tiny", methods=parse_arms("stock,vmtc"), batches=[1], repeats=1, warmup=0,
                         vision_only=True, progress=False)
     run = run_bench(opts)["runs"][0]
     vm = run["methods"]["vmtc"]
@@ -68,10 +69,10 @@ def test_cli_parses_and_registers():
     bench.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--preset", "tiny", "--methods", "stock,vmtc:0.25+cmai:0.5", "--batch", "1,16"])
     assert args.batch == [1, 16]
-    m = parse_methods(args.methods)[1]
+    m = parse_arms(args.methods)[1]
     assert m.config.vmtc.target == 0.25 and m.config.cmai.gamma_max == 0.5
     with pytest.raises(ValueError, match="unknown benchmark method"):
-        parse_method("tome")
+        parse_arm("tome")
 
 
 def test_flops_hand_count_tiny():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from focusvlm.bench.harness import bench_inputs, fit_method, make_input_ids, method_applied, probe_vision
-from focusvlm.bench.methods import parse_method
+from focusvlm.bench.arms import parse_arm
+from focusvlm.bench.setup import arm_applied, bench_inputs, fit_arm, make_input_ids, probe_vision
 from focusvlm.models import adapter_for, adapter_for_preset
 
 # operators whose result (or output shape) depends on device data, so CUDA must finish before they return
@@ -77,11 +77,11 @@ def tiny():
 
 def host_reads(tiny, method: str, new_tokens: int) -> int:
     model, vision, text_ids = tiny
-    m = fit_method(model, parse_method(method))
+    m = fit_arm(model, parse_arm(method))
     ids = make_input_ids(text_ids, probe_vision(model, m, vision)["visual_tokens"], model.config.image_token_id)
     extra = adapter_for(model).prompt_inputs(model, ids)
     counter = HostReadCounter()
-    with method_applied(model, m), torch.inference_mode(), counter:
+    with arm_applied(model, m), torch.inference_mode(), counter:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vision, **extra,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     assert out.shape[1] == ids.shape[1] + new_tokens

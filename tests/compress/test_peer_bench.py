@@ -4,18 +4,19 @@ timings), and the FLOP count of FastV's shorter later layers."""
 import pytest
 
 from focusvlm.bench import flops
-from focusvlm.bench.harness import BenchOptions, run_bench
-from focusvlm.bench.methods import parse_methods
+from focusvlm.bench.arms import parse_arms
+from focusvlm.bench.harness import run_bench
 from focusvlm.bench.report import markdown_tables, plot
+from focusvlm.bench.setup import BenchOptions
 from focusvlm.models.factory import llava_config
-from focusvlm.prune.fastv_method import FastVConfig, layer_positions
+from focusvlm.inhibit.fastv_method import FastVConfig, layer_positions
 
 EQUAL = "stock,vmtc:16,visionzip:16,prumerge:16,divprune:16,fastv:16,prumerge"
 
 
 @pytest.fixture(scope="module")
 def report():
-    opts = BenchOptions(preset="tiny", methods=parse_methods(EQUAL), batches=[2], prompt_tokens=8, new_tokens=3,
+    opts = BenchOptions(preset="tiny", methods=parse_arms(EQUAL), batches=[2], prompt_tokens=8, new_tokens=3,
                         repeats=1, warmup=0, progress=False)
     return run_bench(opts)
 

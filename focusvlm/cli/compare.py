@@ -22,17 +22,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from ..eval import registry
     from ..eval.ifreport import compare_generic
+    from ..eval.runs import benchmark_of_run
 
     for d in args.run_dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"run folder not found: {d}")
-    kinds = {registry.benchmark_of_run(d) for d in args.run_dirs}
+    kinds = {benchmark_of_run(d) for d in args.run_dirs}
     if len(kinds) > 1:
         raise ValueError(f"cannot compare runs of different benchmarks: {', '.join(sorted(kinds))}")
     names = args.names.split(",") if args.names else None
     if names is not None and len(names) != len(args.run_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.run_dirs)} folders")
-    from ..eval.runinfo import atomic_write_text, comparability_problems, load_scores
+    from ..eval.runs import atomic_write_text, comparability_problems
+    from ..eval.scoring import load_scores
 
     shown = names or [d.name for d in args.run_dirs]
     # scored first (or rescored when stale), so completeness is current

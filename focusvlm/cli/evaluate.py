@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..eval.engine import (MODES, GenerationSettings, HFGenerator, RunResult, build_manifest, check_manifest,
-                           process_state, run)
+from ..eval.engine import MODES, GenerationSettings, HFGenerator, RunResult, process_state, run
+from ..eval.runs import build_manifest, check_manifest
 from .common import add_model_args, focus_config_from_args, load_from_args, resolve_device_dtype
 
 
@@ -78,7 +78,8 @@ def _score(args: argparse.Namespace) -> int:
 
     if not args.run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {args.run_dir}")
-    from ..eval.runinfo import score_run, status_line
+    from ..eval.runs import status_line
+    from ..eval.scoring import score_run
 
     registry.get(args.benchmark)  # an unknown name fails here, before any file is read
     scores = score_run(args.run_dir, args, benchmark=args.benchmark)

@@ -13,33 +13,20 @@ list of :class:`Sample`::
 
 and the engine does the rest:
 
-* ``run_from_args(benchmark, args)``: what ``focusvlm eval NAME`` calls.
+* ``focusvlm.cli.evaluate.run_from_args(benchmark, args)``: what ``focusvlm eval NAME`` calls.
   Loads the model with ``focusvlm.cli.common`` (``--model/--config/--cmai/
   --device/--dtype``), shards across processes, runs, merges.
 * ``run(samples, generator, out_dir, manifest, settings)``: the same loop with
   an injected generator (tests pass a fake one; library users an
   :class:`HFGenerator`).
 
-Output folder ``out_dir``:
-
-* ``manifest.json``: model id, ``FocusConfig.to_dict()``, benchmark name and
-  fingerprint (e.g. the bench file's hash), generation settings, the resolved
-  dtype and the device type. A second run into the same folder resumes only if
-  these match; otherwise it refuses. Informational, updated on resume:
-  ``environment`` (device, library versions), ``samples`` (how many samples the
-  last call asked for and a hash of their ids: what ``runinfo`` measures
-  completeness against), ``resumed`` (the environments of later calls).
-* ``config.yaml``: the resolved FocusConfig (loadable with ``FocusConfig.load``).
-* ``predictions.jsonl``: one flushed line per sample, written as it goes:
-  ``{"id", "index", "prompt", "response", "error", "time_s", "batch_time_s",
-  "prompt_tokens", "new_tokens", "image_tokens", "mode", "meta"}`` (+ ``"description"`` in
-  describe-then-answer mode). ``error`` is null on success; an unreadable image
-  gives an error line and the run goes on. After the run the file holds one
-  line per sample in sample order.
-* with N processes (``accelerate launch -m focusvlm eval ...``), process i
-  takes samples ``index % N == i`` and writes ``predictions.shard{i}.jsonl``;
-  the main process merges them into ``predictions.jsonl`` at the end. A
-  resumed run (any process count) reads every shard and the merged file.
+Output: a run folder, in the format ``focusvlm.eval.runs`` defines and reads
+(manifest.json, config.yaml, predictions.jsonl written one flushed line per
+sample; with N processes (``accelerate launch -m focusvlm eval ...``) process
+i takes samples ``index % N == i`` and writes its own shard, merged at the
+end). A second run into the same folder resumes it if its manifest matches,
+and refuses otherwise. An unreadable image gives an error line and the run
+goes on.
 
 Modes: ``direct`` (image + prompt) and ``describe-then-answer`` (the model
 first describes the image, then answers from the description alone, text
@@ -48,50 +35,21 @@ only; ``Benchmark.answer_from_description`` shapes the second prompt).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from ..runtime import Generation, HFGenerator, load_image, to_messages
-from .runinfo import atomic_write_text
+from .runs import (CONFIG, ManifestMismatch, append_records, atomic_write_text, build_manifest, check_manifest,
+                   drop_torn_tail, existing_predictions, file_fingerprint, merge, predictions_file,
+                   read_jsonl_records, write_manifest)
+from .runs import INFO_KEYS, MANIFEST, PREDICTIONS, SHARD_PATTERN, environment  # noqa: F401 - re-exported: first home
+from .samples import Sample, default_answer_from_description
 
-MANIFEST = "manifest.json"
-PREDICTIONS = "predictions.jsonl"
-SHARD_PATTERN = "predictions.shard{}.jsonl"
 MODES = ("direct", "describe-then-answer")
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image in detail, including every object, any text, colors and positions."
-
-
-def default_answer_from_description(prompt: str, description: str) -> str:
-    """Text-only prompt of the second describe-then-answer step."""
-    return (f"Here is a description of an image:\n{description.strip()}\n\n"
-            f"Using only this description, respond to the following.\n{prompt}")
-
-
-@dataclass
-class Sample:
-    id: str
-    image: Any = None  # str | Path | PIL.Image.Image | None
-    prompt: str | list[dict] = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def prompt_text(self) -> str:
-        """The user-facing text of the prompt (recorded in predictions)."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        parts = []
-        for message in self.prompt:
-            content = message.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            else:
-                parts.extend(c.get("text", "") for c in content or [] if c.get("type") == "text")
-        return "\n".join(parts)
 
 
 @dataclass
@@ -123,117 +81,6 @@ class Generator(Protocol):
                  max_new_tokens: int) -> list[Generation]: ...
 
 
-class ManifestMismatch(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- helpers
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def read_jsonl_records(path: Path) -> list[dict]:
-    """Records of a predictions file. A torn last line (a killed writer) is dropped;
-    a broken line elsewhere is an error, because it means the file was edited."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-    return out
-
-
-def existing_predictions(out_dir: Path) -> dict[str, dict]:
-    """id -> record over the merged file and every shard file (later files win)."""
-    done: dict[str, dict] = {}
-    files = [out_dir / PREDICTIONS] + sorted(out_dir.glob(SHARD_PATTERN.format("*")))
-    for path in files:
-        for rec in read_jsonl_records(path):
-            done[str(rec["id"])] = rec
-    return done
-
-
-# manifest keys that describe a run without changing its answers: a resume may differ in them
-INFO_KEYS = ("created", "environment", "samples", "resumed")
-
-
-def check_manifest(out_dir: Path, manifest: dict) -> bool:
-    """True when resuming. Raises ManifestMismatch when the folder belongs to another run."""
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        if (out_dir / PREDICTIONS).is_file():
-            raise ManifestMismatch(f"{out_dir} holds predictions but no {MANIFEST}; use a fresh --out folder")
-        return False
-    old = json.loads(path.read_text())
-    diffs = [k for k in sorted(set(old) | set(manifest)) if k not in INFO_KEYS and old.get(k) != manifest.get(k)]
-    if not diffs:
-        return True
-    if set(diffs) <= {"dtype", "device_type"}:
-        # the same run on other hardware or precision: its answers would differ from the ones on disk
-        raise ManifestMismatch(
-            f"{out_dir} was run in {old.get('dtype')} on {old.get('device_type')}; this run would use "
-            f"{manifest.get('dtype')} on {manifest.get('device_type')}, and mixing them would mix results. Resume "
-            f"with --dtype {old.get('dtype')} --device {old.get('device_type')}, or use another --out folder.")
-    detail = "; ".join(f"{k}: folder has {json.dumps(old.get(k))}, this run {json.dumps(manifest.get(k))}"
-                       for k in diffs)
-    raise ManifestMismatch(f"{out_dir} holds a different run ({detail}). "
-                           "Use another --out folder to keep both results.")
-
-
-def environment(device: Any = None) -> dict[str, Any]:
-    """Where a run happens: the device (with its name on GPU) and the library versions."""
-    import platform
-
-    from .. import __version__
-
-    env: dict[str, Any] = {"focusvlm": __version__, "python": platform.python_version()}
-    for lib in ("torch", "transformers", "accelerate"):
-        try:
-            env[lib] = __import__(lib).__version__
-        except ImportError:
-            env[lib] = None
-    if device is not None:
-        env["device"] = str(device)
-        try:
-            import torch
-
-            dev = torch.device(device)
-            if dev.type == "cuda" and torch.cuda.is_available():
-                env["device_name"] = torch.cuda.get_device_name(dev)
-        except (ImportError, RuntimeError):
-            pass
-    return env
-
-
-def build_manifest(*, model: str, config: dict, benchmark: str, settings: GenerationSettings,
-                   fingerprint: Any = None, dtype: Any = None, device: Any = None) -> dict:
-    """The identity of a run (a resume must match it) plus its environment (informational).
-
-    ``dtype`` is the resolved dtype (``torch.float32`` or its name), never "auto": a run
-    resumed on other hardware in another precision must be refused, not mixed in.
-    """
-    dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
-    if dtype_name == "auto":
-        raise ValueError("build_manifest needs the resolved dtype (e.g. float32), not 'auto'")
-    device_type = None if device is None else str(device).split(":")[0]
-    return {"model": model, "config": config, "benchmark": benchmark, "benchmark_fingerprint": fingerprint,
-            "generation": settings.identity(), "dtype": dtype_name, "device_type": device_type,
-            "environment": environment(device)}
-
-
 # --------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -262,42 +109,15 @@ def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, ma
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"duplicate sample id {dup!r}: ids must be unique to resume")
     is_main = process_index == 0
-    # every process checks, so a mismatch fails everywhere rather than hanging the others at the barrier
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resuming = check_manifest(out_dir, manifest)
-    barrier()
-    if is_main:
-        _write_manifest(out_dir, manifest, ids, resuming)
-        if config_yaml is not None and not resuming:
-            atomic_write_text(out_dir / "config.yaml", config_yaml)
-    done = existing_predictions(out_dir)
-    wanted = set(ids)
-    kept_errors = [] if retry_errors else sorted((k for k, v in done.items() if v.get("error") and k in wanted),
-                                                 key=str)
-    if retry_errors:
-        done = {k: v for k, v in done.items() if not v.get("error")}
-    barrier()
-
+    resuming, done, kept_errors = _open_run(out_dir, manifest, ids, is_main=is_main, barrier=barrier,
+                                            retry_errors=retry_errors, config_yaml=config_yaml)
     mine = [(i, s) for i, s in enumerate(samples) if i % num_processes == process_index]
     pending = [(i, s) for i, s in mine if s.id not in done]
-    target = out_dir / (PREDICTIONS if num_processes == 1 else SHARD_PATTERN.format(process_index))
-    _drop_torn_tail(target)
-    errors = generated = 0
+    target = predictions_file(out_dir, process_index, num_processes)
+    drop_torn_tail(target)
     bar = _progress(len(pending), progress, process_index, num_processes)
-    with open(target, "a", encoding="utf-8") as sink:
-        for start in range(0, len(pending), settings.batch_size):
-            batch = pending[start:start + settings.batch_size]
-            for rec in _run_batch(batch, generator, settings, answer_from_description):
-                rec["shard"] = process_index
-                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                errors += bool(rec["error"])
-                generated += 1
-            sink.flush()
-            os.fsync(sink.fileno())
-            if bar is not None:
-                bar.update(len(batch))
-    if bar is not None:
-        bar.close()
+    generated, errors = _append_answers(target, pending, process_index, bar, generator, settings,
+                                        answer_from_description)
     barrier()
     if is_main:
         merge(out_dir, ids)
@@ -308,42 +128,49 @@ def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, ma
                      kept_errors=kept_errors, resumed=resuming)
 
 
-def _write_manifest(out_dir: Path, manifest: dict, ids: Sequence[str], resuming: bool) -> None:
-    """Create the manifest, or on resume record the (possibly new) sample set and this environment."""
-    from .runinfo import sample_set
+def _open_run(out_dir: Path, manifest: dict, ids: list[str], *, is_main: bool, barrier: Callable[[], None],
+              retry_errors: bool, config_yaml: str | None) -> tuple[bool, dict[str, dict], list[str]]:
+    """Check the folder (every process) and write its manifest and config (the main one).
 
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    if resuming:
-        data = json.loads((out_dir / MANIFEST).read_text())
-        if manifest.get("environment") and manifest["environment"] != data.get("environment"):
-            data.setdefault("resumed", []).append({"at": now, "environment": manifest["environment"]})
-    else:
-        data = {**manifest, "created": now}
-    data["samples"] = sample_set(ids)
-    atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=True))
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last line (a killed run) so appended records start on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        data = f.seek(0) or f.read()
-        f.truncate(data.rfind(b"\n") + 1)
-
-
-def merge(out_dir: Path, order: Sequence[str] | None = None) -> Path:
-    """Fold shard files into predictions.jsonl (sample order, one line per id) and remove them."""
+    Returns (resuming, id -> record of the samples already done, error rows kept as they were).
+    """
+    # every process checks, so a mismatch fails everywhere rather than hanging the others at the barrier
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resuming = check_manifest(out_dir, manifest)
+    barrier()
+    if is_main:
+        write_manifest(out_dir, manifest, ids, resuming)
+        if config_yaml is not None and not resuming:
+            atomic_write_text(out_dir / CONFIG, config_yaml)
     done = existing_predictions(out_dir)
-    position = {sid: n for n, sid in enumerate(order or [])}
-    records = sorted(done.values(), key=lambda r: (position.get(str(r["id"]), len(position)), r.get("index", 0)))
-    atomic_write_text(out_dir / PREDICTIONS, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
-    for shard in out_dir.glob(SHARD_PATTERN.format("*")):
-        shard.unlink()
-    return out_dir / PREDICTIONS
+    wanted = set(ids)
+    kept_errors = [] if retry_errors else sorted((k for k, v in done.items() if v.get("error") and k in wanted),
+                                                 key=str)
+    if retry_errors:
+        done = {k: v for k, v in done.items() if not v.get("error")}
+    barrier()
+    return resuming, done, kept_errors
+
+
+def _append_answers(target: Path, pending: list[tuple[int, Sample]], process_index: int, bar: Any,
+                    generator: Generator, settings: GenerationSettings,
+                    answer_from_description: Callable[[str, str], str]) -> tuple[int, int]:
+    """Answer ``pending`` batch by batch, each batch's records appended to ``target``; (generated, errors)."""
+    errors = generated = 0
+    with open(target, "a", encoding="utf-8") as sink:
+        for start in range(0, len(pending), settings.batch_size):
+            batch = pending[start:start + settings.batch_size]
+            records = _run_batch(batch, generator, settings, answer_from_description)
+            for rec in records:
+                rec["shard"] = process_index
+                errors += bool(rec["error"])
+                generated += 1
+            append_records(sink, records)
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return generated, errors
 
 
 def _progress(total: int, enabled: bool, process_index: int, num_processes: int):

@@ -32,7 +32,8 @@ from typing import Any
 from .benchmarks.common import read_jsonl
 from .instructions import ALL_IDS, CHECKERS, InstructionError, validate_kwargs
 from .registry import Benchmark
-from .runinfo import atomic_write_text
+from .runs import atomic_write_text, file_fingerprint
+from .samples import Sample
 
 # --------------------------------------------------------------------------- argument drawing
 # Ranges chosen for short answers about one image; every draw is stored in the bench file.
@@ -392,15 +393,11 @@ class IFBenchmark(Benchmark):
         parser.add_argument("--bench", type=Path, required=True, help="bench.jsonl from `focusvlm ifbench build`")
 
     def load_samples(self, args):
-        from .engine import Sample
-
         meta_keys = ("question_id", "task", "task_name", "instruction_id", "kwargs", "question")
         return [Sample(id=r["id"], image=r["image"], prompt=r["prompt"], meta={k: r.get(k) for k in meta_keys})
                 for r in read_bench(args.bench)]
 
     def fingerprint(self, args) -> Any:
-        from .engine import file_fingerprint
-
         return {"bench": file_fingerprint(args.bench)}
 
     def score(self, run_dir, args=None) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import instructions
-from .engine import MANIFEST, PREDICTIONS, read_jsonl_records
-from .runinfo import atomic_write_text, load_scores, status_line
+from .runs import MANIFEST, PREDICTIONS, atomic_write_text, read_jsonl_records, status_line
+from .scoring import load_scores
 
 
 def _task_order(key: str) -> tuple[int, str]:

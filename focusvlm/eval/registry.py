@@ -5,7 +5,8 @@ Adding a benchmark
 1. Write a module with a subclass of :class:`Benchmark` (keep its import
    light: no torch/transformers at module level, the CLI imports it to build
    its arguments) and an instance of it.
-2. Add one line to ``BUILTIN`` below: ``"name": "focusvlm.eval.mymod:BENCHMARK"``.
+2. Add one line to ``BUILTIN`` below: ``"name": "focusvlm.eval.mymod:BENCHMARK"``
+   (a plug-in calls ``register("name", BENCHMARK)`` instead).
 
 A Benchmark supplies samples (``load_samples``), scores a run folder
 (``score``), and optionally its own CLI arguments, a fingerprint of its data
@@ -16,11 +17,12 @@ default answer length and the second prompt of describe-then-answer.
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import Sample, default_answer_from_description
+from ..registry import Registry
+from .runs import benchmark_of_run  # noqa: F401 - re-exported: its first home
+from .samples import Sample, default_answer_from_description
 
 BUILTIN: dict[str, str] = {
     "if": "focusvlm.eval.ifbench:BENCHMARK",
@@ -31,7 +33,9 @@ BUILTIN: dict[str, str] = {
     "mmbench": "focusvlm.eval.benchmarks.mmbench:BENCHMARK",
 }
 
-_LOADED: dict[str, "Benchmark"] = {}
+# name -> a Benchmark, or (until first asked for) its "module:attribute"; the attribute may be a
+# Benchmark subclass, instantiated on first use
+BENCHMARKS: Registry[Any] = Registry("benchmark", lazy=BUILTIN)
 
 
 class Benchmark:
@@ -73,37 +77,32 @@ class Benchmark:
 
 
 def register(name: str, target: "Benchmark | str") -> None:
-    """Add a benchmark at run time: an instance, or a lazy "module:attribute" path."""
-    if isinstance(target, Benchmark):
-        _LOADED[name] = target
-    BUILTIN[name] = target if isinstance(target, str) else f"<registered {type(target).__name__}>"
+    """Add a benchmark at run time: an instance, or a lazy "module:attribute" path. A taken name is replaced."""
+    BENCHMARKS.remove(name)
+    if isinstance(target, str):
+        BENCHMARKS.add_lazy(name, target)
+    else:
+        BENCHMARKS.add(name, target)
 
 
 def names() -> list[str]:
-    return sorted(BUILTIN)
+    """Every benchmark name, sorted (the order of `focusvlm eval --help`)."""
+    return sorted(BENCHMARKS.names())
 
 
 def get(name: str) -> Benchmark:
-    if name in _LOADED:
-        return _LOADED[name]
-    if name not in BUILTIN:
+    """The benchmark registered as ``name``, imported (and a registered class instantiated) on first use."""
+    if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(names())}")
-    module, _, attr = BUILTIN[name].partition(":")
-    obj = getattr(importlib.import_module(module), attr)
-    bench = obj() if isinstance(obj, type) else obj
-    if not isinstance(bench, Benchmark):
-        raise TypeError(f"{BUILTIN[name]} is not a focusvlm.eval.registry.Benchmark")
+    obj = BENCHMARKS.get(name)
+    if isinstance(obj, Benchmark):
+        bench = obj
+    elif isinstance(obj, type) and issubclass(obj, Benchmark):
+        bench = obj()
+        BENCHMARKS.remove(name)
+        BENCHMARKS.add(name, bench)  # the instance from now on
+    else:
+        raise TypeError(f"benchmark {name!r} ({obj!r}) is not a focusvlm.eval.registry.Benchmark")
     if not bench.name:
         bench.name = name
-    _LOADED[name] = bench
     return bench
-
-
-def benchmark_of_run(run_dir: Path) -> str:
-    """The benchmark name recorded in a run folder's manifest."""
-    import json
-
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no manifest.json; is this a `focusvlm eval` output folder?")
-    return json.loads(path.read_text())["benchmark"]

@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .runs import atomic_write_text, comparability_problems, completeness_marker, is_run_dir, read_manifest
+from .scoring import load_scores
+
 COLUMNS = ("IF", "VQAv2", "GQA", "TextVQA", "MME", "MMBench")
 # benchmark name -> (column, summary key, scale): the number the paper reports
 HEADLINE = {
@@ -41,16 +44,12 @@ def _method(config: dict) -> str:
 
 def load_run(run_dir: Path) -> tuple[dict, dict]:
     """(manifest, scores) of a run folder; scored (or rescored, when stale) as needed."""
-    from .runinfo import load_scores, read_manifest
-
     manifest = read_manifest(Path(run_dir))
     return manifest, load_scores(Path(run_dir))
 
 
 def build(run_dirs: list[Path]) -> dict[str, Any]:
     """Rows of Table 2. Folders that are not runs (a compare output, say) are skipped and listed."""
-    from .runinfo import completeness_marker, is_run_dir
-
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     skipped: list[str] = []
     for d in run_dirs:
@@ -87,8 +86,6 @@ def build(run_dirs: list[Path]) -> dict[str, Any]:
 
 def _column_mismatches(table: dict[str, Any]) -> dict[str, list[str]]:
     """Per column, why its cells are not like for like across rows (other data, settings or samples)."""
-    from .runinfo import comparability_problems
-
     out: dict[str, list[str]] = {}
     for column in table["columns"]:
         cells = [(r, r["completeness"][column]) for r in table["rows"] if column in r["completeness"]]
@@ -135,8 +132,6 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def report(run_dirs: list[Path], out: Path | None = None) -> str:
-    from .runinfo import atomic_write_text
-
     table = build(run_dirs)
     text = markdown(table)
     if out is not None:

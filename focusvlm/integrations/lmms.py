@@ -119,100 +119,123 @@ def process_world(accelerator: Any = None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def process_device(device: str | None, rank: int, world_size: int) -> str | None:
+    """The device of this process: ``cuda:<local rank>`` (or the CPU) unless one was named.
+
+    A bare ``cuda`` under several processes is made per-process as well."""
+    import torch
+
+    if device is None or (world_size > 1 and str(device) == "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_focus_model(pretrained: str, focus_config: str | None, device: str, dtype: str | None):
+    """(device, FocusConfig, model, HFGenerator): the checkpoint loaded and patched with the focus config file."""
+    from ..api import patch
+    from ..config import FocusConfig
+    from ..runtime import HFGenerator, load_model, resolve_device_dtype
+
+    device, dt = resolve_device_dtype(str(device), dtype)
+    config = FocusConfig.load(focus_config) if focus_config else FocusConfig()
+    model, processor = load_model(pretrained, device, dt)
+    if not config.is_stock:
+        patch(model, config, processor)
+    return device, config, model, HFGenerator(model, processor)
+
+
+def generation_batches(settings: Sequence[tuple[int, tuple[str, ...]]],
+                       batch_size: int) -> list[tuple[int, tuple[str, ...], list[int]]]:
+    """(max_new_tokens, stops, request indices) batches of at most ``batch_size`` requests.
+
+    One batch holds requests with the same answer length and stop strings, so none gets more
+    tokens (or other stops) than it asked for; groups come in order of first appearance."""
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    for i, key in enumerate(settings):
+        groups.setdefault(key, []).append(i)
+    return [(max_new, stops, idx[start:start + batch_size])
+            for (max_new, stops), idx in groups.items() for start in range(0, len(idx), batch_size)]
+
+
+class _FocusVLMModel:
+    """What FocusVLMLmms does; ``_build_class`` puts lmms-eval's base class under it when lmms-eval asks."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "demo", focus_config: str | None = None, device: str | None = None,
+                 dtype: str | None = None, batch_size: int | str = 1, max_new_tokens: int = 128,
+                 max_batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__()  # lmms-eval's lmms
+        if kwargs:
+            raise ValueError(f"focusvlm lmms model: unknown model_args {sorted(kwargs)}; "
+                             f"known: {', '.join(MODEL_ARGS)}")
+        from accelerate import Accelerator
+
+        # the evaluator reads .accelerator, .device, .rank and .world_size to shard documents and
+        # gather results. The process group is the truth: on a CPU-only machine under torchrun,
+        # accelerate's state reports a single process although the group has several
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = process_world(self.accelerator)
+        device = process_device(device, self._rank, self._world_size)
+        self._device, self.focus_config, self._model, self.generator = load_focus_model(
+            pretrained, focus_config, device, dtype)
+        self.batch_size_per_gpu = int(batch_size)
+        self.default_max_new_tokens = int(max_new_tokens)
+        self._warned: set[str] = set()
+        if self._rank == 0:
+            print(f"focusvlm lmms model: {pretrained} with {self.focus_config.describe()} on "
+                  f"{self._world_size} process(es)", file=sys.stderr)
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def _request(self, req) -> tuple[str, list, int, tuple[str, ...]]:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        images = request_images(doc_to_visual(doc) if doc_to_visual is not None else None)
+        # the chat template places the images; a literal <image> marker in the text would be a second copy
+        text = context.replace("<image>", "").strip() if images else context
+        max_new, stops = greedy_settings(gen_kwargs, self.default_max_new_tokens, self._warned)
+        return text, images, max_new, stops
+
+    def generate_until(self, requests) -> list[str]:
+        from tqdm import tqdm
+
+        items = [self._request(req) for req in requests]  # refuse bad settings before generating anything
+        out: list[str | None] = [None] * len(items)
+        bar = tqdm(total=len(items), disable=self._rank != 0, desc="focusvlm")
+        for max_new, stops, chunk in generation_batches([item[2:] for item in items], self.batch_size_per_gpu):
+            gens = self.generator.generate([items[i][0] for i in chunk], [items[i][1] for i in chunk],
+                                           max_new, stop=list(stops))
+            for i, g in zip(chunk, gens):
+                out[i] = g.text
+                self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), g.text)
+            bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("focusvlm's lmms-eval model supports generation tasks only")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("focusvlm's lmms-eval model supports single-round generation only")
+
+
 def _build_class():
     from lmms_eval.api.model import lmms
 
-    class FocusVLMLmms(lmms):
+    class FocusVLMLmms(_FocusVLMModel, lmms):
         """lmms-eval "simple" model around a focusvlm-patched model (greedy, left-padded batches)."""
-
-        is_simple = True
-
-        def __init__(self, pretrained: str = "demo", focus_config: str | None = None, device: str | None = None,
-                     dtype: str | None = None, batch_size: int | str = 1, max_new_tokens: int = 128,
-                     max_batch_size: int | None = None, **kwargs: Any) -> None:
-            super().__init__()
-            if kwargs:
-                raise ValueError(f"focusvlm lmms model: unknown model_args {sorted(kwargs)}; "
-                                 f"known: {', '.join(MODEL_ARGS)}")
-            import torch
-            from accelerate import Accelerator
-
-            from ..api import patch
-            from ..config import FocusConfig
-            from ..runtime import HFGenerator, load_model, resolve_device_dtype
-
-            # the evaluator reads .accelerator, .device, .rank and .world_size to shard documents and
-            # gather results. The process group is the truth: on a CPU-only machine under torchrun,
-            # accelerate's state reports a single process although the group has several
-            self.accelerator = Accelerator()
-            self._rank, self._world_size = process_world(self.accelerator)
-            if device is None or (self._world_size > 1 and str(device) == "cuda"):
-                local = int(os.environ.get("LOCAL_RANK", self._rank))
-                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-            self._device, dt = resolve_device_dtype(str(device), dtype)
-            self.focus_config = FocusConfig.load(focus_config) if focus_config else FocusConfig()
-            model, processor = load_model(pretrained, self._device, dt)
-            if not self.focus_config.is_stock:
-                patch(model, self.focus_config, processor)
-            self._model = model
-            self.generator = HFGenerator(model, processor)
-            self.batch_size_per_gpu = int(batch_size)
-            self.default_max_new_tokens = int(max_new_tokens)
-            self._warned: set[str] = set()
-            if self._rank == 0:
-                print(f"focusvlm lmms model: {pretrained} with {self.focus_config.describe()} on "
-                      f"{self._world_size} process(es)", file=sys.stderr)
-
-        @property
-        def device(self):
-            return self._device
-
-        @property
-        def model(self):
-            return self._model
-
-        @property
-        def batch_size(self) -> int:
-            return self.batch_size_per_gpu
-
-        def _request(self, req) -> tuple[str, list, int, tuple[str, ...]]:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            doc = self.task_dict[task][split][doc_id]
-            images = request_images(doc_to_visual(doc) if doc_to_visual is not None else None)
-            # the chat template places the images; a literal <image> marker in the text would be a second copy
-            text = context.replace("<image>", "").strip() if images else context
-            max_new, stops = greedy_settings(gen_kwargs, self.default_max_new_tokens, self._warned)
-            return text, images, max_new, stops
-
-        def generate_until(self, requests) -> list[str]:
-            from tqdm import tqdm
-
-            items = [self._request(req) for req in requests]  # refuse bad settings before generating anything
-            out: list[str | None] = [None] * len(items)
-            # one batch holds requests with the same answer length and stop strings, so none gets
-            # more tokens (or other stops) than it asked for
-            groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-            for i, (_, _, max_new, stops) in enumerate(items):
-                groups.setdefault((max_new, stops), []).append(i)
-            bar = tqdm(total=len(items), disable=self._rank != 0, desc="focusvlm")
-            for (max_new, stops), idx in groups.items():
-                for start in range(0, len(idx), self.batch_size_per_gpu):
-                    chunk = idx[start:start + self.batch_size_per_gpu]
-                    gens = self.generator.generate([items[i][0] for i in chunk], [items[i][1] for i in chunk],
-                                                   max_new, stop=list(stops))
-                    for i, g in zip(chunk, gens):
-                        out[i] = g.text
-                        self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]),
-                                                    g.text)
-                    bar.update(len(chunk))
-            bar.close()
-            return out  # type: ignore[return-value]
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError("focusvlm's lmms-eval model supports generation tasks only")
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError("focusvlm's lmms-eval model supports single-round generation only")
 
     FocusVLMLmms.__module__ = __name__
     FocusVLMLmms.__qualname__ = "FocusVLMLmms"

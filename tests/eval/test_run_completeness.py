@@ -9,7 +9,8 @@ from pathlib import Path
 
 from focusvlm.cli import main
 from focusvlm.eval.engine import Generation, GenerationSettings, Sample, build_manifest, run
-from focusvlm.eval.runinfo import comparability_problems, load_scores, run_status, status_line
+from focusvlm.eval.runs import comparability_problems, run_status, status_line
+from focusvlm.eval.scoring import load_scores
 
 ASSETS = Path(__file__).resolve().parents[2] / "focusvlm" / "assets"
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..runs import MANIFEST, PREDICTIONS, REPORT, SCORES, atomic_write_text, file_fingerprint, read_jsonl_records
+
 # LLaVA-1.5's evaluation prompts (its question files and lmms-eval's "llava" prompt kwargs).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MME_YES_NO = " Please answer yes or no."
@@ -145,8 +147,6 @@ def add_prompt_arg(parser: argparse.ArgumentParser, default: str) -> None:
 # --------------------------------------------------------------------------- run folders
 
 def predictions(run_dir: Path) -> list[dict]:
-    from ..engine import PREDICTIONS, read_jsonl_records
-
     path = Path(run_dir) / PREDICTIONS
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {PREDICTIONS}; run `focusvlm eval` first")
@@ -159,17 +159,15 @@ def response_text(rec: dict) -> str:
 
 
 def manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / "manifest.json"
+    path = Path(run_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_scores(run_dir: Path, benchmark: str, summary: dict, details: dict, report_lines: list[str]) -> dict:
     """scores.json (the registry convention) + report.md (what `focusvlm score` prints)."""
-    from ..runinfo import atomic_write_text
-
     scores = {"benchmark": benchmark, "summary": summary, **details}
-    atomic_write_text(Path(run_dir) / "scores.json", json.dumps(scores, indent=2, sort_keys=True))
-    atomic_write_text(Path(run_dir) / "report.md", "\n".join(report_lines) + "\n")
+    atomic_write_text(Path(run_dir) / SCORES, json.dumps(scores, indent=2, sort_keys=True))
+    atomic_write_text(Path(run_dir) / REPORT, "\n".join(report_lines) + "\n")
     return scores
 
 
@@ -184,6 +182,4 @@ def write_accuracy(run_dir: Path, benchmark: str, title: str, recs: list[dict], 
 
 def fingerprint_files(*paths: Path | None) -> dict:
     """Hashes of the question/answer files (image folders are too large to hash)."""
-    from ..engine import file_fingerprint
-
     return {p.name: file_fingerprint(p) for p in paths if p is not None and p.is_file()}

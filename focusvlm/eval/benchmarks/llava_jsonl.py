@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..engine import Sample
 from ..registry import Benchmark
+from ..samples import Sample
 from . import common
 from .common import DataError
 

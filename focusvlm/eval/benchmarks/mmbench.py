@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import scorers
-from ..engine import Sample
 from ..registry import Benchmark
+from ..samples import Sample
 from . import common
 from .common import DataError
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .models.demo import DEMO_NAMES  # the models that need no download (a light import: no torch)
+
 DEMO = "demo"
-# the models that need no download (models.factory.DEMO_MODELS; listed here so that no torch is imported)
-DEMO_NAMES = ("demo", "demo-focus", "demo-random")
 
 
 class ModelLoadError(RuntimeError):
@@ -148,7 +148,7 @@ def load_model(source: str, device: Any = None, dtype: Any = None, *, device_map
     in the local cache only, so it fails in seconds rather than after the hub client's retries.
     """
     if source in DEMO_NAMES:
-        from .models.factory import load_named_demo
+        from .models.demo.load import load_named_demo
 
         dev, dt = resolve_device_dtype(None if device is None else str(device), dtype)
         model, processor = load_named_demo(source)

@@ -35,6 +35,6 @@ def _no_deprecated_calls():
 @pytest.fixture(scope="session")
 def demo():
     """The random-vision demo model (model, processor) (`demo-random`); built once per machine, cached after."""
-    from focusvlm.models.factory import random_demo_model
+    from focusvlm.models.demo.load import random_demo_model
 
     return random_demo_model()

@@ -19,7 +19,7 @@ from pathlib import Path
 from focusvlm.config import FocusConfig
 from focusvlm.demo import data as D
 from focusvlm.demo import evaluate as E
-from focusvlm.models.factory import demo_focus_config_path
+from focusvlm.models.demo import demo_focus_config_path
 from focusvlm.runtime import load_model
 
 ROWS = (("stock twin", "demo", False), ("VMTC+CMAI-trained twin", "demo-focus", True),

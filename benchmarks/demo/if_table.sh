@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:?output folder}
 N=${2:-20}
-FOCUS=$(python -c "from focusvlm.models.factory import demo_focus_config_path as p; print(p())")
+FOCUS=$(python -c "from focusvlm.models.demo import demo_focus_config_path as p; print(p())")
 mkdir -p "$OUT"
 python - "$OUT/questions.jsonl" <<'PY'
 import json, sys

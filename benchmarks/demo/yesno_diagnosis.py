@@ -167,7 +167,7 @@ def cmd_continue(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if (Path(args.model) / "demo.json").is_file():  # a packed twin from a recipe run's ship/<twin>
-        from focusvlm.demo.build import load_demo
+        from focusvlm.models.demo.load import load_demo
         twin, processor = load_demo(args.model)
     else:
         twin, processor = load_model(args.model, "cpu", "float32")

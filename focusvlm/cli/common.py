@@ -110,7 +110,7 @@ def load_from_args(args: argparse.Namespace, patch_model: bool = True,
 
     device, dtype = resolve_device_dtype(getattr(args, "device", None), getattr(args, "dtype", None))
     if args.model == "demo-random":
-        from ..models.factory import demo_cache_dir, is_complete
+        from ..models.demo.cache import demo_cache_dir, is_complete
 
         if not is_complete(demo_cache_dir()):
             print("building the random-vision demo model once (cached after)...", file=sys.stderr)

@@ -63,7 +63,7 @@ def _rows(args: argparse.Namespace):
     cmai = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai))
     both = FocusConfig(cmai=CMAIConfig(gamma_max=args.cmai), vmtc=VMTCConfig(target=args.vmtc))
     if args.model == "demo":
-        from ..models.factory import demo_focus_config_path
+        from ..models.demo import demo_focus_config_path
 
         stock, sp = load_model("demo", device, dtype)
         rows = [("stock", stock, sp, FocusConfig()), (f"CMAI at inference ({cmai.describe()})", stock, sp, cmai)]

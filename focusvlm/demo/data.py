@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..models import IMAGE_TOKEN
+
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("no", "yes")
@@ -36,7 +38,6 @@ SPLITS = ("train", "test")
 # LLaVA-1.5's instruction for short-answer VQA data (VQAv2, GQA); also used at evaluation
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Describe the image briefly."
-IMAGE_TOKEN = "<image>"
 
 # stage-1 captions: one per image, the template drawn per image (several phrasings, so the projector
 # learns to carry colour and shape rather than one fixed sentence)

@@ -14,7 +14,7 @@ continues where it stopped):
    ``focusvlm.train.train`` - the same code as ``focusvlm train``.
    After the stock twin a quick accuracy check on ``check_sample`` test questions fails the run early
    when training went wrong (``check_floor``), before the second twin spends its time.
-5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors; ``build.pack_demo``);
+5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors; ``models.demo.ship.pack_demo``);
    with ``ship_to`` they are copied into the package (``focusvlm/assets/demo_model``).
 
 ``times.json`` records every step's wall time; ``recipe.json`` the settings.
@@ -30,14 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import build as B
+from ..models.demo import DEMO_WEIGHTS_DIR
+from ..models.demo.ship import META_FILE
 from . import data as D
 from .tower import TowerRecipe, pretrain_tower
 
 TWINS = ("stock", "focus")
 # the paper's training setting, scaled to the demo: half the 64 patch tokens, CMAI's default schedule
 FOCUS_TWIN = {"vmtc": {"target": 0.5}, "cmai": {"gamma_max": 0.6}}
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+PACKAGE_DIR = DEMO_WEIGHTS_DIR  # where the shipped twins go (what load("demo") reads)
 
 
 class DemoRecipeError(RuntimeError):
@@ -152,7 +153,9 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     image_folder = files["image_folder"]
 
     def save_base() -> None:
-        model, processor = B.build_trainable(out / "tower", seed=recipe.seed)
+        from ..models.demo.assemble import build_trainable
+
+        model, processor = build_trainable(out / "tower", seed=recipe.seed)
         model.save_pretrained(out / "base")
         processor.save_pretrained(out / "base")
 
@@ -169,7 +172,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
             stage="finetune", data=files["instruct"], image_folder=image_folder, output_dir=ft, model=str(pt),
             focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress))
         ship = out / "ship" / twin
-        timed(f"{twin} pack", ship / B.META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
+        timed(f"{twin} pack", ship / META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
         if twin == "stock" and recipe.check_sample:
             timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
@@ -185,12 +188,13 @@ def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: An
           times: dict[str, float]) -> None:
     import torch
 
+    from ..models.demo.ship import pack_demo, read_peft_adapter
     from ..runtime import load_model
 
     # the untrained model in fp32: its tower and LM are exactly what load_demo rebuilds (the trained
     # projector comes from the adapter, which holds stage 2's copy of it)
     base, _ = load_model(str(pretrain_dir.parent.parent / "base"), "cpu", torch.float32)
-    pairs, scale, projector = B.read_peft_adapter(finetune_dir / "adapter")
+    pairs, scale, projector = read_peft_adapter(finetune_dir / "adapter")
     if not projector:
         raise DemoRecipeError(f"{finetune_dir / 'adapter'} holds no projector weights: stage 2 did not train it")
     summary = {stage: json.loads((d / "train_summary.json").read_text())
@@ -198,16 +202,16 @@ def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: An
     info = {"twin": twin, "focus_config": cfg.to_dict(), "recipe": asdict(recipe),
             "training": {k: {"steps": v["steps"], "samples": v["samples"], "final_loss": v["final_loss"],
                              "runtime_s": v["runtime_s"]} for k, v in summary.items()}}
-    B.pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info,
-                lora_dtype=torch.float16)
+    pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info, lora_dtype=torch.float16)
     if not cfg.is_stock:
         cfg.save(ship / "focus_config.yaml")
 
 
 def _check(out: Path, ship: Path, recipe: DemoRecipe, say: Callable[[str], None]) -> None:
+    from ..models.demo.load import load_demo
     from .evaluate import evaluate
 
-    model, processor = B.load_demo(ship)
+    model, processor = load_demo(ship)
     items = D.test_items(recipe.check_sample, seed=recipe.seed + 1)  # not the reported sample's seed
     report = evaluate(model, processor, items, batch_size=16, max_new_tokens=3)
     say(f"demo recipe: stock twin on {report.n} test questions: {report.accuracy:.1%} "
@@ -224,7 +228,7 @@ def install(ship_root: Path, package_dir: Path = PACKAGE_DIR) -> None:
     """Copy ``ship/<twin>/`` folders into the package's demo-model folder (what ``load("demo")`` reads)."""
     for twin in TWINS:
         src = ship_root / twin
-        if not (src / B.META_FILE).is_file():
+        if not (src / META_FILE).is_file():
             raise DemoRecipeError(f"{src} holds no packed twin; run the recipe first")
         dst = package_dir / twin
         dst.mkdir(parents=True, exist_ok=True)

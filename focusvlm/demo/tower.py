@@ -1,6 +1,6 @@
 """CLIP-style pretraining of the demo's vision tower on easy-VQA, so it plays the role CLIP plays in LLaVA.
 
-The tower (``models.demo_llava.TOWER``: CLIP architecture, 64x64 input, 8-pixel patches, CLS kept)
+The tower (``models.demo.vision.TOWER``: CLIP architecture, 64x64 input, 8-pixel patches, CLS kept)
 is trained from scratch with a contrastive image-text objective against a tiny CLIP text encoder
 over a word vocabulary. Captions are built from each training image's (colour, shape) as its
 questions state them (``data.image_labels``): full captions ("A red circle on a plain
@@ -16,7 +16,7 @@ Checks, on the 1,000 test images:
 * zero-shot caption retrieval: colour (8 prompts), shape (3), both (24), from the pooled CLS;
 * a linear probe on the features LLaVA actually reads (encoder layer -2, the 64 patch tokens
   mean- and max-pooled), trained on the train images.
-Only the vision tower and its image processor are saved (``models.demo_llava.save_tower``).
+Only the vision tower and its image processor are saved (``models.demo.vision.save_tower``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..models.demo import vision as V
 from . import data as D
 
 PAD, EOS = "<pad>", "<eos>"
@@ -61,7 +62,7 @@ class TowerRecipe:
     train_images: int | None = None  # None = all 4,000
     test_images: int | None = None   # None = all 1,000 (fewer only for quick checks)
     probe_steps: int = 300
-    tower: dict[str, Any] = field(default_factory=dict)  # overrides of models.demo_llava.TOWER
+    tower: dict[str, Any] = field(default_factory=dict)  # overrides of models.demo.vision.TOWER
     threads: int | None = None  # torch threads; 1 is faster than 2 when other jobs share the two cores
 
 
@@ -306,15 +307,51 @@ def _lr_at(step: int, total: int, recipe: TowerRecipe) -> float:
 def pretrain_tower(out_dir: str | Path, recipe: TowerRecipe | None = None,
                    log: Callable[[str], None] = print) -> TowerReport:
     """Train the tower contrastively, evaluate it, save it (+ ``tower_report.json``) into ``out_dir``."""
-    from ..models import demo_llava as M
-
     recipe = recipe or TowerRecipe()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     start, cpu_start = time.time(), time.process_time()
-    vision_config = M.tower_config(**recipe.tower)
-    processor = M.tower_image_processor(vision_config.image_size)
+    vision_config = V.tower_config(**recipe.tower)
+    processor = V.tower_image_processor(vision_config.image_size)
     vocab = WordVocab()
+    pictures = _load_pictures(recipe, processor)
+    log(f"tower: {len(pictures.train_px)} train / {len(pictures.test_px)} test images loaded in "
+        f"{time.time() - start:.1f} s")
+    clip = V.contrastive_clip(vision_config, vocab_size=len(vocab.words), eos_token_id=vocab.ids[EOS],
+                              pad_token_id=vocab.ids[PAD], max_words=vocab.max_words, seed=recipe.seed)
+    losses, train_seconds = _train(clip, vocab, pictures, processor, recipe, log, cpu_start)
+    scores = zero_shot(clip, vocab, pictures.test_px, pictures.test_y)
+    tower = V.clip_vision_part(clip)
+    probe = linear_probe(llava_features(tower, pictures.train_px), pictures.train_y,
+                         llava_features(tower, pictures.test_px), pictures.test_y,
+                         steps=recipe.probe_steps, seed=recipe.seed)
+    out_dir = Path(out_dir)
+    V.save_tower(tower, processor, out_dir)
+    n_params = sum(p.numel() for p in tower.parameters())
+    per_epoch = _steps_per_epoch(pictures, recipe)
+    report = TowerReport(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu_start, 1),
+                         seconds_per_epoch=round(train_seconds / recipe.epochs, 1),
+                         tower_parameters=n_params, tower_bytes_fp32=4 * n_params, steps=len(losses),
+                         loss_first=round(losses[0], 4), loss_last=round(sum(losses[-per_epoch:]) / per_epoch, 4),
+                         zero_shot=scores, probe_layer_minus_2=probe, recipe=asdict(recipe),
+                         threads=torch.get_num_threads())
+    (out_dir / "tower_report.json").write_text(json.dumps(asdict(report), indent=1))
+    log(f"tower: zero-shot test accuracy {scores}; layer -2 probe {probe}; saved to {out_dir}")
+    return report
+
+
+@dataclass
+class _Pictures:
+    """The training pictures as pixel_values, their labels and paint layers (to repaint them); the test pictures."""
+    train_px: torch.Tensor
+    train_y: torch.Tensor
+    train_bg: torch.Tensor
+    train_alpha: torch.Tensor
+    test_px: torch.Tensor
+    test_y: torch.Tensor
+
+
+def _load_pictures(recipe: TowerRecipe, processor) -> _Pictures:
     train_ids = None
     if recipe.train_images is not None:
         train_ids = sorted({it.image_id for it in D.train_subset(D.read_split("train"), recipe.train_images,
@@ -324,72 +361,72 @@ def pretrain_tower(out_dir: str | Path, recipe: TowerRecipe | None = None,
     train_px = normalize(train_raw, processor)
     test_ids = None if recipe.test_images is None else list(range(recipe.test_images))
     test_px, test_y, _ = load_split_pixels("test", processor, test_ids)
-    log(f"tower: {len(train_px)} train / {len(test_px)} test images loaded in {time.time() - start:.1f} s")
+    return _Pictures(train_px, train_y, train_bg, train_alpha, test_px, test_y)
 
-    clip = M.contrastive_clip(vision_config, vocab_size=len(vocab.words), eos_token_id=vocab.ids[EOS],
-                              pad_token_id=vocab.ids[PAD], max_words=vocab.max_words, seed=recipe.seed)
+
+def _steps_per_epoch(pictures: _Pictures, recipe: TowerRecipe) -> int:
+    return math.ceil(len(pictures.train_px) / recipe.batch_size)
+
+
+def _train(clip, vocab: WordVocab, pictures: _Pictures, processor, recipe: TowerRecipe, log: Callable[[str], None],
+           cpu_start: float) -> tuple[list[float], float]:
+    """Contrastive training of ``clip`` in place: (the loss of every step, the seconds it took)."""
     decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr)
     gen = torch.Generator().manual_seed(recipe.seed)
     rng = random.Random(f"{recipe.seed}/captions")
-    per_epoch = math.ceil(len(train_px) / recipe.batch_size)
+    per_epoch = _steps_per_epoch(pictures, recipe)
     total = per_epoch * recipe.epochs
     losses: list[float] = []
     train_start = time.time()
-    step = 0
     for epoch in range(recipe.epochs):
         clip.train()
-        order = torch.randperm(len(train_px), generator=gen)
+        order = torch.randperm(len(pictures.train_px), generator=gen)
         for k in range(0, len(order), recipe.batch_size):
-            idx = order[k:k + recipe.batch_size]
-            px, y = train_px[idx], train_y[idx].clone()
-            if recipe.repaint:
-                # the same geometry in other colours: shape features must not depend on the colour
-                chosen = torch.rand(len(idx), generator=gen) < recipe.repaint
-                new = torch.randint(0, len(D.COLORS), (len(idx),), generator=gen)
-                y[chosen, 0] = new[chosen]
-                painted = normalize(repaint(train_bg[idx], train_alpha[idx], y[:, 0]), processor)
-                px = torch.where(chosen[:, None, None, None], painted, px)
-            if recipe.flip:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                px = torch.where(flip[:, None, None, None], px.flip(-1), px)
-            if recipe.shift:
-                px = random_shift(px, recipe.shift, gen)
-            drawn = [draw_caption(int(c), int(s), rng, recipe.full_caption_share, recipe.shape_caption_share)
-                     for c, s in y.tolist()]
-            ids, mask = vocab.encode([d[0] for d in drawn])
-            attrs = torch.tensor([[d[1], d[2]] for d in drawn])
+            px, y = _augmented_batch(pictures, order[k:k + recipe.batch_size], processor, recipe, gen)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, recipe)
-            out = clip(input_ids=ids, attention_mask=mask, pixel_values=px)
-            loss = soft_clip_loss(out.logits_per_image, caption_matches(y, attrs))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
-            losses.append(loss.item())
-            step += 1
-        quick = zero_shot(clip, vocab, test_px[:200], test_y[:200])
+                group["lr"] = _lr_at(len(losses), total, recipe)
+            losses.append(_step(clip, opt, vocab, px, y, rng, recipe))
+        quick = zero_shot(clip, vocab, pictures.test_px[:200], pictures.test_y[:200])
         log(f"tower: epoch {epoch + 1}/{recipe.epochs} loss {sum(losses[-per_epoch:]) / per_epoch:.4f} "
             f"zero-shot on 200 test images {', '.join(f'{k} {v:.3f}' for k, v in quick.items())} "
             f"({time.time() - train_start:.0f} s, cpu {time.process_time() - cpu_start:.0f} s)")
-    train_seconds = time.time() - train_start
-    scores = zero_shot(clip, vocab, test_px, test_y)
-    tower = M.clip_vision_part(clip)
-    probe = linear_probe(llava_features(tower, train_px), train_y, llava_features(tower, test_px), test_y,
-                         steps=recipe.probe_steps, seed=recipe.seed)
-    out_dir = Path(out_dir)
-    M.save_tower(tower, processor, out_dir)
-    n_params = sum(p.numel() for p in tower.parameters())
-    report = TowerReport(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu_start, 1),
-                         seconds_per_epoch=round(train_seconds / recipe.epochs, 1),
-                         tower_parameters=n_params, tower_bytes_fp32=4 * n_params, steps=step,
-                         loss_first=round(losses[0], 4), loss_last=round(sum(losses[-per_epoch:]) / per_epoch, 4),
-                         zero_shot=scores, probe_layer_minus_2=probe, recipe=asdict(recipe),
-                         threads=torch.get_num_threads())
-    (out_dir / "tower_report.json").write_text(json.dumps(asdict(report), indent=1))
-    log(f"tower: zero-shot test accuracy {scores}; layer -2 probe {probe}; saved to {out_dir}")
-    return report
+    return losses, time.time() - train_start
+
+
+def _augmented_batch(pictures: _Pictures, idx: torch.Tensor, processor, recipe: TowerRecipe,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, labels) of the training pictures ``idx``, repainted, flipped and shifted as the recipe says."""
+    px, y = pictures.train_px[idx], pictures.train_y[idx].clone()
+    if recipe.repaint:
+        # the same geometry in other colours: shape features must not depend on the colour
+        chosen = torch.rand(len(idx), generator=gen) < recipe.repaint
+        new = torch.randint(0, len(D.COLORS), (len(idx),), generator=gen)
+        y[chosen, 0] = new[chosen]
+        painted = normalize(repaint(pictures.train_bg[idx], pictures.train_alpha[idx], y[:, 0]), processor)
+        px = torch.where(chosen[:, None, None, None], painted, px)
+    if recipe.flip:
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        px = torch.where(flip[:, None, None, None], px.flip(-1), px)
+    if recipe.shift:
+        px = random_shift(px, recipe.shift, gen)
+    return px, y
+
+
+def _step(clip, opt, vocab: WordVocab, px: torch.Tensor, y: torch.Tensor, rng: random.Random,
+          recipe: TowerRecipe) -> float:
+    """One optimizer step on a batch, each picture with a caption drawn for it; returns the loss."""
+    drawn = [draw_caption(int(c), int(s), rng, recipe.full_caption_share, recipe.shape_caption_share)
+             for c, s in y.tolist()]
+    ids, mask = vocab.encode([d[0] for d in drawn])
+    attrs = torch.tensor([[d[1], d[2]] for d in drawn])
+    out = clip(input_ids=ids, attention_mask=mask, pixel_values=px)
+    loss = soft_clip_loss(out.logits_per_image, caption_matches(y, attrs))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        clip.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+    return loss.item()

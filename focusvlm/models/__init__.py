@@ -13,10 +13,28 @@ first use (imports stay lazy so ``import focusvlm`` does not load them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import UnsupportedModelError
 from ..registry import Registry
-from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .base import CallInputs, FamilyAdapter, MergedCall, MergedResult, TowerGeometry  # noqa: F401
+
+# the placeholder a LLaVA-style prompt holds for each image (training formats, easy-VQA data, the composed LLaVAs)
+IMAGE_TOKEN = "<image>"
+
+# the adapter contract needs torch: its names are imported on first use, so that importing this package (and the
+# demo model's names in focusvlm.models.demo, or IMAGE_TOKEN) stays light
+_BASE_NAMES = ("CallInputs", "FamilyAdapter", "MergedCall", "MergedResult", "TowerGeometry")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_NAMES:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BUILTIN_FAMILIES = ("focusvlm.models.llava", "focusvlm.models.llava_next", "focusvlm.models.llava_onevision",
                     "focusvlm.models.qwen2_5_vl", "focusvlm.models.qwen3_vl")
@@ -74,7 +92,6 @@ def adapter_for_preset(preset: str) -> FamilyAdapter:
     raise ValueError(f"unknown preset {preset!r}; known: {', '.join(known)}")
 
 
-__all__ = ["CallInputs", "FamilyAdapter", "MergedCall", "MergedResult", "TowerGeometry", "UnsupportedModelError",
-           "adapter_for", "adapter_for_preset", "adapter_for_type", "adapter_named", "list_families",
-           "read_checkpoint_config", "register_family",
-           "supported"]
+__all__ = ["CallInputs", "FamilyAdapter", "IMAGE_TOKEN", "MergedCall", "MergedResult", "TowerGeometry",
+           "UnsupportedModelError", "adapter_for", "adapter_for_preset", "adapter_for_type", "adapter_named",
+           "list_families", "read_checkpoint_config", "register_family", "supported"]

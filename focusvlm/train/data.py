@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .formats import IGNORE_INDEX, IMAGE_TOKEN, ChatFormat, TokenizationMismatch, Turn, move_single_image_first
+from .formats import IGNORE_INDEX, IMAGE_TOKEN, ChatFormat, TokenizationMismatch, Turn, move_single_image_first  # noqa: F401
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..models import IMAGE_TOKEN
+
 IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
 FORMATS = ("plain", "vicuna_v1", "chat_template")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

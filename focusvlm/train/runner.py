@@ -58,7 +58,7 @@ def load_model(model: str | None, vision: str | None, lm: str | None, dtype: tor
 
         return compose_llava(vision, lm, dtype=dtype, seed=seed)
     if model in DEMO_NAMES:
-        from ..models.factory import load_named_demo
+        from ..models.demo.load import load_named_demo
 
         m, processor = load_named_demo(model)
         return _plain_weights(m.to(dtype)), processor
@@ -339,10 +339,36 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
         focus_config = FocusConfig.load(focus_config)
     focus_config = focus_config or FocusConfig()
     world = _world_size()
-    cuda = torch.cuda.is_available()
-    args = training_arguments(recipe, output_dir, cuda, world)  # fails early on a bad batch split
+    args = training_arguments(recipe, output_dir, torch.cuda.is_available(), world)  # fails early on a bad batch split
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    net, processor = _trainable_model(model, vision, lm, recipe, args)
+    image_token_id = net.config.image_token_id
+    handle = None if focus_config.is_stock else patch(net, focus_config, processor=processor)
+    trained = wrap_lora(net, recipe) if recipe.lora else net
+
+    dataset = SupervisedDataset(data, image_folder, processor, image_token_id, recipe.format, recipe.max_length,
+                                pad_square=recipe.pad_to_square, skip_bad=recipe.skip_bad,
+                                progress=progress and _is_main(), skipped_log=output_dir / "skipped.jsonl")
+    if _is_main():
+        _write_run_record(output_dir, recipe, focus_config, args, world, dataset, trained,
+                          {"model": model, "vision": vision, "lm": lm, "data": str(data),
+                           "image_folder": str(image_folder) if image_folder else None})
+
+    trainer = _make_trainer(trained, args, dataset, processor.tokenizer, recipe, output_dir, progress, stop_at_step,
+                            callbacks)
+    if resume is True:
+        resume = _latest_checkpoint(output_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    stopped_early = stop_at_step is not None and trainer.state.global_step < trainer.state.max_steps
+    if not stopped_early:
+        save_final(trainer, net, processor, handle, recipe, output_dir)
+    return _finish(trainer, dataset, output_dir, started, stopped_early)
+
+
+def _trainable_model(model: str | None, vision: str | None, lm: str | None, recipe: Recipe, args: Any):
+    """(model, processor) loaded in the run's dtype, its trainable parts chosen (and in fp32 where they need it)."""
     # weights: bf16 when training in bf16 on a GPU; trainable parts in fp32 unless DeepSpeed or FSDP keeps
     # master copies. FSDP (accelerate launch with an FSDP config) must get one dtype: it flattens frozen and
     # trainable weights of a unit together ("Must flatten tensors with uniform dtype but got torch.bfloat16
@@ -355,32 +381,31 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
             if p.requires_grad:
                 p.data = p.data.float()
     tokenizer = processor.tokenizer  # the collator pads on the right itself; the saved processor is left as it was
-    image_token_id = net.config.image_token_id
-    if tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>")) != image_token_id:
+    if tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>")) != net.config.image_token_id:
         raise ValueError("the processor's image token does not match the model's image_token_id")
+    return net, processor
 
-    handle = None if focus_config.is_stock else patch(net, focus_config, processor=processor)
-    trained = wrap_lora(net, recipe) if recipe.lora else net
 
-    dataset = SupervisedDataset(data, image_folder, processor, image_token_id, recipe.format, recipe.max_length,
-                                pad_square=recipe.pad_to_square, skip_bad=recipe.skip_bad,
-                                progress=progress and _is_main(), skipped_log=output_dir / "skipped.jsonl")
-    if _is_main():
-        dataset.skipped.write(output_dir)
-        recipe.save(output_dir / RECIPE_FILE, extra={
-            "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "bf16": args.bf16, "deepspeed": args.deepspeed, "model": model, "vision": vision, "lm": lm,
-            "data": str(data), "image_folder": str(image_folder) if image_folder else None,
-            "image_tokens_per_image": dataset.per_image, "samples": len(dataset),
-            "skipped_bad": dataset.bad, "skipped_unsupervised": dataset.unsupervised})
-        focus_config.save(output_dir / FOCUS_CONFIG_FILE)
-        print(f"focusvlm train: {len(dataset)} samples, {dataset.bad} bad skipped, {dataset.unsupervised} without "
-              f"a supervised token skipped (listed in {output_dir / 'skipped.jsonl'}); {dataset.per_image} "
-              f"tokens per image; trainable parameters: {_count_trainable(trained):,}", file=sys.stderr)
+def _write_run_record(output_dir: Path, recipe: Recipe, focus_config: FocusConfig, args: Any, world: int,
+                      dataset: SupervisedDataset, trained: torch.nn.Module, sources: dict[str, Any]) -> None:
+    """The skipped records, the recipe as run (with what it ran on) and the focus config; a one-line summary."""
+    dataset.skipped.write(output_dir)
+    recipe.save(output_dir / RECIPE_FILE, extra={
+        "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "bf16": args.bf16, "deepspeed": args.deepspeed, **sources,
+        "image_tokens_per_image": dataset.per_image, "samples": len(dataset),
+        "skipped_bad": dataset.bad, "skipped_unsupervised": dataset.unsupervised})
+    focus_config.save(output_dir / FOCUS_CONFIG_FILE)
+    print(f"focusvlm train: {len(dataset)} samples, {dataset.bad} bad skipped, {dataset.unsupervised} without "
+          f"a supervised token skipped (listed in {output_dir / 'skipped.jsonl'}); {dataset.per_image} "
+          f"tokens per image; trainable parameters: {_count_trainable(trained):,}", file=sys.stderr)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+def _make_trainer(trained: torch.nn.Module, args: Any, dataset: SupervisedDataset, tokenizer: Any, recipe: Recipe,
+                  output_dir: Path, progress: bool, stop_at_step: int | None, callbacks: Sequence[Any]):
     from transformers import PrinterCallback
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = _trainer_class()(model=trained, args=args, train_dataset=dataset, data_collator=Collator(pad_id),
                                recipe=recipe)
     trainer.remove_callback(PrinterCallback)
@@ -390,13 +415,12 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
         trainer.add_callback(StopAtStep(stop_at_step))
     for cb in callbacks:
         trainer.add_callback(cb)
-    if resume is True:
-        resume = _latest_checkpoint(output_dir)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return trainer
 
-    stopped_early = stop_at_step is not None and trainer.state.global_step < trainer.state.max_steps
-    if not stopped_early:
-        save_final(trainer, net, processor, handle, recipe, output_dir)
+
+def _finish(trainer: Any, dataset: SupervisedDataset, output_dir: Path, started: float,
+            stopped_early: bool) -> TrainResult:
+    """The run's TrainResult, also written as ``train_summary.json`` (by the main process)."""
     metrics = read_metrics(output_dir / METRICS_FILE) if (output_dir / METRICS_FILE).is_file() else []
     result = TrainResult(output_dir, trainer.state.global_step, len(dataset), dataset.bad + dataset.unsupervised,
                          dataset.bad, [m["loss"] for m in metrics], time.perf_counter() - started)

@@ -7,7 +7,8 @@ import torch
 
 from focusvlm import CMAIConfig, FocusConfig, load, unpatch
 from focusvlm.cli import main
-from focusvlm.models.factory import demo_cache_dir, demo_image_path
+from focusvlm.models.demo.cache import demo_cache_dir
+from focusvlm.models.factory import demo_image_path
 
 
 def test_generate_reports_bad_input_clearly(capsys, tmp_path):

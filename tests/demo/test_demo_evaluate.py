@@ -9,10 +9,11 @@ import torch
 
 pytest.importorskip("easy_vqa")
 
-from focusvlm.demo import build as B  # noqa: E402
 from focusvlm.demo import data as D  # noqa: E402
 from focusvlm.demo import evaluate as E  # noqa: E402
-from focusvlm.models import demo_llava as M  # noqa: E402
+from focusvlm.models.demo import assemble as A  # noqa: E402
+from focusvlm.models.demo import vision as V  # noqa: E402
+from focusvlm.models.demo.lm import tiny_test_lm  # noqa: E402
 
 
 @pytest.mark.parametrize("prediction,answer,ok", [
@@ -46,10 +47,10 @@ def test_evaluate_pipeline_on_a_tiny_model(tmp_path):
     from focusvlm import FocusConfig
 
     torch.manual_seed(0)
-    tower = M.fresh_tower(M.tower_config())
+    tower = V.fresh_tower(V.tower_config())
     words = "what color is the shape ? red yes no".split()
-    lm, tok = M.tiny_test_lm(words, seed=1)
-    model, processor = M.compose_demo_llava(tower, M.tower_image_processor(64), lm=lm, tokenizer=tok)
+    lm, tok = tiny_test_lm(words, seed=1)
+    model, processor = A.demo_llava(tower, V.tower_image_processor(64), lm=lm, tokenizer=tok)
     model.eval()
     items = _items()
     report = E.evaluate(model, processor, items, batch_size=4, max_new_tokens=2, out_jsonl=tmp_path / "rows.jsonl")

@@ -8,7 +8,8 @@ pytest.importorskip("easy_vqa")
 pytest.importorskip("peft")
 
 from focusvlm.cli import main  # noqa: E402
-from focusvlm.demo import build as B  # noqa: E402
+from focusvlm.models.demo import load as L  # noqa: E402
+from focusvlm.models.demo import ship as S  # noqa: E402
 from focusvlm.demo import recipe as R  # noqa: E402
 
 
@@ -22,8 +23,8 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     assert list(times) == steps + ["total"]
     assert times["total"] == pytest.approx(sum(times[s] for s in steps), abs=0.2)
     for twin in R.TWINS:
-        meta = json.loads((out / "ship" / twin / B.META_FILE).read_text())
-        assert meta["bytes"] <= B.BUDGET_BYTES and meta["lora"]["dtype"] == "torch.float16"
+        meta = json.loads((out / "ship" / twin / S.META_FILE).read_text())
+        assert meta["bytes"] <= S.BUDGET_BYTES and meta["lora"]["dtype"] == "torch.float16"
         assert meta["info"]["twin"] == twin and meta["info"]["training"]["finetune"]["steps"] == 2
     # the focus twin trained with the methods on (fewer image tokens per sample) and ships its config
     assert (out / "ship" / "focus" / "focus_config.yaml").is_file()
@@ -40,7 +41,7 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     assert err.count("done before") == len(steps)
     # installing copies both twins where load("demo") looks (here: a scratch package folder)
     R.install(out / "ship", tmp_path / "pkg")
-    model, processor = B.load_demo(tmp_path / "pkg" / "stock")
+    model, processor = L.load_demo(tmp_path / "pkg" / "stock")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 

@@ -88,23 +88,23 @@ def test_vocab_encodes_with_eos_and_rejects_unknown_words():
 
 def test_pretrain_tower_end_to_end_tiny(tmp_path):
     """Two steps on 40 images: files written, report filled, the saved tower reloads to the same outputs."""
-    from focusvlm.models import demo_llava as M
+    from focusvlm.models.demo import vision as V
 
     recipe = T.TowerRecipe(epochs=1, batch_size=20, train_images=40, test_images=30, probe_steps=3, warmup_steps=1)
     report = T.pretrain_tower(tmp_path / "tower", recipe, log=lambda s: None)
     assert report.steps == 2 and math.isfinite(report.loss_last)
     assert set(report.zero_shot) == {"color", "shape", "color+shape"}
-    assert report.tower_parameters == sum(p.numel() for p in M.fresh_tower(M.tower_config()).parameters())
+    assert report.tower_parameters == sum(p.numel() for p in V.fresh_tower(V.tower_config()).parameters())
     saved = json.loads((tmp_path / "tower" / "tower_report.json").read_text())
     assert saved["recipe"]["train_images"] == 40
-    tower, processor = M.load_tower(tmp_path / "tower")
+    tower, processor = V.load_tower(tmp_path / "tower")
     geometry = tower.config
     assert (geometry.image_size // geometry.patch_size) ** 2 == 64
     px, y, ids = T.load_split_pixels("test", processor, [0, 1, 2])
     assert px.shape == (3, 3, 64, 64) and ids == [0, 1, 2]
     feats = T.llava_features(tower, px)
     assert feats.shape == (3, 2 * geometry.hidden_size)
-    again, _ = M.load_tower(tmp_path / "tower")
+    again, _ = V.load_tower(tmp_path / "tower")
     assert torch.equal(T.llava_features(again, px), feats)
 
 
@@ -145,9 +145,9 @@ def test_repaint_reproduces_the_picture_in_its_own_colour_and_moves_only_the_sha
 
 
 def test_normalize_equals_the_image_processor():
-    from focusvlm.models import demo_llava as M
+    from focusvlm.models.demo import vision as V
 
-    processor = M.tower_image_processor(64)
+    processor = V.tower_image_processor(64)
     raw, _, ids = T.load_split_raw("test", [0, 5])
     px, _, _ = T.load_split_pixels("test", processor, [0, 5])
     assert torch.equal(T.normalize(raw, processor), px)

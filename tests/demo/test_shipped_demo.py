@@ -4,19 +4,20 @@ import json
 
 import pytest
 
-from focusvlm.demo import build as B
-from focusvlm.models.factory import DEMO_WEIGHTS_DIR, demo_focus_config_path, demo_image_path, demo_twin_dir
+from focusvlm.models.demo import DEMO_WEIGHTS_DIR, demo_focus_config_path, demo_twin_dir
+from focusvlm.models.demo import ship as S
+from focusvlm.models.factory import demo_image_path
 from focusvlm.runtime import check_model_source
 
 
 def test_shipped_weights_are_within_budget_and_described():
     total = sum(f.stat().st_size for f in DEMO_WEIGHTS_DIR.rglob("*") if f.is_file())
-    assert total <= B.BUDGET_BYTES, f"{total / 1e6:.1f} MB shipped"
+    assert total <= S.BUDGET_BYTES, f"{total / 1e6:.1f} MB shipped"
     card = (DEMO_WEIGHTS_DIR / "MODEL_CARD.md").read_text()
     for must in ("easy-VQA", "focusvlm train --recipe demo", "SmolLM2-135M-Instruct", "accuracy"):
         assert must in card
-    meta = B.read_meta(demo_twin_dir("stock"))
-    assert meta["info"]["twin"] == "stock" and meta["bytes"] <= B.BUDGET_BYTES
+    meta = S.read_meta(demo_twin_dir("stock"))
+    assert meta["info"]["twin"] == "stock" and meta["bytes"] <= S.BUDGET_BYTES
     assert meta["lora"]["dtype"] == "torch.float16"
     if demo_focus_config_path().is_file():  # the VMTC+CMAI-trained twin, where it ships
         from focusvlm import FocusConfig
@@ -26,7 +27,7 @@ def test_shipped_weights_are_within_budget_and_described():
 
 
 def test_an_unshipped_twin_is_named():
-    from focusvlm.models.factory import load_named_demo
+    from focusvlm.models.demo.load import load_named_demo
 
     if demo_focus_config_path().is_file():
         pytest.skip("the demo-focus twin ships in this version")
@@ -35,10 +36,10 @@ def test_an_unshipped_twin_is_named():
 
 
 def test_demo_names_need_no_folder():
-    from focusvlm.models.factory import DEMO_MODELS
+    from focusvlm.models.demo import DEMO_MODELS
     from focusvlm.runtime import DEMO_NAMES
 
-    assert set(DEMO_NAMES) == set(DEMO_MODELS)  # runtime keeps its own copy so that it imports no torch
+    assert set(DEMO_NAMES) == set(DEMO_MODELS)  # runtime takes them from models.demo, which imports no torch
     for name in ("demo", "demo-focus", "demo-random"):
         assert check_model_source(name) is None
 
@@ -91,7 +92,7 @@ def test_gguf_conversion_bar_follows_the_progress_switch(capfd):
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
-    from focusvlm.models.factory import smollm2_lm_from_gguf
+    from focusvlm.models.demo.lm import smollm2_lm_from_gguf
     from focusvlm.runtime import set_progress_bars
 
     original = gguf_reader.tqdm

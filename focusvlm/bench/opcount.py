@@ -1,8 +1,13 @@
-"""Top-level aten ops of one decode step, counted with torch.profiler (deterministic, unlike times).
+"""What a call costs a GPU besides arithmetic, counted on any device (deterministic, unlike times).
 
-"Top-level" means an aten op not called from inside another aten op: what the Python side of the
-model dispatches, one kernel launch (or more) each on a GPU, where a large model's decode step is
-bound by launches. Used by ``focusvlm bench --count-ops`` and pinned by a test.
+* Top-level aten ops, counted with torch.profiler: an aten op not called from inside another aten op,
+  what the Python side of the model dispatches, one kernel launch (or more) each on a GPU, where a
+  batch-1 call is bound by launches (~25 us each).
+* Host reads: operations that read tensor values back to the host (``.item()``, ``if tensor:``,
+  ``nonzero``, boolean-mask indexing, ...); on a GPU each one stalls the host until the queued kernels
+  finish, so nothing can be queued behind them.
+
+Used by ``focusvlm bench --count-ops`` and pinned by tests.
 """
 
 from __future__ import annotations
@@ -11,8 +16,66 @@ import collections
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import hfcompat
+
+# operators whose result (or output shape) depends on device data, so CUDA must finish before they return
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "unique_dim", "_unique2",
+              "unique_consecutive", "repeat_interleave"}
+
+
+# Python-level reads: under inference mode a CPU tensor's ``item()`` dispatches no ``_local_scalar_dense``
+PYTHON_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts reads of tensor data by the host: ``Tensor.item``-like calls (wrapped for the while) and
+    dispatched operators that need the data (each read counted once, at the outermost level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self._saved: dict[str, object] = {}
+        self._in_python_read = False
+
+    def __enter__(self):
+        for name in PYTHON_READS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                if self._in_python_read:
+                    return _original(tensor, *args, **kwargs)
+                self.counts[_name] += 1
+                self._in_python_read = True
+                try:
+                    return _original(tensor, *args, **kwargs)
+                finally:
+                    self._in_python_read = False
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        masked_index = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if (name in HOST_READS or masked_index) and not self._in_python_read:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn: Callable[[], Any]) -> int:
+    """Reads of tensor values by the host while ``fn`` runs."""
+    counter = HostReadCounter()
+    with counter:
+        fn()
+    return sum(counter.counts.values())
 
 
 def top_level_aten_ops(fn: Callable[[], Any]) -> collections.Counter:
@@ -54,4 +117,4 @@ def extra_ops_per_layer(stock: collections.Counter, method: collections.Counter,
     return (sum(method.values()) - sum(stock.values())) / layers
 
 
-__all__ = ["decode_step_ops", "extra_ops_per_layer", "top_level_aten_ops"]
+__all__ = ["HostReadCounter", "decode_step_ops", "extra_ops_per_layer", "host_reads", "top_level_aten_ops"]

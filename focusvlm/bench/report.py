@@ -41,8 +41,13 @@ def _cell(value: Any, ratio: Any, scale: float, fmt: str, reference: Any = None)
 
 # shown when the run counted them (focusvlm bench --count-ops)
 _OPS_COLUMNS = (
+    ("vision_ops", "ops/vision path", 1, "{:.0f}"),
+    ("extra_vision_ops_per_stage", "extra ops/stage", 1, "{:.1f}"),
+    ("prefill_ops", "ops/prefill", 1, "{:.0f}"),
+    ("extra_prefill_ops_per_layer", "extra prefill ops/layer", 1, "{:.2f}"),
+    ("prefill_host_reads", "host reads/prefill", 1, "{:.0f}"),
     ("decode_ops", "ops/decode step", 1, "{:.0f}"),
-    ("extra_decode_ops_per_layer", "extra ops/layer", 1, "{:.2f}"),
+    ("extra_decode_ops_per_layer", "extra decode ops/layer", 1, "{:.2f}"),
 )
 
 

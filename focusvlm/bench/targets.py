@@ -1,4 +1,4 @@
-"""The speed targets of issues 6 and 12, checked against a benchmark report.
+"""The speed and kernel-count targets of issues 6, 12 and 29, checked against a benchmark report.
 
 A target applies to a run when device type, preset, dtype and batch match;
 it is a ratio to stock measured in the same run. The benchmark prints the
@@ -49,6 +49,15 @@ TARGETS: tuple[Target, ...] = (
            "float32", new_tokens=512),
     Target("CMAI extra aten ops per layer per decode step", "cpu", "mid", False, (1, 4), "cmai",
            "extra_decode_ops_per_layer", 20.0, "float32", absolute=True),
+    # issue 29: kernel economy, as deterministic counts (preset mid, batch 1, 64 text tokens, --count-ops)
+    Target("CMAI extra aten ops per layer, prefill", "cpu", "mid", False, (1,), "cmai",
+           "extra_prefill_ops_per_layer", 25.0, "float32", prompt_tokens=(64,), absolute=True),
+    Target("CMAI extra host reads per prefill call", "cpu", "mid", False, (1,), "cmai",
+           "extra_prefill_host_reads", 3.0, "float32", prompt_tokens=(64,), absolute=True),
+    Target("CMAI extra aten ops per layer per decode step (issue 29)", "cpu", "mid", False, (1,), "cmai",
+           "extra_decode_ops_per_layer", 10.0, "float32", prompt_tokens=(64,), absolute=True),
+    Target("VMTC extra aten ops per tower, default schedule", "cpu", "mid", False, (1,), "vmtc",
+           "extra_vision_ops", 500.0, "float32", prompt_tokens=(64,), absolute=True),
     Target("CMAI prefill peak memory", "cpu", "mid", False, (4,), "cmai", "peak_mem_bytes", 1.05, "float32",
            prompt_tokens=(1024,)),
     Target("CMAI compiled decode/token (static cache)", "cpu", "mid", False, (1, 4), "cmai", "decode_s_per_token",

@@ -54,6 +54,35 @@ def test_memory_in_a_process_per_method_and_op_counts():
     assert "ops/decode step" in markdown_tables(report)
 
 
+def test_count_ops_reports_every_part_of_a_call():
+    """--count-ops: the vision path, the prefill (its LLM part per layer), one decode step and the prefill's host
+    reads, each against stock; the figures are the counters' own, taken on the same inputs here."""
+    from focusvlm.bench.opcount import host_reads, top_level_aten_ops
+    from focusvlm.bench.setup import arm_applied, build_model, vision_call
+
+    opts = _opts(methods=parse_arms("stock,cmai,vmtc:0.5"), count_ops=True, prompt_tokens=[16], new_tokens=2)
+    run = run_bench(opts)["runs"][0]
+    stock, cmai, vmtc = (run["methods"][n] for n in ("stock", "cmai", "vmtc:0.5"))
+    assert stock["extra_prefill_ops_per_layer"] == stock["extra_vision_ops"] == stock["extra_prefill_host_reads"] == 0
+    assert cmai["extra_vision_ops"] == 0 and cmai["extra_vision_ops_per_stage"] is None   # nothing in the tower
+    # (per-layer bounds are pinned on the mid structure in test_cmai_call_costs: tiny's 2 layers share the per-call
+    # work between fewer layers)
+    assert cmai["extra_prefill_ops_per_layer"] > 0 and 0 < cmai["extra_prefill_host_reads"] <= 3
+    assert vmtc["extra_vision_ops"] > 0 and vmtc["extra_decode_ops_per_layer"] == 0
+    stages = vmtc["extra_vision_ops"] / vmtc["extra_vision_ops_per_stage"]
+    assert stages == pytest.approx(round(stages)) and round(stages) >= 1
+    # the stock vision path's count is what the counter gives on the bench's own vision inputs
+    model = build_model(opts, torch.device("cpu"), torch.float32)
+    vision, _ = harness.bench_inputs(model, 1, 16, torch.Generator().manual_seed(opts.seed), "cpu", torch.float32)
+    with arm_applied(model, opts.methods[0]), torch.inference_mode():
+        tower = vision_call(model, vision)
+        tower()
+        assert sum(top_level_aten_ops(tower).values()) == stock["vision_ops"]
+        assert host_reads(tower) == 0
+    text = markdown_tables({"meta": {**run_bench(_opts(count_ops=True, new_tokens=1))["meta"]}, "runs": [run]})
+    assert "extra prefill ops/layer" in text and "host reads/prefill" in text and "extra ops/stage" in text
+
+
 def test_compiled_decode_runs_and_matches_eager_decoding(monkeypatch):
     monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
     report = run_bench(_opts(compile=True, new_tokens=6, warmup=1))

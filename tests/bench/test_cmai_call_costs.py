@@ -18,7 +18,7 @@ from focusvlm.bench.opcount import decode_step_ops, extra_ops_per_layer, top_lev
 from focusvlm.inhibit import state as state_module
 from focusvlm.models.factory import random_llava
 from helpers import make_inputs
-from test_host_syncs import HostReadCounter
+from focusvlm.bench.opcount import HostReadCounter
 
 LAYERS = 8
 BENCH_LAYOUT = [[5, "img", 59]]

@@ -7,64 +7,15 @@ such stalls; these tests keep it that way. They count the operations that read d
 host while ``generate`` runs on CPU, where the same operators are dispatched.
 """
 
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from focusvlm.bench.arms import parse_arm
+from focusvlm.bench.opcount import HostReadCounter
 from focusvlm.bench.setup import arm_applied, bench_inputs, fit_arm, make_input_ids, probe_vision
 from focusvlm.models import adapter_for, adapter_for_preset
 
-# operators whose result (or output shape) depends on device data, so CUDA must finish before they return
-HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "unique_dim", "_unique2",
-              "unique_consecutive", "repeat_interleave"}
-
-
-# Python-level reads: under inference mode a CPU tensor's ``item()`` dispatches no ``_local_scalar_dense``
-PYTHON_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
-
-
-class HostReadCounter(TorchDispatchMode):
-    """Counts reads of tensor data by the host: ``Tensor.item``-like calls (wrapped for the while) and
-    dispatched operators that need the data (each read counted once, at the outermost level)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self._saved: dict[str, object] = {}
-        self._in_python_read = False
-
-    def __enter__(self):
-        for name in PYTHON_READS:
-            original = self._saved[name] = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                if self._in_python_read:
-                    return _original(tensor, *args, **kwargs)
-                self.counts[_name] += 1
-                self._in_python_read = True
-                try:
-                    return _original(tensor, *args, **kwargs)
-                finally:
-                    self._in_python_read = False
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        masked_index = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
-        if (name in HOST_READS or masked_index) and not self._in_python_read:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")

@@ -292,7 +292,7 @@ def test_tower_extra_op_count(mid_stages):
 
 
 def test_stage_reads_nothing_back_to_the_host():
-    from test_host_syncs import HostReadCounter
+    from focusvlm.bench.opcount import HostReadCounter
 
     z, imp, stage, prefix = _stage_inputs()[-1]
     with torch.inference_mode(), HostReadCounter() as reads:

@@ -161,17 +161,8 @@ def _trainer_class():
             if self.recipe.projector_lr is None or self.optimizer is not None:
                 return super().create_optimizer(model)
             opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            groups: dict[tuple[bool, bool], list] = {}
-            for name, p in opt_model.named_parameters():
-                if p.requires_grad:
-                    groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
-            param_groups = []
-            for (is_projector, decays), params in groups.items():
-                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-                if is_projector:
-                    group["lr"] = self.recipe.projector_lr
-                param_groups.append(group)
+            param_groups = projector_param_groups(opt_model, set(self.get_decay_parameter_names(opt_model)),
+                                                  self.args.weight_decay, self.recipe.projector_lr)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
             return self.optimizer
@@ -211,6 +202,23 @@ def _trainer_class():
                 hook.remove()
 
     return FocusTrainer
+
+
+def projector_param_groups(model: torch.nn.Module, decay: set[str], weight_decay: float,
+                           projector_lr: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: (projector or not) x (decayed or not), the projector's at its own
+    learning rate (LLaVA-1.5's ``mm_projector_lr``); frozen parameters left out."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
+    param_groups = []
+    for (is_projector, decays), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if is_projector:
+            group["lr"] = projector_lr
+        param_groups.append(group)
+    return param_groups
 
 
 def supervised_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,29 @@ def _kind(reason: str) -> str:
     return "other"
 
 
+def _check_sample(sample, raw, path, image_folder, fmt_obj, image_token_id, per_image: int,
+                  max_length: int) -> int | None:
+    """Raise DataError for a sample that cannot train (an image that does not open, a turn that does not
+    tokenize, nothing supervised after truncation); its full token length when a format is given."""
+    for name in sample.images:
+        try:
+            open_image(image_path(image_folder, name))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(path, raw.line, sample.id, str(exc)) from None
+    if fmt_obj is None:
+        return None
+    try:
+        enc = fmt_obj.encode(sample.turns)
+    except (TokenizationMismatch, ValueError) as exc:
+        raise DataError(path, raw.line, sample.id, str(exc)) from None
+    out = expand_and_truncate(enc.input_ids, enc.labels, image_token_id, per_image, max_length)
+    if isinstance(out, str):
+        raise DataError(path, raw.line, sample.id, out)
+    if not any(label != IGNORE_INDEX for label in out[1]):
+        raise DataError(path, raw.line, sample.id, "no supervised token")
+    return len(enc.input_ids) + len(sample.images) * (per_image - 1)
+
+
 def validate_data(path: str | Path, image_folder: str | Path | None = None, processor: Any = None,
                   fmt: str = "vicuna_v1", max_length: int = 2048, image_token_id: int | None = None,
                   progress: bool = True, limit_problems: int = 10000) -> dict[str, Any]:
@@ -58,23 +81,9 @@ def validate_data(path: str | Path, image_folder: str | Path | None = None, proc
                     n_image += 1
                 else:
                     n_text += 1
-                for name in sample.images:
-                    try:
-                        open_image(image_path(image_folder, name))
-                    except (FileNotFoundError, ValueError) as exc:
-                        raise DataError(path, raw.line, sample.id, str(exc)) from None
-                if fmt_obj is not None:
-                    try:
-                        enc = fmt_obj.encode(sample.turns)
-                    except (TokenizationMismatch, ValueError) as exc:
-                        raise DataError(path, raw.line, sample.id, str(exc)) from None
-                    out = expand_and_truncate(enc.input_ids, enc.labels, image_token_id, per_image, max_length)
-                    if isinstance(out, str):
-                        raise DataError(path, raw.line, sample.id, out)
-                    full = len(enc.input_ids) + len(sample.images) * (per_image - 1)
-                    lengths.append(full)
-                    if not any(l != IGNORE_INDEX for l in out[1]):
-                        raise DataError(path, raw.line, sample.id, "no supervised token")
+                length = _check_sample(sample, raw, path, image_folder, fmt_obj, image_token_id, per_image, max_length)
+                if length is not None:
+                    lengths.append(length)
                 ok += 1
             except DataError as err:
                 kinds[_kind(err.reason)] += 1

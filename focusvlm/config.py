@@ -193,21 +193,25 @@ class FocusConfig:
     @classmethod
     def load(cls, path: str | Path) -> "FocusConfig":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml and json raise different types
-            raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from exc
+        data = read_config_file(path)
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def read_config_file(path: Path) -> Any:
+    """The parsed content of a YAML (.yaml/.yml) or JSON config file; ConfigError naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as exc:  # yaml and json raise different types
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from exc
 
 
 def _rebuild(sections: dict[str, Any]) -> FocusConfig:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import FocusConfig
+from ..config import ConfigError, FocusConfig
 from ..runtime import DEMO, load_image, load_model, open_image, resolve_device_dtype  # noqa: F401 (re-exported)
 
 
@@ -38,17 +38,11 @@ def warn(message: str) -> None:
 
 def _null_sections(path: Path) -> list[str]:
     """Sections written with no value (``cmai:`` alone), which YAML reads as null = off."""
-    import json
+    from ..config import read_config_file
 
-    text = path.read_text()
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception:  # noqa: BLE001 - FocusConfig.load already reported a parse error
+        data = read_config_file(path)
+    except ConfigError:  # FocusConfig.load already reported it
         return []
     return sorted(k for k, v in data.items() if v is None) if isinstance(data, dict) else []
 

@@ -27,16 +27,12 @@ from .base import CallInputs, FamilyAdapter, TowerGeometry, TowerStage, Unsuppor
 from .. import hfcompat
 from . import register_family
 
-# the positional order of LlavaModel.forward, for calls that pass some inputs positionally
 CLIPEncoderLayer = hfcompat.encoder_layer_class("clip")
 
 
-class StagedCLIPEncoderLayer(CLIPEncoderLayer):
-    """A CLIP encoder layer that runs one in-tower stage between attention and MLP.
-
-    Never constructed: stock layers have their ``__class__`` swapped to it and
-    carry their stage in ``_focusvlm_stage`` by ``add_tower_stage``, for any method that works inside the tower.
-    """
+class StagedEncoderForward:
+    """The forward of a pre-norm ViT encoder layer (CLIP's, SigLIP's: same sub-modules) with the layer's in-tower
+    stage run between attention and MLP. Mixed into a stock layer class: the staged classes below."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         residual = hidden_states
@@ -48,6 +44,14 @@ class StagedCLIPEncoderLayer(CLIPEncoderLayer):
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
+
+
+class StagedCLIPEncoderLayer(StagedEncoderForward, CLIPEncoderLayer):
+    """A CLIP encoder layer that runs one in-tower stage between attention and MLP.
+
+    Never constructed: stock layers have their ``__class__`` swapped to it and
+    carry their stage in ``_focusvlm_stage`` by ``add_tower_stage``, for any method that works inside the tower.
+    """
 
 
 def _vision_model(core: LlavaModel):

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..runtime import load_image
 from .formats import IGNORE_INDEX, IMAGE_TOKEN, ChatFormat, TokenizationMismatch, Turn, move_single_image_first  # noqa: F401
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -169,15 +170,7 @@ def image_path(folder: str | Path | None, name: str) -> Path:
 
 def open_image(path: Path):
     """Decode an image fully (so truncated files fail here, not in the middle of a batch)."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises several types for broken files
-        raise ValueError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from exc
+    return load_image(path)
 
 
 def pad_to_square(image, mean: tuple[float, ...]):

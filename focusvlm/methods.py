@@ -31,7 +31,8 @@ from .registry import Registry
 # modules whose import registers the built-in methods, in the order they are listed
 BUILTIN_MODULES = ("focusvlm.inhibit.cmai_method", "focusvlm.compress.vmtc_method", "focusvlm.compress.spd_method",
                    "focusvlm.compress.prumerge_method", "focusvlm.compress.visionzip_method",
-                   "focusvlm.compress.divprune_method", "focusvlm.inhibit.fastv_method")
+                   "focusvlm.compress.divprune_method", "focusvlm.inhibit.fastv_method",
+                   "focusvlm.compress.globalcom2_method", "focusvlm.compress.hired_method")
 
 
 class UnknownMethodError(ConfigError):

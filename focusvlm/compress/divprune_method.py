@@ -50,6 +50,13 @@ class DivPruneConfig:
             raise ConfigError(f"DivPruneConfig.budget={self.budget} exceeds the {num_tokens} image tokens")
         return self.budget
 
+    def image_tokens(self, num_tokens: int) -> int:
+        """Tokens kept of an AnyRes image's ``num_tokens`` packed tokens, whose count varies with the image: as
+        ``tokens``, except that a count above ``num_tokens`` keeps the whole image and a share keeps at least one."""
+        if isinstance(self.budget, int):
+            return min(self.budget, num_tokens)
+        return max(1, int(round(self.budget * num_tokens)))
+
 
 @register_method
 class DivPrune(VisionMethod):
@@ -64,6 +71,12 @@ class DivPrune(VisionMethod):
         super().__init__(model, adapter, config, processor)
         self.geometry = g = adapter.tower_geometry(model)
         self.extra = 1 if g.keeps_cls else 0   # a kept CLS is one more projected token to choose from
+        self.anyres = adapter.packs_crops
+        if self.anyres:
+            # the official LLaVA-1.6 path: the selection runs over each image's whole packed sequence (base crop,
+            # unpadded tiles, newlines), so the kept count follows the stock count of that image
+            self.on_remove(adapter.reduce_packed_images(model, self._reduce_image, self._image_count))
+            return
         try:
             config.tokens(g.num_patches + self.extra)
         except ValueError as exc:
@@ -76,13 +89,49 @@ class DivPrune(VisionMethod):
             self.records = [record]
         return out
 
+    def _reduce_image(self, index: int, packed: torch.Tensor, sources: Any) -> torch.Tensor:
+        """Image ``index`` of a call: its packed (L, D) features -> the kept (m, D), in sequence order."""
+        out, record = divprune.divprune(packed[None], self.config.image_tokens(packed.shape[0]))
+        if self.record:   # `focusvlm show`: per image of the call, the record and where each packed row came from
+            self.records = (self.records if index else []) + [AnyResDivPruneRecord(record, sources())]
+        return out[0]
+
+    def _image_count(self, stock: int, tiles: int) -> int:
+        return self.config.image_tokens(stock)
+
     def output_patches(self, grid: tuple[int, int]) -> int:
+        if self.anyres:
+            raise ValueError(f"DivPrune on {self.adapter.title}: an image's count is a share of its whole packed "
+                             "sequence, so it depends on the image size; the patched processor emits it")
         return self.config.tokens(grid[0] * grid[1] + self.extra) - self.extra
 
     def panels(self, sample: int = 0) -> list[Any]:
         if not self.records:
             return []
+        if self.anyres:   # ``sample``: a crop of the first image of the last call
+            return [anyres_divprune_panel(self.records[0], self.geometry.num_patches, sample, offset=self.extra)]
         return [divprune_panel(self.records[0], self.geometry.num_patches, sample, offset=self.extra)]
+
+
+@dataclass
+class AnyResDivPruneRecord:
+    """DivPrune on one AnyRes image's packed sequence: the selection and where each packed row came from."""
+
+    selection: divprune.DivPruneRecord   # positions in the packed sequence (batch of one)
+    sources: torch.Tensor                # (L,) crop x n + token of each packed row; -1: newline or blended row
+
+
+def anyres_divprune_panel(record: AnyResDivPruneRecord, num_patches: int, crop: int = 0, offset: int = 0) -> Panel:
+    """DivPrune on an AnyRes image, one crop: the patches whose packed rows were kept outlined, the rest dropped
+    (a patch unpadding cut away never reached the LLM). ``offset`` = 1 when each crop starts with CLS."""
+    n = num_patches + offset
+    kept = record.sources[record.selection.kept[0]].cpu().numpy()
+    kept = kept[(kept >= 0) & (kept // n == crop)] % n - offset
+    state = np.full(num_patches, DROPPED)
+    state[kept[kept >= 0]] = PRIMARY
+    total = int(record.sources.shape[0])
+    return Panel(f"DivPrune: {total} -> {record.selection.kept.shape[1]} of the image; this crop keeps "
+                 f"{int((kept >= 0).sum())}", state, np.full(num_patches, -1))
 
 
 def divprune_panel(record, num_patches: int, sample: int = 0, offset: int = 0) -> Panel:

@@ -178,3 +178,69 @@ def visionzip(hidden: torch.Tensor, cls_attn: torch.Tensor, metric: torch.Tensor
     ctx = take(x, tgt_pos) + onehot.transpose(1, 2) @ take(x, oth_pos) / counts
     out = torch.cat([take(x, dom_pos), ctx], dim=1).to(hidden.dtype)
     return out, VisionZipRecord(dom_pos, tgt_pos, oth_pos, assign)
+
+
+# --------------------------------------------------------------------------- AnyRes (LLaVA-NeXT)
+# Follows visionzip/llava_arch.py (``prepare_inputs_labels_for_multimodal_visionzip`` with
+# mm_patch_merge_type "spatial_unpad", and ``restore_image_features_sorted``): every crop of an image
+# (base crop and tiles) goes through the tower and ``visionzip`` on its own; the base crop's tokens are
+# emitted as they are; the tiles' dominant patches (CLS excluded) are put back on the big patch grid the
+# tiles form and read out in its raster order, then every tile's CLS token, then every tile's contextual
+# tokens. No image_newline and no unpadding (the official code builds the newline column but never
+# uses it). A lone crop (no tiles) is followed by one newline, as the official else branch does.
+
+def anyres_token_count(tiles: int, dominant: int = DEFAULT_DOMINANT, contextual: int = DEFAULT_CONTEXTUAL) -> int:
+    """Tokens of one AnyRes image of ``tiles`` tiles in the official layout: (1 + tiles) x (dominant +
+    contextual); a lone crop (no tiles) gets one newline after it."""
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 0:
+        raise ValueError(f"VisionZip: tiles must be an int >= 0, got {tiles!r}")
+    return (1 + tiles) * (dominant + contextual) + (0 if tiles else 1)
+
+
+def tile_patch_order(dominant: torch.Tensor, tiles: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """The order in which the tiles' dominant patches are read off the big grid.
+
+    dominant (T, d) = each tile's dominant positions (ascending, CLS = 0 first) in its layer's
+    1 + gh x gw tokens; tiles = (rows, cols) of the tile grid (T = rows x cols, raster order);
+    grid = (gh, gw) patches per tile. Returns a permutation of the T x (d - 1) dominant patches
+    (tile-major, each tile's in ascending order) into the big grid's raster order.
+    """
+    rows, cols = tiles
+    gh, gw = grid
+    if dominant.dim() != 2 or dominant.shape[0] != rows * cols:
+        raise ValueError(f"VisionZip: {rows}x{cols} tiles need dominant positions (tiles, d), got "
+                         f"{tuple(dominant.shape)}")
+    patch = dominant[:, 1:] - 1                                                     # (T, d - 1) patch index
+    tile = torch.arange(rows * cols, device=dominant.device)[:, None]
+    big_row = (tile // cols) * gh + patch // gw
+    big_col = (tile % cols) * gw + patch % gw
+    return torch.argsort((big_row * (cols * gw) + big_col).flatten())
+
+
+def pack_anyres(crops: torch.Tensor, dominant: torch.Tensor, tiles: tuple[int, int], grid: tuple[int, int],
+                newline: torch.Tensor) -> torch.Tensor:
+    """One image's VisionZip crops in the official LLaVA-NeXT layout.
+
+    crops (1 + T, d + c, D): each crop's ``visionzip`` output (dominant tokens first, CLS at 0, then
+    the contextual tokens), usually projected; dominant (1 + T, d): the record's dominant positions
+    of each crop (ascending, 0 first); tiles (rows, cols) with rows x cols = T; grid (gh, gw) patches
+    per crop; newline (D,). Returns (anyres_token_count(T, d, c), D):
+    base crop as it is, the tiles' dominant patches in big-grid raster order, each tile's CLS token,
+    each tile's contextual tokens (tile by tile). A lone crop (T = 0): the crop, then ``newline``.
+    """
+    if crops.dim() != 3 or dominant.dim() != 2 or dominant.shape[0] != crops.shape[0]:
+        raise ValueError(f"VisionZip: crops (1 + T, d + c, D) and dominant (1 + T, d) expected, got "
+                         f"{tuple(crops.shape)} and {tuple(dominant.shape)}")
+    d = dominant.shape[1]
+    if d >= crops.shape[1] or bool((dominant[:, 0] != 0).any()):
+        raise ValueError("VisionZip: every crop's dominant tokens start with CLS (position 0) and leave room for "
+                         "at least one contextual token")
+    if tiles[0] * tiles[1] != crops.shape[0] - 1:
+        raise ValueError(f"VisionZip: {tiles[0]}x{tiles[1]} tiles but {crops.shape[0] - 1} tile crops")
+    base, rest = crops[0], crops[1:]
+    newline = newline.to(crops.device, crops.dtype)
+    if rest.shape[0] == 0:
+        return torch.cat([base, newline[None]], dim=0)
+    order = tile_patch_order(dominant[1:], tiles, grid)
+    patches = rest[:, 1:d].flatten(0, 1)[order]
+    return torch.cat([base, patches, rest[:, 0], rest[:, d:].flatten(0, 1)], dim=0)

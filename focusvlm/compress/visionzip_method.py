@@ -22,6 +22,9 @@ from ..methods import VisionMethod, register_method
 from ..viz import DROPPED, MERGED, PRIMARY, Panel, record_field
 from . import visionzip
 
+#: the patches the official setting (54 + 10) was chosen for: CLIP ViT-L/14-336 in LLaVA-1.5
+LLAVA15_PATCHES = 576
+
 
 @dataclass(frozen=True)
 class VisionZipConfig:
@@ -88,10 +91,14 @@ class VisionZip(VisionMethod):
             visionzip.token_count(g.num_patches, config.dominant, config.contextual)
         except ValueError as exc:
             raise ConfigError(f"VisionZipConfig: {exc}") from None
+        self._dominant: torch.Tensor | None = None   # the last tower call's dominant positions, per crop
+        self._next_crop = 0                           # the first of them the AnyRes packing has not laid out
         self._take, undo_capture = adapter.capture_layer_output(model, self.layer)
         self.on_remove(undo_capture)
         try:
             self.on_remove(adapter.replace_projector_input(model, self._replace))
+            # AnyRes: the official LLaVA-NeXT layout (visionzip/llava_arch.py); a single-crop family: nothing
+            self.on_remove(adapter.pack_crops_with(model, self._pack, self._image_count))
         except Exception:
             self.remove()
             raise
@@ -104,11 +111,45 @@ class VisionZip(VisionMethod):
         cls_attn = visionzip.multihead_cls_attention(q.flatten(1), keys, heads, scale)
         metric = visionzip.head_mean_keys(keys, heads)
         out, record = visionzip.visionzip(hidden, cls_attn, metric, self.config.dominant, self.config.contextual)
+        self._dominant, self._next_crop = record.dominant, 0
         if self.record:
             self.records = [record]
         return out
 
+    def _pack(self, crops: torch.Tensor, tiles: tuple[int, int], newline: torch.Tensor) -> torch.Tensor:
+        """One AnyRes image's projected crops in the official layout; its crops are the next 1 + tiles rows of
+        the last tower call (the family packs images in the order their crops went through the tower)."""
+        start, stop = self._next_crop, self._next_crop + crops.shape[0]
+        if self._dominant is None or stop > self._dominant.shape[0]:
+            raise RuntimeError("VisionZip: an image's crops reached the packing without a tower call that chose "
+                               "their dominant tokens")
+        self._next_crop = stop
+        return visionzip.pack_anyres(crops, self._dominant[start:stop].to(crops.device), tiles, self.geometry.grid,
+                                     newline)
+
+    def _image_count(self, stock: int, tiles: int) -> int:
+        return visionzip.anyres_token_count(tiles, self.config.dominant, self.config.contextual)
+
+    @classmethod
+    def fit_to_model(cls, config: VisionZipConfig, model: Any, adapter: Any) -> VisionZipConfig:
+        """A tower with fewer tokens than dominant + contextual (a small preset): the same share of its patches as
+        the config takes of LLaVA-1.5's 576 (64 -> 2 of next-tiny's 16), at least 2, in the config's proportion."""
+        from ..models import UnsupportedModelError
+
+        try:
+            n = adapter.tower_geometry(model).num_patches
+        except UnsupportedModelError:
+            return config
+        if config.tokens <= n + 1:
+            return config
+        total = max(2, int(config.tokens * n / LLAVA15_PATCHES + 0.5))
+        dominant = min(max(int(total * config.dominant / config.tokens + 0.5), 1), total - 1)
+        return VisionZipConfig(dominant=dominant, contextual=total - dominant)
+
     def output_patches(self, grid: tuple[int, int]) -> int:
+        if self.adapter.packs_crops:
+            raise ValueError(f"VisionZip on {self.adapter.title}: an image's count depends on its tiles "
+                             f"((1 + tiles) x {self.config.tokens}, no newlines); the patched processor emits it")
         total = visionzip.token_count(grid[0] * grid[1], self.config.dominant, self.config.contextual)
         # ``image_tokens`` adds one for a kept CLS; VisionZip's total already holds it, whatever the strategy
         return total - (1 if self.geometry.keeps_cls else 0)

@@ -83,14 +83,46 @@ def stage_schedule(num_patches: int, target: float | int, stages: int, cluster_f
     n_in = num_patches
     for s in range(stages):
         n_out = final if s == stages - 1 else min(n_in, max(final, round_half_up(n_in * ratio)))
-        if n_out >= n_in:
-            out.append(Stage(n_in, n_in, 0))
-            continue
-        c = 0 if prune_only else max(1, round_half_up(cluster_frac * n_out))
-        c = min(c, n_out)
-        out.append(Stage(n_in, n_out - c, c))
-        n_in = n_out
+        out.append(crop_stage(n_in, n_out, cluster_frac, prune_only))
+        n_in = out[-1].n_out
     return out
+
+
+def crop_stage(n_in: int, n_out: int, cluster_frac: float, prune_only: bool = False) -> Stage:
+    """The stage that takes ``n_in`` patch tokens to ``n_out`` (one step of ``stage_schedule``).
+
+    Clusters c = max(1, round(cluster_frac * n_out)), at most n_out (0 when ``prune_only``);
+    ``n_out >= n_in`` is the identity; ``n_out = 0`` drops every token.
+    """
+    if n_out >= n_in:
+        return Stage(n_in, n_in, 0)
+    c = 0 if prune_only else min(n_out, max(1, round_half_up(cluster_frac * n_out)))
+    return Stage(n_in, n_out - c, c)
+
+
+# --------------------------------------------------------------------------- per-image budget (AnyRes)
+
+def anyres_budget(stock: int, patches: int, tiles: int, target: float | int) -> tuple[int, int]:
+    """SPEC "Per-image budget": (tokens the base crop keeps, tokens each tile keeps) for one AnyRes image.
+
+    ``stock``: S, the stock model's token count for the image (after unpadding / anyres_max
+    downscale); ``patches``: P per crop; ``tiles``: T. B = round_half_up(target x S) for a share,
+    the count itself for a count target; b = the per-crop target (``resolve_target``); each tile
+    keeps t = min(b, floor((B - b - T) / T)) tokens plus its newline. When t < 1 (or the image has
+    no tiles) the tiles are dropped: returns (min(b, B), 0).
+    """
+    base = resolve_target(patches, target)
+    budget = round_half_up(target * stock) if isinstance(target, float) and target <= 1.0 else int(target)
+    if tiles > 0:
+        tile = min(base, (budget - base - tiles) // tiles)
+        if tile >= 1:
+            return base, tile
+    return min(base, budget), 0
+
+
+def anyres_count(base: int, tile: int, tiles: int) -> int:
+    """Tokens of one image under ``anyres_budget``: base + tiles x (tile + 1 newline), or the base alone."""
+    return base + tiles * (tile + 1) if tile > 0 else base
 
 
 def default_layers(num_used_layers: int, stages: int) -> list[int]:
@@ -355,6 +387,55 @@ def compress(z: torch.Tensor, importance: torch.Tensor, stage: Stage, iters: int
     else:
         labels = redundant.new_zeros((B, 0))
     return torch.cat(parts, dim=1), StageRecord(importance, primary, redundant, labels)
+
+
+@dataclass
+class CropRecords:
+    """What a stage whose crops keep different counts did (``compress_crops``): per count, the crops
+    (positions in the batch) that kept it and their ``StageRecord``."""
+
+    groups: list[tuple[list[int], StageRecord]]
+
+    def of(self, sample: int) -> StageRecord:
+        """The record of crop ``sample`` alone (batch dimension 1)."""
+        for crops, record in self.groups:
+            if sample in crops:
+                j = crops.index(sample)
+                return StageRecord(*(t[j:j + 1] for t in (record.importance, record.primary, record.redundant,
+                                                          record.labels)))
+        raise IndexError(f"crop {sample} is not in this stage's batch of "
+                         f"{sum(len(c) for c, _ in self.groups)} crops")
+
+
+def compress_crops(z: torch.Tensor, importance: torch.Tensor, counts: list[int], iters: int,
+                   cluster_frac: float, merge: str = "mean", prune_only: bool = False,
+                   prefix: int = 1) -> tuple[torch.Tensor, CropRecords]:
+    """One VMTC stage in which crop i of the batch leaves with ``counts[i]`` patch tokens (SPEC "Per-image
+    budget": an AnyRes image's tiles may keep fewer tokens than its base crop).
+
+    Crop i becomes exactly what ``compress`` makes of it alone with ``crop_stage(n, counts[i])``: the
+    same importance, primary split, K-means and merge; crops with equal counts run as one batch.
+    Returns z' (B, prefix + max(counts), D): each crop's prefix and kept tokens first, zeros after
+    (the padding a caller trims by ``counts``), and the stage's ``CropRecords``.
+    """
+    B, N, D = z.shape
+    if len(counts) != B:
+        raise ValueError(f"{len(counts)} crop counts for a batch of {B} crops")
+    n = N - prefix
+    width = prefix + max(counts)
+    parts, order, groups = [], [], []
+    for count in sorted(set(counts), reverse=True):
+        crops = [i for i, c in enumerate(counts) if c == count]
+        index = torch.tensor(crops, device=z.device)
+        stage = crop_stage(n, count, cluster_frac, prune_only)
+        out, record = compress(z.index_select(0, index), importance.index_select(0, index), stage, iters, merge,
+                               prune_only, prefix)
+        parts.append(torch.nn.functional.pad(out, (0, 0, 0, width - out.shape[1])))
+        order += crops
+        groups.append((crops, record))
+    inverse = torch.empty(B, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(B)
+    return torch.cat(parts).index_select(0, inverse.to(z.device)), CropRecords(groups)
 
 
 def owners_after(owner: torch.Tensor, record: StageRecord) -> torch.Tensor:

@@ -19,8 +19,8 @@ from ..config import ConfigError, check_layer_list, fail
 from ..errors import UnsupportedModelError
 from ..methods import VisionMethod, register_method
 from ..viz import DROPPED, MERGED, PRIMARY, Panel
-from .vmtc import (Stage, StageRecord, cls_importance, compress, default_layers, owners_after, received_importance,
-                   stage_schedule)
+from .vmtc import (CropRecords, Stage, StageRecord, anyres_budget, cls_importance, compress, compress_crops,
+                   default_layers, owners_after, received_importance, stage_schedule)
 from .vmtc_merged import reduce_call
 
 VMTC_MERGES = ("mean", "sum")
@@ -153,12 +153,25 @@ class VMTC(VisionMethod):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.layers = layers
+        # AnyRes: the per-image budget (SPEC) cuts each crop to its own count in the last layer the LLM reads
+        self.crop_counts = None
+        self.budget_layer: int | None = None   # where that cut runs; None: one count for every crop
+        self.budget_extra = False              # the cut is a stage of its own (the schedule ends before it)
         try:
+            if any(not stage.is_identity for stage in self.stages):  # crops lose their grid: AnyRes packs them without one
+                self.crop_counts, undo = adapter.budget_reduced_crops(model, self.image_tokens(), self.crop_budget)
+                self.on_remove(undo)
+            if self.crop_counts is not None:
+                self.budget_layer = used - 1
+                self.budget_extra = layers[-1] != used - 1 or self.stages[-1].is_identity
             for index, (layer_idx, stage) in enumerate(zip(layers, self.stages)):
                 if not stage.is_identity:  # nothing to do there; the layer stays stock
-                    self.on_remove(adapter.add_tower_stage(model, layer_idx, self._stage_fn(index, stage)))
-            if any(not stage.is_identity for stage in self.stages):  # crops lose their grid: AnyRes packs them without one
-                self.on_remove(adapter.pack_reduced_crops(model, self.image_tokens()))
+                    per_crop = layer_idx == self.budget_layer and not self.budget_extra
+                    self.on_remove(adapter.add_tower_stage(model, layer_idx, self._stage_fn(index, stage, per_crop)))
+            if self.budget_extra:  # every crop arrives with the schedule's count: base crops pass, tiles are cut
+                final = self.stages[-1].n_out
+                self.on_remove(adapter.add_tower_stage(model, self.budget_layer,
+                                                       self._stage_fn(len(layers), Stage(final, final, 0), True)))
         except Exception:
             self.remove()
             raise
@@ -194,16 +207,34 @@ class VMTC(VisionMethod):
             self.records = records
         return MergedResult(tuple(features), tuple(tuple(level) for level in extras), tuple(sources))
 
-    def _stage_fn(self, index: int, stage: Stage):
+    def crop_budget(self, stock: int, tiles: int) -> tuple[int, int]:
+        """SPEC "Per-image budget": (tokens the base crop keeps, tokens each tile keeps; 0 drops the tiles) of
+        an AnyRes image whose stock model hands the LLM ``stock`` tokens from ``tiles`` tiles."""
+        return anyres_budget(stock, self.geometry.num_patches, tiles, self.config.target)
+
+    def _stage_fn(self, index: int, stage: Stage, per_crop: bool = False):
+        """The stage in one layer. ``per_crop``: the last layer the LLM reads on an AnyRes model, where every
+        crop of the call leaves with its own count (``crop_counts``: base crops the schedule's, tiles their
+        budget's), each compressed from this layer's input as VMTC compresses it alone (``compress_crops``)."""
         def run(layer: Any, normed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            counts = self.crop_counts() if per_crop else None
+            if counts is not None and len(counts) != z.shape[0]:
+                raise RuntimeError(f"VMTC: {len(counts)} crop counts for a tower batch of {z.shape[0]} crops")
+            uniform = counts is None or all(c == stage.n_out for c in counts)
+            if uniform and stage.is_identity and not self.record:
+                return z  # the budget's own stage with nothing to cut in this call
             if self.importance == "cls":
                 q, k, scale = self.adapter.tower_cls_qk(layer, normed)
                 importance = cls_importance(q, k, scale)
             else:
                 q, k, scale = self.adapter.tower_qk(layer, normed)
                 importance = received_importance(q, k, scale, self.prefix)
-            out, record = compress(z, importance, stage, self.config.kmeans_iters, self.config.merge,
-                                   self.config.prune_only, self.prefix)
+            if uniform:
+                out, record = compress(z, importance, stage, self.config.kmeans_iters, self.config.merge,
+                                       self.config.prune_only, self.prefix)
+            else:
+                out, record = compress_crops(z, importance, counts, self.config.kmeans_iters, self.config.cluster_frac,
+                                             self.config.merge, self.config.prune_only, self.prefix)
             if self.record:
                 if index == 0 or not self.records:
                     self.records = []
@@ -246,20 +277,26 @@ class VMTC(VisionMethod):
                 return []
             return [merged_panel(self.records[sample])]
         active = [layer for layer, s in zip(self.layers, self.stages) if not s.is_identity]
+        if self.budget_extra:
+            active.append(self.budget_layer)
         return stage_panels(self.records, active, sample) if self.records else []
 
 
 # --------------------------------------------------------------------------- `focusvlm show`
 
 
-def stage_panels(records: list[StageRecord], layers: list[int], sample: int = 0) -> list[Panel]:
+def stage_panels(records: list[StageRecord | CropRecords], layers: list[int], sample: int = 0) -> list[Panel]:
     """Per stage: which original patches are primary, merged (with cluster id) or already dropped."""
-    n0 = records[0].importance.shape[1]
+    def one(rec):  # crop ``sample``'s record, on the CPU
+        rec = rec.of(sample) if isinstance(rec, CropRecords) else \
+            StageRecord(*(t[sample:sample + 1] for t in (rec.importance, rec.primary, rec.redundant, rec.labels)))
+        return StageRecord(*(t.cpu() for t in (rec.importance, rec.primary, rec.redundant, rec.labels)))
+
+    n0 = one(records[0]).importance.shape[1]
     owner = torch.arange(n0).unsqueeze(0)
     panels = []
     for layer, rec in zip(layers, records):
-        rec = StageRecord(*(t[sample:sample + 1].cpu() for t in (rec.importance, rec.primary, rec.redundant,
-                                                                      rec.labels)))
+        rec = one(rec)
         n_in = rec.importance.shape[1]
         kind = torch.full((n_in,), DROPPED)
         kind[rec.primary[0]] = PRIMARY

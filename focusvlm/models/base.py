@@ -139,6 +139,45 @@ TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
 ``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
 
+CropPacker = Callable[[torch.Tensor, tuple[int, int], torch.Tensor], torch.Tensor]
+"""fn(crops (1 + tiles, n, D), (rows, cols), newline (D,)) -> (L, D): one image's crops laid out (``pack_crops_with``)."""
+
+PackedReducer = Callable[[int, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
+"""fn(image index in the call, features (L, D), sources) -> (m, D): one image's packed sequence reduced
+(``reduce_packed_images``)."""
+
+CropBudget = Callable[[int, int], tuple[int, int]]
+"""fn(stock placeholders, tiles) -> (tokens the base crop keeps, tokens each tile keeps; 0: the tiles are dropped)."""
+
+ImageCount = Callable[[int, int], int]
+"""fn(stock placeholders, tiles) -> placeholders of one image after a method that packs or reduces whole images."""
+
+
+
+@dataclass(frozen=True)
+class AnyResImage:
+    """One image of a vision call as an AnyRes family hands it to ``pack_images_with``.
+
+    crops: (1 + tiles, n, D) its projected crops: the base crop first, then the tiles in the processor's
+        raster order (n = the crop's patches, plus its CLS token first under the "full" feature strategy).
+    tiles: (rows, cols) of its tile grid; (0, 0) for an image sent as one crop.
+    size: (height, width) of the original image (the processor's ``image_sizes`` entry).
+    newline: (D,) the model's image_newline.
+    stock_order: () -> (L,) long, computed on request: the crop tokens (crop x n + token) in the order the
+        family's own packing places them, newline rows left out and the tokens its unpadding crops away
+        absent (HiRED keeps its chosen tokens where the stock packing puts them).
+    """
+
+    crops: torch.Tensor
+    tiles: tuple[int, int]
+    size: tuple[int, int]
+    newline: torch.Tensor
+    stock_order: Callable[[], torch.Tensor] | None = None
+
+
+ImagesPacker = Callable[[list[AnyResImage]], list[torch.Tensor]]
+"""fn(every image of one vision call, in order) -> each image's (L, D) features (``pack_images_with``)."""
+
 
 class FamilyAdapter:
     """Base class of every family adapter. Subclasses set the class attributes and override the hooks."""
@@ -216,6 +255,10 @@ class FamilyAdapter:
     # ------------------------------------------------------------------ vision side
     def tower_geometry(self, model: torch.nn.Module) -> TowerGeometry:
         raise UnsupportedModelError(f"{self.title}: vision-side methods are not supported yet")
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision encoder as one module (what ``focusvlm.compile_model`` compiles), methods' stages inside."""
+        raise UnsupportedModelError(f"{self.title}: no vision tower exposed")
 
     def encoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The vision tower's encoder layers (benchmarks hook them to record the token schedule)."""
@@ -298,6 +341,68 @@ class FamilyAdapter:
         needs no grid; returns the undo. Single-crop families pass features on as they are: nothing to do.
         """
         return lambda: None
+
+    def budget_reduced_crops(self, model: torch.nn.Module, tokens_per_crop: int,
+                             budget: CropBudget) -> tuple[Callable[[], list[int] | None] | None, Callable[[], None]]:
+        """``pack_reduced_crops`` under a per-image budget (VMTC on AnyRes; SPEC "Per-image budget").
+
+        Where ``packs_crops``: every crop leaves the tower with ``tokens_per_crop`` rows, of which
+        ``budget(stock, tiles)`` -> (base, tile) says how many count, per image of ``tiles`` tiles
+        whose stock model hands the LLM ``stock`` tokens (computed from the image size alone, after
+        unpadding and any downscale; an image sent as one crop has 0 tiles): the base crop's first
+        ``base`` rows, then each tile's first ``tile`` rows followed by one image_newline, or with
+        tile 0 the base crop's rows alone. The family packs images so, and a processor patched
+        afterwards emits base + tiles x (tile + 1) (or base) placeholders (the stock processor's
+        own count as ``stock``). Returns (crop_counts, undo): during a vision call ``crop_counts()``
+        lists the rows each crop of the tower's batch keeps (base crops' and tiles', in batch order),
+        None outside one. Families with one crop per image: (None, ``pack_reduced_crops``' undo).
+        """
+        return None, self.pack_reduced_crops(model, tokens_per_crop)
+
+    # a family that lays several crops of one image out in one packed sequence (AnyRes: LLaVA-NeXT, OneVision)
+    packs_crops: ClassVar[bool] = False
+
+    def pack_crops_with(self, model: torch.nn.Module, pack: CropPacker,
+                        count: ImageCount) -> Callable[[], None]:
+        """A vision method lays each image's crops out itself (VisionZip's official LLaVA-NeXT layout).
+
+        Where ``packs_crops``: ``pack(crops, (rows, cols), newline)`` replaces the family's packing of every
+        image: crops (1 + tiles, n, D) are the projected crops of one image (base crop first, tiles in the
+        processor's raster order), (rows, cols) its tile grid ((0, 0) for an image sent as one crop),
+        newline (D,) the model's image_newline; it returns the image's (L, D) features. A processor
+        patched afterwards (``patch_processor``) emits ``count(stock, tiles)`` placeholders per image
+        (stock: the stock processor's count, tiles: rows x cols). Returns the undo.
+        Families with one crop per image have nothing to lay out: nothing to do.
+        """
+        return lambda: None
+
+    def reduce_packed_images(self, model: torch.nn.Module, reduce: PackedReducer,
+                             count: ImageCount) -> Callable[[], None]:
+        """A vision method reduces each image's whole packed sequence (DivPrune's official LLaVA-1.6 path).
+
+        Where ``packs_crops``: after the family's own packing, ``reduce(index, features, sources)`` replaces
+        image ``index``'s (of the call, 0 first) (L, D) features (what the stock model puts at that image's placeholders, newlines
+        included) with its (m, D) result; ``sources()`` gives (L,) long: crop x n + token of the crop token
+        each packed row is (n = tokens per crop), -1 for a newline or a row blended from several tokens.
+        A processor patched afterwards emits ``count(stock, tiles)`` placeholders per image (as
+        ``pack_crops_with``). Returns the undo. Families with one crop per image reduce the projector's
+        output instead (``reduce_projector_output``).
+        """
+        raise UnsupportedModelError(f"{self.title}: an image is one crop here; reduce the projector output")
+
+    def pack_images_with(self, model: torch.nn.Module, pack: ImagesPacker) -> Callable[[], None]:
+        """A vision method lays out every image of a vision call from its crops, knowing each image's original
+        size (GlobalCom2's official LLaVA-NeXT packing: it unpads the tiles itself).
+
+        Where ``packs_crops``: ``pack(images)`` replaces the family's packing and sees the call's images at
+        once, in order (``AnyResImage``: crops, tile grid, original size, image_newline), so a method can
+        line them up with what it captured from the tower's batch of all their crops; it returns each
+        image's (L, D) features. The count is the method's and may depend on the image's content: no
+        processor count follows it (``patch_processor`` then asks the method's ``output_patches``, which
+        should refuse). Returns the undo. Families with one crop per image have no packing to replace.
+        """
+        raise UnsupportedModelError(f"{self.title}: an image is one crop here, not a base crop plus tiles (AnyRes); "
+                                    "there is no crop packing to replace")
 
     def patch_processor(self, model: torch.nn.Module, processor: Any,
                         patches_for_grid: Callable[[tuple[int, int]], int]) -> Callable[[], None]:

@@ -249,6 +249,9 @@ class LlavaAdapter(FamilyAdapter):
         return TowerGeometry(grid=(side, side), patch_size=vcfg.patch_size, num_layers=num_layers,
                              feature_layers=layers, has_cls=has_cls, keeps_cls=strategy == "full")
 
+    def vision_tower(self, model):
+        return self.core(model).vision_tower
+
     def encoder_layers(self, model):
         return _vision_model(self.core(model)).encoder.layers
 

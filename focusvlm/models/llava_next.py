@@ -16,6 +16,10 @@ layer capture are the same CLIP code):
   stock layout for that case: its crop followed by one newline;
 * ``patch_processor``: the processor's placeholder count follows the same rule, with the tiles from
   the processor's own pinpoint choice: ``per_crop * (1 + tiles) + tiles``;
+* ``budget_reduced_crops`` (VMTC): the same packing under SPEC's per-image budget: a base-crop and a
+  tile count per image from its stock count (``anyres_stock_tokens``, from the size alone) and tiles,
+  the tokens each crop of a vision call keeps (a ``get_image_features`` wrapper), the matching
+  processor count;
 * presets with the real AnyRes geometry (llava-v1.6-vicuna-7b) and small ones for tests / CPU bench.
 Every hook returns its undo; the stock classes are never modified.
 """
@@ -23,6 +27,7 @@ Every hook returns its undo; the stock classes are never modified.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,10 +37,8 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 
 from .. import hfcompat
 from . import register_family
-from .base import TowerGeometry, UnsupportedModelError
+from .base import AnyResImage, TowerGeometry, UnsupportedModelError
 from .llava import LlavaAdapter
-
-# the positional order of LlavaNextModel.forward
 
 
 # --------------------------------------------------------------------------- AnyRes arithmetic (pure)
@@ -56,6 +59,43 @@ def packed_length(per_crop: int, tiles: int) -> int:
     return per_crop * (1 + tiles) + (tiles if tiles else 1)
 
 
+def anyres_stock_tokens(image_size, pinpoints: list, crop: tuple[int, int], grid: tuple[int, int],
+                        max_tiles: int | None = None) -> int:
+    """Tokens the stock model packs for one image cut into tiles (the processor's own count, from the size alone).
+
+    Base crop (grid patches), then the tiles' joint patch grid unpadded (the rows or columns that
+    only show padding cropped away, as ``unpad_image`` does), a newline after every row. With
+    ``max_tiles`` (OneVision's ``anyres_max_N``) a grid larger than 1.1 x sqrt(N crops' patches) is
+    first shrunk by that ratio, as the stock bilinear downscale does.
+    """
+    rows, cols = anyres_tiles(image_size, pinpoints, crop)
+    h, w = rows * grid[0], cols * grid[1]
+    orig_h, orig_w = int(image_size[0]), int(image_size[1])
+    if orig_w / orig_h > w / h:
+        h -= 2 * ((h - int(round(orig_h * (w / orig_w), 7))) // 2)
+    else:
+        w -= 2 * ((w - int(round(orig_w * (h / orig_h), 7))) // 2)
+    if max_tiles is not None:
+        ratio = math.sqrt(h * w / (max_tiles * grid[0] * grid[1]))
+        if ratio > 1.1:
+            h, w = int(h // ratio), int(w // ratio)
+    return grid[0] * grid[1] + h * w + h
+
+
+def pack_budget_crops(crops: torch.Tensor, newline: torch.Tensor, base: int, tile: int) -> torch.Tensor:
+    """One image's reduced crops (1 + tiles, n, D) under a per-image budget -> (base + tiles x (tile + 1), D).
+
+    The base crop's first ``base`` tokens, then every tile's first ``tile`` tokens, each tile followed
+    by ``newline``; ``tile`` 0: the base crop alone, no newline (SPEC "Per-image budget").
+    """
+    first = crops[0, :base]
+    if tile == 0 or crops.shape[0] == 1:
+        return first
+    tiles = crops[1:, :tile]
+    rows = torch.cat([tiles, newline.to(crops.device, crops.dtype).expand(tiles.shape[0], 1, -1)], dim=1)
+    return torch.cat([first, rows.flatten(0, 1)], dim=0)
+
+
 def pack_crops(crops: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
     """One image's reduced crops (1 + tiles, n, D) -> (packed_length(n, tiles), D).
 
@@ -68,6 +108,32 @@ def pack_crops(crops: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
         return torch.cat([base, newline[None]], dim=0)
     rows = torch.cat([tiles, newline.expand(tiles.shape[0], 1, -1)], dim=1)   # (tiles, n + 1, D)
     return torch.cat([base, rows.flatten(0, 1)], dim=0)
+
+
+def _packed_sources(stock_pack: Callable, crops: torch.Tensor, image_size: torch.Tensor, args: tuple,
+                    kwargs: dict) -> torch.Tensor:
+    """(L,) long: which crop token (crop x n + token) each row of one image's stock packing is.
+
+    The stock packing runs on two float64 channels, the token's index i and i squared, with the
+    newline (-1, 1): a row that is one token keeps (i, i^2); a row blended from several (a bilinear
+    downscale) has a non-integer i or a second channel above i^2 (Jensen); those and newlines get -1.
+    """
+    count, n = crops.shape[:2]
+    index = torch.arange(count * n, dtype=torch.float64, device=crops.device).view(count, n, 1)
+    marker = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=crops.device)
+    packed, _ = stock_pack([torch.cat([index, index.square()], dim=-1)], image_size, *args,
+                           **{**kwargs, "image_newline": marker})
+    i, sq = packed[0].unbind(-1)
+    single = (i >= 0) & (i == i.round()) & (sq == i.square())
+    return torch.where(single, i, -1).long()
+
+
+def _stock_order(stock_pack: Callable, crops: torch.Tensor, image_size: torch.Tensor, args: tuple,
+                 kwargs: dict) -> torch.Tensor:
+    """(L,) long: the crop tokens (crop x n + token) in the order the stock packing places them, newline rows
+    (and rows blended from several tokens) left out; tokens the unpadding crops away are absent."""
+    sources = _packed_sources(stock_pack, crops, image_size, args, kwargs)
+    return sources[sources >= 0]
 
 
 # --------------------------------------------------------------------------- presets
@@ -105,6 +171,10 @@ PRESETS: dict[str, AnyResPreset] = {
     # llava-hf/llava-v1.6-vicuna-7b-hf's architecture (random weights)
     "llava-v1.6-vicuna-7b": AnyResPreset(vision=_CLIP_L_336, text=_VICUNA_7B, pinpoints=_NEXT_PINPOINTS,
                                          extra=dict(image_token_index=32000)),
+    # the AnyRes equal-budget table on a CPU: the real tower and image geometry (2,928 tokens for a 2x2-tile
+    # image) in front of two Vicuna-7B-wide decoder layers (all 32 do not fit a CPU bench's time)
+    "llava-v1.6-vicuna-7b-2layers": AnyResPreset(vision=_CLIP_L_336, text={**_VICUNA_7B, "num_hidden_layers": 2},
+                                                 pinpoints=_NEXT_PINPOINTS, extra=dict(image_token_index=32000)),
 }
 
 
@@ -144,6 +214,7 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     presets = tuple(PRESETS)
     model_class = LlavaNextForConditionalGeneration
+    packs_crops = True
 
     def core(self, model):
         if isinstance(model, LlavaNextForConditionalGeneration):
@@ -202,7 +273,198 @@ class LlavaNextAdapter(LlavaAdapter):
             core.__dict__.pop("pack_image_features", None)
         return undo
 
+    def _install_packing(self, core, pack_image_features: Callable, count: Callable[[int, int], int]):
+        """An instance-level ``pack_image_features`` and the per-image count rule ``patch_processor`` follows."""
+        if "pack_image_features" in core.__dict__:
+            raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
+        core.pack_image_features = pack_image_features
+        core._focusvlm_image_count = count
+
+        def undo() -> None:
+            core.__dict__.pop("pack_image_features", None)
+            core.__dict__.pop("_focusvlm_image_count", None)
+        return undo
+
+    def pack_crops_with(self, model, pack, count):
+        core = self.core(model)
+        title = self.title
+
+        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
+            if image_newline is None:
+                raise RuntimeError(f"{title}: packing crops needs the model's image_newline")
+            vc = core.config.vision_config
+            packed = []
+            for crops, size in zip(image_features, image_sizes):
+                tiles = (0, 0) if crops.shape[0] == 1 else \
+                    anyres_tiles([int(x) for x in size], core.config.image_grid_pinpoints, (vc.image_size,) * 2)
+                if tiles[0] * tiles[1] != crops.shape[0] - 1:
+                    raise RuntimeError(f"{title}: an image of {crops.shape[0]} crops has a {tiles[0]}x{tiles[1]} "
+                                       "tile grid")
+                packed.append(pack(crops, tiles, image_newline))
+            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+            return packed, lengths
+
+        return self._install_packing(core, pack_image_features, count)
+
+    def reduce_packed_images(self, model, reduce, count):
+        core = self.core(model)
+        stock = core.pack_image_features   # the class's own packing, bound to this core
+
+        def pack_image_features(image_features, image_sizes, *args: Any, **kwargs: Any):
+            packed, _ = stock(image_features, image_sizes, *args, **kwargs)
+            out = []
+            for index, features in enumerate(packed):
+                sources = functools.partial(_packed_sources, stock, image_features[index], image_sizes[index:index + 1],
+                                            args, kwargs)
+                out.append(reduce(index, features, sources))
+            lengths = torch.tensor([p.shape[0] for p in out], dtype=torch.long, device=out[0].device)
+            return out, lengths
+
+        return self._install_packing(core, pack_image_features, count)
+
+    def pack_images_with(self, model, pack):
+        core = self.core(model)
+        if "pack_image_features" in core.__dict__:
+            raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
+        title = self.title
+        stock = core.pack_image_features   # the class's own packing, bound to this core
+
+        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
+            if image_newline is None:
+                raise RuntimeError(f"{title}: packing crops needs the model's image_newline")
+            vc = core.config.vision_config
+            images = []
+            for index, (crops, size) in enumerate(zip(image_features, image_sizes)):
+                size = tuple(int(x) for x in size)
+                tiles = (0, 0) if crops.shape[0] == 1 else \
+                    anyres_tiles(size, core.config.image_grid_pinpoints, (vc.image_size,) * 2)
+                if tiles[0] * tiles[1] != crops.shape[0] - 1:
+                    raise RuntimeError(f"{title}: an image of {crops.shape[0]} crops has a {tiles[0]}x{tiles[1]} "
+                                       "tile grid")
+                order = functools.partial(_stock_order, stock, crops, image_sizes[index:index + 1], args, kwargs)
+                images.append(AnyResImage(crops, tiles, size, image_newline, order))
+            packed = pack(images)
+            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+            return packed, lengths
+
+        core.pack_image_features = pack_image_features
+
+        def undo() -> None:
+            core.__dict__.pop("pack_image_features", None)
+        return undo
+
+    def budget_reduced_crops(self, model, tokens_per_crop, budget):
+        geometry = self.tower_geometry(model)
+        if geometry.keeps_cls:
+            raise UnsupportedModelError(f"{self.title}: a per-image budget counts patch tokens, but this model "
+                                        "keeps each crop's CLS token (vision_feature_select_strategy='full')")
+        core = self.core(model)
+        title, adapter = self.title, self
+        call: dict[str, Any] = {}
+
+        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
+            if image_newline is None:
+                raise RuntimeError(f"{title}: packing reduced crops needs the model's image_newline")
+            aspect = kwargs.get("vision_aspect_ratio")
+            packed = []
+            for crops, size in zip(image_features, image_sizes):
+                if crops.shape[1] != tokens_per_crop:
+                    raise RuntimeError(f"{title}: a crop reached the projector with {crops.shape[1]} tokens, "
+                                       f"expected {tokens_per_crop}")
+                tiles = crops.shape[0] - 1
+                base, tile = budget(adapter._stock_tokens(core, [int(x) for x in size], tiles, aspect), tiles)
+                packed.append(pack_budget_crops(crops, image_newline, base, tile))
+            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+            return packed, lengths
+
+        def count(stock: int, tiles: int) -> int:
+            base, tile = budget(stock, tiles)
+            return base + tiles * (tile + 1) if tile > 0 else base
+
+        import inspect
+
+        undo_packing = self._install_packing(core, pack_image_features, count)
+        stock_features = core.get_image_features
+        signature = inspect.signature(stock_features)
+
+        # each vision call: the tokens every crop of the tower's batch keeps, from the image sizes alone
+        @functools.wraps(stock_features)
+        def get_image_features(*args: Any, **kwargs: Any):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            sizes = [[int(x) for x in size] for size in bound["image_sizes"]]
+            counts = []
+            for size, crops in zip(sizes, adapter._crops_per_image(core, sizes, bound.get("batch_num_images"))):
+                tiles = crops - 1
+                base, tile = budget(adapter._stock_tokens(core, size, tiles, bound.get("vision_aspect_ratio")), tiles)
+                counts += [base] + [tile] * tiles
+            call["counts"] = counts
+            try:
+                return stock_features(*args, **kwargs)
+            finally:
+                call.pop("counts", None)
+
+        core.get_image_features = get_image_features
+
+        def undo() -> None:
+            core.__dict__.pop("get_image_features", None)
+            undo_packing()
+        return (lambda: call.get("counts")), undo
+
+    def _crops_per_image(self, core, image_sizes: list, batch_num_images=None) -> list[int]:
+        """Crops the core cuts each image of a vision call into (base crop + tiles), as ``get_image_features``."""
+        vc = core.config.vision_config
+        return [1 + math.prod(anyres_tiles(size, core.config.image_grid_pinpoints, (vc.image_size,) * 2))
+                for size in image_sizes]
+
+    def _stock_tokens(self, core, image_size: list, tiles: int, vision_aspect_ratio=None) -> int:
+        """The stock model's token count for one image of ``tiles`` tiles (a lone crop: its patches + a newline)."""
+        vc = core.config.vision_config
+        side = vc.image_size // vc.patch_size
+        if tiles == 0:
+            return side * side + 1
+        return anyres_stock_tokens(image_size, core.config.image_grid_pinpoints, (vc.image_size,) * 2, (side, side))
+
     # ------------------------------------------------------------------ processor
+    def _image_tiles(self, processor, image_inputs: dict, image_idx: int) -> int:
+        """Tiles the processor cut image ``image_idx`` into (its own pinpoint choice)."""
+        size = image_inputs["image_sizes"][image_idx]
+        size = size.tolist() if hasattr(size, "tolist") else list(size)
+        crop = tuple(image_inputs["pixel_values"][0][0].shape[-2:])
+        rows, cols = anyres_tiles(size, processor.image_processor.image_grid_pinpoints, crop)
+        return rows * cols
+
+    def _patch_counts(self, processor, count: Callable[[int, int], int]) -> Callable[[], None]:
+        """The processor emits ``count(stock, tiles)`` placeholders per image (a method that packs or reduces
+        whole images: ``pack_crops_with``, ``reduce_packed_images``)."""
+        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
+                 if k in processor.__dict__}
+        stock_replace = processor.replace_image_token
+        stock_count = processor._get_num_multimodal_tokens
+        p, adapter = processor, self
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            stock = len(stock_replace(image_inputs, image_idx, **kwargs)) // len(p.image_token)
+            return p.image_token * count(stock, adapter._image_tiles(p, image_inputs, image_idx))
+
+        def _get_num_multimodal_tokens(image_sizes=None, **kwargs: Any):
+            data = stock_count(image_sizes=image_sizes, **kwargs)
+            if image_sizes is not None:
+                crop = adapter._processed_crop(p, kwargs)
+                pins = p.image_processor.image_grid_pinpoints
+                data.num_image_tokens = [count(n, math.prod(anyres_tiles(list(size), pins, crop)))
+                                         for n, size in zip(data.num_image_tokens, image_sizes)]
+            return data
+
+        processor.replace_image_token = replace_image_token
+        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
+
+        def undo() -> None:
+            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
+                p.__dict__.pop(name, None)
+                if name in saved:
+                    p.__dict__[name] = saved[name]
+        return undo
+
     def _per_crop(self, model, processor, patches_for_grid) -> int:
         geometry = self.tower_geometry(model)
         if getattr(processor, "patch_size", geometry.patch_size) != geometry.patch_size:
@@ -238,6 +500,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if getattr(processor.image_processor, "image_grid_pinpoints", None) is None:
             raise UnsupportedModelError(f"the image processor {type(processor.image_processor).__name__} has no "
                                         "image_grid_pinpoints (not an AnyRes processor)")
+        count = self.core(model).__dict__.get("_focusvlm_image_count")
+        if count is not None:   # the vision method packs or reduces whole images: its own count per image
+            return self._patch_counts(processor, count)
         if "pack_image_features" not in self.core(model).__dict__:
             # the crops keep their grids (e.g. VMTC target 1.0), so the model packs them the stock way
             # (unpadding, a newline per grid row) and the stock count is already right

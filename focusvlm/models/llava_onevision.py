@@ -29,30 +29,18 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionM
 from .. import hfcompat
 from . import register_family
 from .base import TowerStage, UnsupportedModelError
-from .llava import _vision_model
-from .llava_next import AnyResPreset, LlavaNextAdapter, build_random, packed_length
+from .llava import StagedEncoderForward, _vision_model
+from .llava_next import AnyResPreset, LlavaNextAdapter, anyres_stock_tokens, build_random, packed_length
 
-# the positional order of LlavaOnevisionModel.forward
 SiglipEncoderLayer = hfcompat.encoder_layer_class("siglip")
 
 
-class StagedSiglipEncoderLayer(SiglipEncoderLayer):
+class StagedSiglipEncoderLayer(StagedEncoderForward, SiglipEncoderLayer):
     """A SigLIP encoder layer that runs one in-tower stage between attention and MLP.
 
     Never constructed: stock layers have their ``__class__`` swapped to it (it stays a
     ``SiglipEncoderLayer``, which hidden-state capture matches on).
     """
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        residual = hidden_states
-        normed = self.layer_norm1(hidden_states)
-        attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=attention_mask, **kwargs)
-        hidden_states = residual + attn_out
-        hidden_states = self._focusvlm_stage(self, normed, hidden_states)
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
 
 
 def _video_guard(core) -> tuple[Callable[[], bool], Callable[[], None]]:
@@ -212,6 +200,34 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 break
             start += n
         return super()._replacement_count(processor, per_crop, image_inputs, image_idx)
+
+    def _image_tiles(self, processor, image_inputs: dict, image_idx: int) -> int:
+        start = 0
+        for n in image_inputs["batch_num_images"]:
+            if image_idx < start + n:
+                if n != 1:
+                    return 0   # a sample with several images: one crop per image (multi-image mode)
+                break
+            start += n
+        return super()._image_tiles(processor, image_inputs, image_idx)
+
+    def _crops_per_image(self, core, image_sizes, batch_num_images=None):
+        # a sample with several images gets one crop per image (multi-image mode), as get_image_features cuts
+        crops = super()._crops_per_image(core, image_sizes)
+        if batch_num_images is None:
+            return crops
+        alone = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        return [c if single else 1 for c, single in zip(crops, alone)]
+
+    def _stock_tokens(self, core, image_size, tiles, vision_aspect_ratio=None):
+        # the stock packing shrinks a tile grid above anyres_max_N crops' worth of patches
+        if tiles == 0:
+            return super()._stock_tokens(core, image_size, tiles)
+        vc = core.config.vision_config
+        side = vc.image_size // vc.patch_size
+        aspect = vision_aspect_ratio or core.config.vision_aspect_ratio
+        return anyres_stock_tokens(image_size, core.config.image_grid_pinpoints, (vc.image_size,) * 2, (side, side),
+                                   max_tiles=int(aspect.strip("anyres_max_")))
 
     # ------------------------------------------------------------------ building and loading
     def load(self, source, dtype=None, device=None, **kwargs):

@@ -142,6 +142,9 @@ class Qwen25VLAdapter(FamilyAdapter):
             return model
         return None
 
+    def vision_tower(self, model):
+        return self.core(model).visual
+
     # ------------------------------------------------------------------ language side
     def call_inputs(self, module, args, kwargs) -> CallInputs:
         given = hfcompat.bound_arguments(module, args, kwargs)

@@ -80,6 +80,11 @@ def _expected_image_tokens(lm, family, image):
         return emitted, emitted
     crop = model.config.vision_config.image_size
     rows, cols = anyres_tiles((image.height, image.width), model.config.image_grid_pinpoints, (crop, crop))
+    if hasattr(vision, "crop_budget"):  # VMTC: SPEC "Per-image budget", from the stock processor's own count
+        from focusvlm.compress.vmtc import anyres_count
+
+        stock = type(processor)._get_num_multimodal_tokens(processor, image_sizes=[(image.height, image.width)])
+        return anyres_count(*vision.crop_budget(stock.num_image_tokens[0], rows * cols), rows * cols), emitted
     return packed_length(vision.image_tokens(), rows * cols), emitted
 
 

@@ -95,15 +95,15 @@ def test_vmtc_placeholder_count_matches_features_for_many_sizes(pinpoints, cfg):
     if pinpoints is not None:
         model.config.image_grid_pinpoints = pinpoints
     processor = ab.next_processor(pinpoints)
+    from focusvlm.compress.vmtc import anyres_budget, anyres_count
+
     config = FocusConfig(vmtc=cfg)
     placeholders, features, stock, inputs = ab.count_case(model, processor, config, SIZES)
-    per_crop = 8 if cfg.target == 0.5 else 5
     pins = model.config.image_grid_pinpoints
-    for size, n_ph, n_feat in zip(SIZES, placeholders, features):
+    for size, n_ph, n_feat, n_stock in zip(SIZES, placeholders, features, stock):
         tiles = image_size_to_num_patches(list(size), pins, 56) - 1      # the model's own crop count
-        assert n_ph == n_feat == per_crop * (1 + tiles) + tiles, size
-    # (no "fewer than stock" check: unpadding leaves a 30x300 image almost no tile rows, while
-    # compressed tiles are packed whole, as the SPEC says)
+        # SPEC "Per-image budget": never more than stock, even where unpadding leaves few tile rows
+        assert n_ph == n_feat == anyres_count(*anyres_budget(n_stock, 16, tiles, cfg.target), tiles) <= n_stock, size
     assert sum(placeholders) < sum(stock)
     with patched(model, config, processor=processor):
         assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == placeholders
@@ -287,9 +287,14 @@ def test_show_draws_one_token_map_per_crop(tmp_path, model, processor, capsys):
         assert args.func(args) == 0
         image = Image.open(demo_image_path("chelsea"))
         rows, cols = anyres_tiles((image.height, image.width), model.config.image_grid_pinpoints, (56, 56))
-        per_crop = 8 if method[1] == "vmtc" else 4
+        tokens = 4 * (1 + rows * cols) + rows * cols
+        if method[1] == "vmtc":  # SPEC "Per-image budget", from the stock processor's own count
+            from focusvlm.compress.vmtc import anyres_budget, anyres_count
+
+            stock = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)]).num_image_tokens[0]
+            tokens = anyres_count(*anyres_budget(stock, 16, rows * cols, 0.5), rows * cols)
         text = capsys.readouterr().out
-        assert f"({per_crop * (1 + rows * cols) + rows * cols} image tokens, {1 + rows * cols} crops)" in text
+        assert f"({tokens} image tokens, {1 + rows * cols} crops)" in text
         picture = Image.open(out)
         single = single or picture.height // (1 + rows * cols)
         assert picture.height == (1 + rows * cols) * single     # one strip per crop, base crop first

@@ -177,12 +177,14 @@ def test_vmtc_placeholder_count_matches_features_for_many_sizes(pinpoints, cfg):
     if pinpoints is not None:
         model.config.image_grid_pinpoints = pinpoints
     processor = ab.onevision_processor(pinpoints)
+    from focusvlm.compress.vmtc import anyres_budget, anyres_count
+
     placeholders, features, stock, _ = ab.count_case(model, processor, FocusConfig(vmtc=cfg), SIZES)
-    per_crop = 8 if cfg.target == 0.5 else 3
     pins = model.config.image_grid_pinpoints
-    for size, n_ph, n_feat in zip(SIZES, placeholders, features):
+    for size, n_ph, n_feat, n_stock in zip(SIZES, placeholders, features, stock):
         tiles = image_size_to_num_patches(list(size), pins, 56) - 1
-        assert n_ph == n_feat == per_crop * (1 + tiles) + tiles, size
+        # SPEC "Per-image budget": never more than stock, the downscaled many-tile images included
+        assert n_ph == n_feat == anyres_count(*anyres_budget(n_stock, 16, tiles, cfg.target), tiles) <= n_stock, size
     if pinpoints is None:  # the preset's 6x6 pinpoints: large images take the stock downscale path
         downscaled = [s for s, n in zip(SIZES, stock) if n < stock_unscaled(s, pins)]
         assert (1000, 1000) in downscaled and (400, 401) in downscaled
@@ -190,7 +192,9 @@ def test_vmtc_placeholder_count_matches_features_for_many_sizes(pinpoints, cfg):
         assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == placeholders
 
 
-def test_vmtc_multi_image_prompts_count_one_crop_plus_newline(model, processor):
+def test_vmtc_multi_image_prompts_count_one_crop_within_budget(model, processor):
+    from focusvlm.compress.vmtc import anyres_budget, anyres_count
+
     images = ab.random_images([(50, 90), (300, 60), (70, 70), (1000, 1000)])
     text = ["w1 <image> w2 <image>", "<image> w3", "w4 <image>"]
     grouped = [images[:2], images[2:3], images[3:]]
@@ -198,12 +202,16 @@ def test_vmtc_multi_image_prompts_count_one_crop_plus_newline(model, processor):
         inputs = processor(images=grouped, text=text, return_tensors="pt", padding=True)
         counts = (inputs["input_ids"] == ab.IMAGE_ID).sum(1).tolist()
         tiles = [anyres_tiles(s, model.config.image_grid_pinpoints, (56, 56)) for s in [(70, 70), (1000, 1000)]]
-        assert counts == [2 * (8 + 1)] + [8 * (1 + r * c) + r * c for r, c in tiles]
+        stock = type(processor)._get_num_multimodal_tokens(processor, image_sizes=[(70, 70), (1000, 1000)])
+        # a crop of a multi-image sample has no tiles: stock 16 + 1 newline, B = 9, the crop alone keeps 8
+        assert counts == [2 * 8] + [anyres_count(*anyres_budget(n, 16, r * c, 0.5), r * c)
+                                    for n, (r, c) in zip(stock.num_image_tokens, tiles)]
         assert torch.isfinite(ab.logits(model, inputs)).all()   # the model's own count check passes
 
 
 def test_vmtc_packing_equals_per_crop_tower_then_literal_layout(model, processor):
-    sizes = [(50, 90), (170, 120)]
+    # images whose budget keeps whole tiles (t = b); tiles cut to fewer tokens: tests/models/test_vmtc_budget.py
+    sizes = [(50, 90), (170, 90)]
     core = model.model
     with patched(model, FocusConfig(vmtc=VMTCConfig(target=0.5, stages=2)), processor=processor):
         inputs = ab.batch(processor, sizes, ab.MIXED_PROMPTS[:2])
@@ -302,10 +310,15 @@ def test_load_from_folder_generates_with_the_chat_template(tmp_path, model, proc
     prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1"}]}],
                                       add_generation_prompt=True, tokenize=False)
     assert prompt.startswith("<|im_start|> user <image>") and prompt.endswith("<|im_start|> assistant")
+    from focusvlm.compress.vmtc import anyres_budget, anyres_count
+
     images = [Image.fromarray(x) for x in ab.random_images([(50, 90), (300, 60)])]
     out = HFGenerator(loaded, proc).generate(["w1 w2", "w3"], images, 3)
-    tiles = [anyres_tiles((im.height, im.width), loaded.config.image_grid_pinpoints, (56, 56)) for im in images]
-    assert [o.image_tokens for o in out] == [8 * (1 + r * c) + r * c for r, c in tiles]
+    sizes = [(im.height, im.width) for im in images]
+    tiles = [anyres_tiles(size, loaded.config.image_grid_pinpoints, (56, 56)) for size in sizes]
+    stock = type(proc)._get_num_multimodal_tokens(proc, image_sizes=sizes).num_image_tokens
+    assert [o.image_tokens for o in out] == [anyres_count(*anyres_budget(n, 16, r * c, 0.5), r * c)
+                                             for n, (r, c) in zip(stock, tiles)]
 
 
 def test_bench_runs_the_onevision_preset():

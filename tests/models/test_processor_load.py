@@ -108,10 +108,11 @@ def test_a_folder_without_processor_files_names_torchvision(tmp_path):
 
 def test_onevision_folder_generates_with_vmtc_and_cmai(tmp_path):
     """The whole path a user takes: focusvlm.load(folder) -> patched model and processor -> batched generation,
-    with the placeholder count per image the SPEC gives (target x (1 + tiles) + tiles)."""
+    with the placeholder count per image the SPEC gives ("Per-image budget")."""
     import warnings
 
     from focusvlm import CMAIConfig, FocusConfig, VMTCConfig, load
+    from focusvlm.compress.vmtc import anyres_budget, anyres_count
     from focusvlm.models.llava_next import anyres_tiles
     from focusvlm.runtime import HFGenerator
 
@@ -122,6 +123,9 @@ def test_onevision_folder_generates_with_vmtc_and_cmai(tmp_path):
                                 torch_dtype="float32")
     images = [Image.fromarray(x) for x in ab.random_images([(50, 90), (300, 60)])]
     out = HFGenerator(model, processor).generate(["w1 w2", "w3"], images, 3)
-    tiles = [anyres_tiles((im.height, im.width), model.config.image_grid_pinpoints, (56, 56)) for im in images]
-    assert [o.image_tokens for o in out] == [8 * (1 + r * c) + r * c for r, c in tiles]
+    sizes = [(im.height, im.width) for im in images]
+    tiles = [anyres_tiles(size, model.config.image_grid_pinpoints, (56, 56)) for size in sizes]
+    stock = type(processor)._get_num_multimodal_tokens(processor, image_sizes=sizes).num_image_tokens
+    assert [o.image_tokens for o in out] == [anyres_count(*anyres_budget(n, 16, r * c, 0.5), r * c)
+                                             for n, (r, c) in zip(stock, tiles)]
     assert all(len(o.text.split()) == 3 for o in out)

@@ -114,3 +114,22 @@ def schedule(n, target, stages, cluster_frac, prune_only=False):
         rows.append((cur, nxt - c, c))
         cur = nxt
     return rows
+
+
+def anyres_budget(stock, patches, tiles, target):
+    """SPEC "Per-image budget", written out: (base crop's tokens, each tile's tokens, 0 = tiles dropped, count)."""
+    def half_up(x):
+        return int(math.floor(x + 0.5))
+
+    if isinstance(target, float):
+        b = half_up(target * patches)
+        big_b = half_up(target * stock)
+    else:
+        b = target
+        big_b = target
+    if tiles == 0:                    # no tiles at all: only the base crop, capped at B
+        return min(b, big_b), 0, min(b, big_b)
+    t = min(b, math.floor((big_b - b - tiles) / tiles))
+    if t < 1:                         # the tiles are dropped: only the base crop, capped at B
+        return min(b, big_b), 0, min(b, big_b)
+    return b, t, b + tiles * (t + 1)

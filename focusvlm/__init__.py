@@ -16,12 +16,13 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "FocusHandle": "focusvlm.api", "ProcessorHint": "focusvlm.api", "load": "focusvlm.api", "patch": "focusvlm.api", "patched": "focusvlm.api",
-    "unpatch": "focusvlm.api",
+    "unpatch": "focusvlm.api", "compile_model": "focusvlm.compiling",
     "ConfigError": "focusvlm.config", "FocusConfig": "focusvlm.config",
     "CMAIConfig": "focusvlm.inhibit.cmai_method", "VMTCConfig": "focusvlm.compress.vmtc_method",
     "SPDConfig": "focusvlm.compress.spd_method", "PruMergeConfig": "focusvlm.compress.prumerge_method",
     "VisionZipConfig": "focusvlm.compress.visionzip_method", "DivPruneConfig": "focusvlm.compress.divprune_method",
-    "FastVConfig": "focusvlm.inhibit.fastv_method",
+    "FastVConfig": "focusvlm.inhibit.fastv_method", "GlobalCom2Config": "focusvlm.compress.globalcom2_method",
+    "HiREDConfig": "focusvlm.compress.hired_method",
     "UnsupportedModelError": "focusvlm.errors",
     "list_methods": "focusvlm.methods", "list_families": "focusvlm.models",
 }

@@ -167,11 +167,13 @@ def patched(model: torch.nn.Module, config: FocusConfig | None = None, processor
 
 
 def load(model_id: str, config: FocusConfig | None = None, *, torch_dtype: Any = None, device_map: Any = None,
-         attn_implementation: str | None = None, **kwargs: Any):
+         attn_implementation: str | None = None, compile: bool = False, **kwargs: Any):
     """Load a checkpoint of any supported family and its processor, then patch both with ``config``.
 
     ``model_id``: a hub id, a local folder, or ``"demo"`` (the embedded model). Without a
     config the model comes back unpatched (stock); ``patch`` it yourself later.
+    ``compile=True``: the compiled path (``focusvlm.compiling.compile_model``: the vision tower and
+    generate's decode steps, static cache).
     """
     from .runtime import load_model
 
@@ -179,4 +181,8 @@ def load(model_id: str, config: FocusConfig | None = None, *, torch_dtype: Any =
                                   attn_implementation=attn_implementation, **kwargs)
     if config is not None and not config.is_stock:
         patch(model, config, processor)
+    if compile:
+        from .compiling import compile_model
+
+        compile_model(model)
     return model, processor

@@ -148,6 +148,20 @@ def static_cache(model: torch.nn.Module, max_cache_len: int) -> Any:
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
+def compile_decode_steps(generation_config: Any, backend: str, mode: str | None = None, fullgraph: bool = True) -> None:
+    """Make ``generate`` compile its decode steps: a static cache and a compile config, on every device.
+
+    transformers compiles the decode forward itself when the cache is static; by default only on CUDA, which
+    ``CompileConfig._compile_all_devices`` (private, read by generate) lifts, so CPU runs compile the same way.
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=fullgraph, dynamic=False, backend=backend, mode=mode)
+    config._compile_all_devices = True
+    generation_config.cache_implementation = "static"
+    generation_config.compile_config = config
+
+
 # --------------------------------------------------------------------------- decoder layers
 
 # what a transformers 5 decoder layer receives by keyword (hidden states come first, positionally)

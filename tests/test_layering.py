@@ -103,7 +103,7 @@ LAYERS = (
                           "focusvlm.viz")),
     ("models", ("focusvlm.models", "focusvlm.models.*")),
     ("methods", ("focusvlm.compress.*_method", "focusvlm.inhibit.*_method", "focusvlm.inhibit.cmai_wiring")),
-    ("runtime", ("focusvlm.api", "focusvlm.runtime")),
+    ("runtime", ("focusvlm.api", "focusvlm.runtime", "focusvlm.compiling")),
     ("applications", ("focusvlm.eval", "focusvlm.eval.*", "focusvlm.train", "focusvlm.train.*",
                       "focusvlm.bench", "focusvlm.bench.*", "focusvlm.demo", "focusvlm.demo.*")),
     ("integrations", ("focusvlm.integrations", "focusvlm.integrations.*")),

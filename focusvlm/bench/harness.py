@@ -169,7 +169,7 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
     """Every arm at one (batch, prompt length): plan each, count ops, time them interleaved, measure memory."""
     plans = {arm.name: _plan(model, arm, batch, vision, text_ids, vshape, tshape) for arm in opts.methods}
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
-    ops = _count_ops(model, plans, vision) if opts.count_ops and not opts.vision_only else None
+    ops = _count_ops(model, plans, vision, opts.compile) if opts.count_ops and not opts.vision_only else None
     if mode == "step":
         return _finish(_run_lockstep(model, opts, clock, batch, vision, plans), plans, batch, opts.new_tokens, mode,
                        None, ops)
@@ -210,9 +210,10 @@ def _prefill_flops(model, arm: BenchArm, info: dict[str, Any], vision: dict[str,
                          cmai_layers=inhibited, llm_layer_seq=layer_tokens, crops=info["crops"])
 
 
-def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor], compile: bool = False) -> dict[str, dict[str, int]]:
     """What each arm dispatches (deterministic: measured once, untimed): top-level aten ops of the vision path,
-    of the whole prefill and of one decode step, and the host reads of one prefill call."""
+    of the whole prefill and of one decode step, and the host reads of one prefill call; with ``compile``, also
+    the kernels the compiled vision tower and a compiled decode step launch."""
     from .opcount import decode_step_ops, host_reads, top_level_aten_ops
 
     out = {}
@@ -231,7 +232,37 @@ def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor]) -> dict[str
             prefill()
             out[name].update(prefill_ops=sum(top_level_aten_ops(prefill).values()), prefill_host_reads=host_reads(prefill),
                              decode_ops=sum(decode_step_ops(model, inputs).values()))
+            if compile:
+                out[name].update(_compiled_kernels(model, plan, vision, tower))
     return out
+
+
+def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tensor], tower: Callable[[], Any]):
+    """Kernels launched by the compiled vision tower and by one compiled decode step (after warm-up steps)."""
+    from ..compiling import tower_compiled
+    from .opcount import kernel_profiling, launched_kernels
+
+    with kernel_profiling(), torch.inference_mode():
+        with tower_compiled(model, COMPILE_BACKEND):
+            tower()   # compiles
+            vision_kernels = launched_kernels(tower)
+        (cache, token, mask), forward = _compiled_decoder(model, plan, vision, 4)
+        prompt = plan["ids"].shape[1]
+        steps = []
+        for step in range(3):
+            mask = mask.clone()
+            mask[:, prompt + step] = 1
+
+            def one_step(token=token, mask=mask):
+                steps.append(forward(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache),
+                                     use_cache=True, logits_to_keep=1))
+
+            if step < 2:
+                one_step()        # the first compiles, the second runs what was compiled
+            else:
+                decode_kernels = launched_kernels(one_step)
+            token = steps[-1].logits[:, -1:].argmax(-1)
+    return {"vision_kernels": vision_kernels, "decode_kernels": decode_kernels}
 
 
 # ----------------------------------------------------------------------------- round interleave
@@ -240,11 +271,11 @@ def _compile_kwargs(opts: BenchOptions) -> dict[str, Any]:
     """generate's arguments for --compile: transformers compiles the decode steps itself with a static cache."""
     if not opts.compile:
         return {}
-    from transformers import CompileConfig
+    from types import SimpleNamespace
 
-    config = CompileConfig(fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
-    config._compile_all_devices = True
-    return dict(cache_implementation="static", compile_config=config)
+    settings = SimpleNamespace()
+    hfcompat.compile_decode_steps(settings, COMPILE_BACKEND, mode="reduce-overhead")   # CUDA graphs on a GPU
+    return vars(settings)
 
 
 class _ArmCalls:
@@ -340,7 +371,11 @@ def _op_counts(arm: dict[str, int], stock: dict[str, int], plan: dict[str, Any],
             "extra_decode_ops_per_layer": (arm["decode_ops"] - stock["decode_ops"]) / layers,
             "extra_vision_ops": arm["vision_ops"] - stock["vision_ops"],
             "extra_vision_ops_per_stage": (arm["vision_ops"] - stock["vision_ops"]) / stages if stages else None,
-            "extra_prefill_host_reads": arm["prefill_host_reads"] - stock["prefill_host_reads"]}
+            "extra_prefill_host_reads": arm["prefill_host_reads"] - stock["prefill_host_reads"],
+            **({"extra_vision_kernels_per_stage": (arm["vision_kernels"] - stock["vision_kernels"]) / stages
+                if stages else None,
+                "extra_decode_kernels_per_layer": (arm["decode_kernels"] - stock["decode_kernels"]) / layers}
+               if "vision_kernels" in arm else {})}
 
 
 def _row(s: dict[str, list[float]], plan: dict[str, Any], memory: dict[str, Any], batch: int,

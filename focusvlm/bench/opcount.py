@@ -92,6 +92,37 @@ def top_level_aten_ops(fn: Callable[[], Any]) -> collections.Counter:
     return counts
 
 
+def launched_kernels(fn: Callable[[], Any]) -> int:
+    """Kernels one call of ``fn`` launches, compiled parts included.
+
+    On CUDA: the device kernels the profiler records. On a CPU: inductor's fused kernels (each a profiler
+    event when compiled under ``kernel_profiling()``) plus the top-level aten ops (the eager parts, and the
+    extern kernels a compiled graph calls: matmuls, sorts, scatters). For an eager ``fn`` on a CPU this is
+    ``top_level_aten_ops``' total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = list(prof.events())
+    device = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if device:
+        return len(device)
+    fused = sum(1 for e in events if "cpp_fused" in e.name)
+    eager = sum(1 for e in events
+                if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return fused + eager
+
+
+def kernel_profiling():
+    """Inductor's CPU kernels record themselves in the profiler (for ``launched_kernels``); enter it while the
+    graphs compile."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.enable_kernel_profile": True})
+
+
 def decode_step_ops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], warm_steps: int = 1) -> collections.Counter:
     """Ops of one greedy decode step after a prefill of ``inputs`` and ``warm_steps`` untimed steps."""
     batch = inputs["input_ids"].shape[0]
@@ -117,4 +148,5 @@ def extra_ops_per_layer(stock: collections.Counter, method: collections.Counter,
     return (sum(method.values()) - sum(stock.values())) / layers
 
 
-__all__ = ["HostReadCounter", "decode_step_ops", "extra_ops_per_layer", "host_reads", "top_level_aten_ops"]
+__all__ = ["HostReadCounter", "decode_step_ops", "extra_ops_per_layer", "host_reads", "kernel_profiling", "launched_kernels",
+           "top_level_aten_ops"]

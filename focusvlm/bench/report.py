@@ -48,6 +48,10 @@ _OPS_COLUMNS = (
     ("prefill_host_reads", "host reads/prefill", 1, "{:.0f}"),
     ("decode_ops", "ops/decode step", 1, "{:.0f}"),
     ("extra_decode_ops_per_layer", "extra decode ops/layer", 1, "{:.2f}"),
+    ("vision_kernels", "compiled vision kernels", 1, "{:.0f}"),
+    ("extra_vision_kernels_per_stage", "extra compiled kernels/stage", 1, "{:.1f}"),
+    ("decode_kernels", "compiled decode kernels", 1, "{:.0f}"),
+    ("extra_decode_kernels_per_layer", "extra compiled decode kernels/layer", 1, "{:.2f}"),
 )
 
 
@@ -71,7 +75,8 @@ def _run_table(meta: dict[str, Any], run: dict[str, Any]) -> list[str]:
         extras.append("static cache, decode steps compiled (fullgraph)")
     if meta.get("clock") == "cpu":
         extras.append("times are process CPU time")
-    columns = _COLUMNS + (_OPS_COLUMNS if any("decode_ops" in r for r in run["methods"].values()) else ())
+    rows = run["methods"].values()
+    columns = _COLUMNS + tuple(c for c in _OPS_COLUMNS if any(c[0] in r for r in rows))   # what was counted
     lines = [f"**{what}{' (vision tower only)' if meta.get('vision_only') else ''}, {meta['dtype']}, "
              f"batch {run['batch']}, {run.get('prompt_tokens', meta['prompt_tokens'])} prompt tokens"
              f"{'' if meta.get('vision_only') else ', ' + str(meta['new_tokens']) + ' new tokens'}"

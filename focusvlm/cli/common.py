@@ -27,6 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the vision tower and the decode steps (static cache); the first call "
+                             "compiles (minutes on a CPU), later ones reuse it")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (model loading and generation)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -112,4 +115,8 @@ def load_from_args(args: argparse.Namespace, patch_model: bool = True,
     check_context(model, getattr(args, "max_new_tokens", None))
     if patch_model and not config.is_stock:
         patch(model, config, processor)
+    if getattr(args, "compile", False):
+        from ..compiling import compile_model
+
+        compile_model(model)
     return model, processor, config

@@ -75,7 +75,7 @@ class DivPrune(VisionMethod):
         if self.anyres:
             # the official LLaVA-1.6 path: the selection runs over each image's whole packed sequence (base crop,
             # unpadded tiles, newlines), so the kept count follows the stock count of that image
-            self.on_remove(adapter.reduce_packed_images(model, self._reduce_image, self._image_count))
+            self.on_remove(adapter.pack_images_with(model, self._reduce_images, self._image_count))
             return
         try:
             config.tokens(g.num_patches + self.extra)
@@ -88,6 +88,9 @@ class DivPrune(VisionMethod):
         if self.record:
             self.records = [record]
         return out
+
+    def _reduce_images(self, images: list) -> list[torch.Tensor]:
+        return [self._reduce_image(index, image.stock_packed(), image.stock_sources) for index, image in enumerate(images)]
 
     def _reduce_image(self, index: int, packed: torch.Tensor, sources: Any) -> torch.Tensor:
         """Image ``index`` of a call: its packed (L, D) features -> the kept (m, D), in sequence order."""

@@ -98,10 +98,14 @@ class VisionZip(VisionMethod):
         try:
             self.on_remove(adapter.replace_projector_input(model, self._replace))
             # AnyRes: the official LLaVA-NeXT layout (visionzip/llava_arch.py); a single-crop family: nothing
-            self.on_remove(adapter.pack_crops_with(model, self._pack, self._image_count))
+            if adapter.packs_crops:
+                self.on_remove(adapter.pack_images_with(model, self._pack_images, self._image_count))
         except Exception:
             self.remove()
             raise
+
+    def _pack_images(self, images: list) -> list[torch.Tensor]:
+        return [self._pack(image.crops, image.tiles, image.newline) for image in images]
 
     def _replace(self, features: torch.Tensor) -> torch.Tensor:
         layer, layer_input, hidden = self._take()

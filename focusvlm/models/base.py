@@ -139,19 +139,11 @@ TowerStage = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 """fn(layer, normed, z) -> z': runs inside an encoder layer between the attention residual and the MLP.
 ``normed`` is LN1(z), the input the layer's attention saw; ``z`` the residual stream after attention."""
 
-CropPacker = Callable[[torch.Tensor, tuple[int, int], torch.Tensor], torch.Tensor]
-"""fn(crops (1 + tiles, n, D), (rows, cols), newline (D,)) -> (L, D): one image's crops laid out (``pack_crops_with``)."""
-
-PackedReducer = Callable[[int, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
-"""fn(image index in the call, features (L, D), sources) -> (m, D): one image's packed sequence reduced
-(``reduce_packed_images``)."""
-
 CropBudget = Callable[[int, int], tuple[int, int]]
 """fn(stock placeholders, tiles) -> (tokens the base crop keeps, tokens each tile keeps; 0: the tiles are dropped)."""
 
 ImageCount = Callable[[int, int], int]
 """fn(stock placeholders, tiles) -> placeholders of one image after a method that packs or reduces whole images."""
-
 
 
 @dataclass(frozen=True)
@@ -163,15 +155,23 @@ class AnyResImage:
     tiles: (rows, cols) of its tile grid; (0, 0) for an image sent as one crop.
     size: (height, width) of the original image (the processor's ``image_sizes`` entry).
     newline: (D,) the model's image_newline.
-    stock_order: () -> (L,) long, computed on request: the crop tokens (crop x n + token) in the order the
-        family's own packing places them, newline rows left out and the tokens its unpadding crops away
-        absent (HiRED keeps its chosen tokens where the stock packing puts them).
+    stock_tokens: the stock model's count for this image (after unpadding and any downscale).
+    Computed on request (the family's own packing run on this image):
+    stock_packed: () -> (L, D) what the stock model puts at the image's placeholders, newlines included.
+    stock_sources: () -> (L,) long: per row of ``stock_packed``, the crop token it is (crop x n + token), -1 for
+        a newline or a row blended from several tokens (OneVision's downscale).
+    stock_order: () -> the crop tokens in the order the stock packing places them, newline and blended rows
+        left out and the tokens its unpadding crops away absent (HiRED keeps its chosen tokens where the
+        stock packing puts them).
     """
 
     crops: torch.Tensor
     tiles: tuple[int, int]
     size: tuple[int, int]
     newline: torch.Tensor
+    stock_tokens: int = 0
+    stock_packed: Callable[[], torch.Tensor] | None = None
+    stock_sources: Callable[[], torch.Tensor] | None = None
     stock_order: Callable[[], torch.Tensor] | None = None
 
 
@@ -362,44 +362,19 @@ class FamilyAdapter:
     # a family that lays several crops of one image out in one packed sequence (AnyRes: LLaVA-NeXT, OneVision)
     packs_crops: ClassVar[bool] = False
 
-    def pack_crops_with(self, model: torch.nn.Module, pack: CropPacker,
-                        count: ImageCount) -> Callable[[], None]:
-        """A vision method lays each image's crops out itself (VisionZip's official LLaVA-NeXT layout).
-
-        Where ``packs_crops``: ``pack(crops, (rows, cols), newline)`` replaces the family's packing of every
-        image: crops (1 + tiles, n, D) are the projected crops of one image (base crop first, tiles in the
-        processor's raster order), (rows, cols) its tile grid ((0, 0) for an image sent as one crop),
-        newline (D,) the model's image_newline; it returns the image's (L, D) features. A processor
-        patched afterwards (``patch_processor``) emits ``count(stock, tiles)`` placeholders per image
-        (stock: the stock processor's count, tiles: rows x cols). Returns the undo.
-        Families with one crop per image have nothing to lay out: nothing to do.
-        """
-        return lambda: None
-
-    def reduce_packed_images(self, model: torch.nn.Module, reduce: PackedReducer,
-                             count: ImageCount) -> Callable[[], None]:
-        """A vision method reduces each image's whole packed sequence (DivPrune's official LLaVA-1.6 path).
-
-        Where ``packs_crops``: after the family's own packing, ``reduce(index, features, sources)`` replaces
-        image ``index``'s (of the call, 0 first) (L, D) features (what the stock model puts at that image's placeholders, newlines
-        included) with its (m, D) result; ``sources()`` gives (L,) long: crop x n + token of the crop token
-        each packed row is (n = tokens per crop), -1 for a newline or a row blended from several tokens.
-        A processor patched afterwards emits ``count(stock, tiles)`` placeholders per image (as
-        ``pack_crops_with``). Returns the undo. Families with one crop per image reduce the projector's
-        output instead (``reduce_projector_output``).
-        """
-        raise UnsupportedModelError(f"{self.title}: an image is one crop here; reduce the projector output")
-
-    def pack_images_with(self, model: torch.nn.Module, pack: ImagesPacker) -> Callable[[], None]:
-        """A vision method lays out every image of a vision call from its crops, knowing each image's original
-        size (GlobalCom2's official LLaVA-NeXT packing: it unpads the tiles itself).
+    def pack_images_with(self, model: torch.nn.Module, pack: ImagesPacker,
+                         count: ImageCount | None = None) -> Callable[[], None]:
+        """A vision method lays out every image of a vision call from its crops (VisionZip's official LLaVA-NeXT
+        layout, DivPrune's packed-sequence path, HiRED, GlobalCom2; the fixed packings of
+        ``pack_reduced_crops`` and ``budget_reduced_crops`` are built on it).
 
         Where ``packs_crops``: ``pack(images)`` replaces the family's packing and sees the call's images at
-        once, in order (``AnyResImage``: crops, tile grid, original size, image_newline), so a method can
-        line them up with what it captured from the tower's batch of all their crops; it returns each
-        image's (L, D) features. The count is the method's and may depend on the image's content: no
-        processor count follows it (``patch_processor`` then asks the method's ``output_patches``, which
-        should refuse). Returns the undo. Families with one crop per image have no packing to replace.
+        once, in order (``AnyResImage``), so a method can line them up with what it captured from the tower's
+        batch of all their crops; it returns each image's (L, D) features. ``count(stock, tiles)``: the
+        placeholders a processor patched afterwards (``patch_processor``) emits per image (stock: the stock
+        processor's count; tiles: rows x cols); None when the count depends on the image's content (the
+        processor then asks the method's ``output_patches``, which should refuse). Returns the undo.
+        Families with one crop per image have no packing to replace.
         """
         raise UnsupportedModelError(f"{self.title}: an image is one crop here, not a base crop plus tiles (AnyRes); "
                                     "there is no crop packing to replace")

@@ -16,6 +16,10 @@ layer capture are the same CLIP code):
   stock layout for that case: its crop followed by one newline;
 * ``patch_processor``: the processor's placeholder count follows the same rule, with the tiles from
   the processor's own pinpoint choice: ``per_crop * (1 + tiles) + tiles``;
+* ``pack_images_with``: the one replacement of the packing that the others build on: a method lays out every
+  image of a call from its crops (``AnyResImage``: tile grid, size, newline, and on request the stock
+  packing, its rows' sources and order, the stock count), optionally with its own per-image count that the
+  processor then follows (VisionZip's official layout, DivPrune's packed-sequence path, HiRED, GlobalCom2);
 * ``budget_reduced_crops`` (VMTC): the same packing under SPEC's per-image budget: a base-crop and a
   tile count per image from its stock count (``anyres_stock_tokens``, from the size alone) and tiles,
   the tokens each crop of a vision call keeps (a ``get_image_features`` wrapper), the matching
@@ -249,86 +253,25 @@ class LlavaNextAdapter(LlavaAdapter):
         return {"pixel_values": pixels, "image_sizes": torch.tensor([[side, side]] * batch)}
 
     def pack_reduced_crops(self, model, tokens_per_crop: int | None) -> Callable[[], None]:
+        title = self.title
+
+        def pack(images: list[AnyResImage]) -> list[torch.Tensor]:
+            for image in images:
+                if tokens_per_crop is not None and image.crops.shape[1] != tokens_per_crop:
+                    raise RuntimeError(f"{title}: a crop reached the projector with {image.crops.shape[1]} tokens, "
+                                       f"expected {tokens_per_crop}")
+            return [pack_crops(image.crops, image.newline) for image in images]
+
+        return self.pack_images_with(model, pack)
+
+    def pack_images_with(self, model, pack, count=None):
         core = self.core(model)
         if "pack_image_features" in core.__dict__:
             raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
-        title = self.title
+        title, adapter = self.title, self
+        stock = core.pack_image_features   # the class's own packing, bound to this core
 
         # same call shape as the stock method for both NeXT (strategy third) and OneVision (aspect ratio)
-        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
-            if image_newline is None:
-                raise RuntimeError(f"{title}: packing reduced crops needs the model's image_newline")
-            packed = []
-            for crops in image_features:
-                if tokens_per_crop is not None and crops.shape[1] != tokens_per_crop:
-                    raise RuntimeError(f"{title}: a crop reached the projector with {crops.shape[1]} tokens, "
-                                       f"expected {tokens_per_crop}")
-                packed.append(pack_crops(crops, image_newline))
-            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
-            return packed, lengths
-
-        core.pack_image_features = pack_image_features
-
-        def undo() -> None:
-            core.__dict__.pop("pack_image_features", None)
-        return undo
-
-    def _install_packing(self, core, pack_image_features: Callable, count: Callable[[int, int], int]):
-        """An instance-level ``pack_image_features`` and the per-image count rule ``patch_processor`` follows."""
-        if "pack_image_features" in core.__dict__:
-            raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
-        core.pack_image_features = pack_image_features
-        core._focusvlm_image_count = count
-
-        def undo() -> None:
-            core.__dict__.pop("pack_image_features", None)
-            core.__dict__.pop("_focusvlm_image_count", None)
-        return undo
-
-    def pack_crops_with(self, model, pack, count):
-        core = self.core(model)
-        title = self.title
-
-        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
-            if image_newline is None:
-                raise RuntimeError(f"{title}: packing crops needs the model's image_newline")
-            vc = core.config.vision_config
-            packed = []
-            for crops, size in zip(image_features, image_sizes):
-                tiles = (0, 0) if crops.shape[0] == 1 else \
-                    anyres_tiles([int(x) for x in size], core.config.image_grid_pinpoints, (vc.image_size,) * 2)
-                if tiles[0] * tiles[1] != crops.shape[0] - 1:
-                    raise RuntimeError(f"{title}: an image of {crops.shape[0]} crops has a {tiles[0]}x{tiles[1]} "
-                                       "tile grid")
-                packed.append(pack(crops, tiles, image_newline))
-            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
-            return packed, lengths
-
-        return self._install_packing(core, pack_image_features, count)
-
-    def reduce_packed_images(self, model, reduce, count):
-        core = self.core(model)
-        stock = core.pack_image_features   # the class's own packing, bound to this core
-
-        def pack_image_features(image_features, image_sizes, *args: Any, **kwargs: Any):
-            packed, _ = stock(image_features, image_sizes, *args, **kwargs)
-            out = []
-            for index, features in enumerate(packed):
-                sources = functools.partial(_packed_sources, stock, image_features[index], image_sizes[index:index + 1],
-                                            args, kwargs)
-                out.append(reduce(index, features, sources))
-            lengths = torch.tensor([p.shape[0] for p in out], dtype=torch.long, device=out[0].device)
-            return out, lengths
-
-        return self._install_packing(core, pack_image_features, count)
-
-    def pack_images_with(self, model, pack):
-        core = self.core(model)
-        if "pack_image_features" in core.__dict__:
-            raise RuntimeError(f"{type(core).__name__}.pack_image_features is already replaced on this model")
-        title = self.title
-        stock = core.pack_image_features   # the class's own packing, bound to this core
-
         def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
             if image_newline is None:
                 raise RuntimeError(f"{title}: packing crops needs the model's image_newline")
@@ -341,16 +284,26 @@ class LlavaNextAdapter(LlavaAdapter):
                 if tiles[0] * tiles[1] != crops.shape[0] - 1:
                     raise RuntimeError(f"{title}: an image of {crops.shape[0]} crops has a {tiles[0]}x{tiles[1]} "
                                        "tile grid")
-                order = functools.partial(_stock_order, stock, crops, image_sizes[index:index + 1], args, kwargs)
-                images.append(AnyResImage(crops, tiles, size, image_newline, order))
+                # the family's own packing of this image, its rows' sources and order: computed on request
+                one = ([crops], image_sizes[index:index + 1], args, {**kwargs, "image_newline": image_newline})
+                images.append(AnyResImage(
+                    crops, tiles, size, image_newline,
+                    stock_order=functools.partial(_stock_order, stock, crops, *one[1:]),
+                    stock_packed=lambda one=one: stock(one[0], one[1], *one[2], **one[3])[0][0],
+                    stock_sources=functools.partial(_packed_sources, stock, crops, *one[1:]),
+                    stock_tokens=adapter._stock_tokens(core, list(size), crops.shape[0] - 1,
+                                                       kwargs.get("vision_aspect_ratio"))))
             packed = pack(images)
             lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
             return packed, lengths
 
         core.pack_image_features = pack_image_features
+        if count is not None:   # the processor follows (patch_processor)
+            core._focusvlm_image_count = count
 
         def undo() -> None:
             core.__dict__.pop("pack_image_features", None)
+            core.__dict__.pop("_focusvlm_image_count", None)
         return undo
 
     def budget_reduced_crops(self, model, tokens_per_crop, budget):
@@ -362,20 +315,15 @@ class LlavaNextAdapter(LlavaAdapter):
         title, adapter = self.title, self
         call: dict[str, Any] = {}
 
-        def pack_image_features(image_features, image_sizes, *args: Any, image_newline=None, **kwargs: Any):
-            if image_newline is None:
-                raise RuntimeError(f"{title}: packing reduced crops needs the model's image_newline")
-            aspect = kwargs.get("vision_aspect_ratio")
+        def pack(images: list[AnyResImage]) -> list[torch.Tensor]:
             packed = []
-            for crops, size in zip(image_features, image_sizes):
-                if crops.shape[1] != tokens_per_crop:
-                    raise RuntimeError(f"{title}: a crop reached the projector with {crops.shape[1]} tokens, "
+            for image in images:
+                if image.crops.shape[1] != tokens_per_crop:
+                    raise RuntimeError(f"{title}: a crop reached the projector with {image.crops.shape[1]} tokens, "
                                        f"expected {tokens_per_crop}")
-                tiles = crops.shape[0] - 1
-                base, tile = budget(adapter._stock_tokens(core, [int(x) for x in size], tiles, aspect), tiles)
-                packed.append(pack_budget_crops(crops, image_newline, base, tile))
-            lengths = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
-            return packed, lengths
+                base, tile = budget(image.stock_tokens, image.crops.shape[0] - 1)
+                packed.append(pack_budget_crops(image.crops, image.newline, base, tile))
+            return packed
 
         def count(stock: int, tiles: int) -> int:
             base, tile = budget(stock, tiles)
@@ -383,7 +331,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         import inspect
 
-        undo_packing = self._install_packing(core, pack_image_features, count)
+        undo_packing = self.pack_images_with(model, pack, count)
         stock_features = core.get_image_features
         signature = inspect.signature(stock_features)
 
@@ -435,7 +383,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _patch_counts(self, processor, count: Callable[[int, int], int]) -> Callable[[], None]:
         """The processor emits ``count(stock, tiles)`` placeholders per image (a method that packs or reduces
-        whole images: ``pack_crops_with``, ``reduce_packed_images``)."""
+        whole images with a count: ``pack_images_with``)."""
         saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
                  if k in processor.__dict__}
         stock_replace = processor.replace_image_token

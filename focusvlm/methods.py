@@ -47,8 +47,8 @@ class Method:
         config_class: its validated, frozen config dataclass.
         side: "vision" or "llm".
         summary: one line for ``--help`` and error messages.
-        cli_arg: the config field that ``name:VALUE`` sets on the command line (None: takes no value).
-        bench_default: the config ``focusvlm bench`` / ``show`` use for a bare ``name`` (one default per method).
+        cli_arg: the config field that ``name:VALUE`` sets on the command line (None: takes no value); a bare
+            ``name`` is ``default_config()``.
     """
 
     name: ClassVar[str]

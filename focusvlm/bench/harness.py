@@ -32,7 +32,7 @@ from ..runtime import resolve_device_dtype
 from .arms import BenchArm
 from .flops import PrefillFlops, TextShape, VisionShape, merged_vmtc_flops, merger_prefill_flops, prefill_flops
 from .memproc import measure_in_subprocess
-from .setup import (BenchOptions, arm_applied, bench_inputs, build_model, fit_arm, make_input_ids, patch_quietly,
+from .setup import (BenchOptions, arm_applied, bench_inputs, build_model, fit_arm, patch_quietly, prompt_inputs,
                     probe_vision, vision_call)
 from .timing import Clock, median, peak_memory
 
@@ -122,13 +122,11 @@ def _profile_prefill(model, opts: BenchOptions, batch: int, vision: dict[str, to
     per_arm: dict[str, dict[str, float]] = {}
     for arm in opts.methods:
         arm = fit_arm(model, arm)
-        visual = probe_vision(model, arm, vision)["visual_tokens"]
-        ids = make_input_ids(text_ids, visual, model.config.image_token_id)
+        ids, mask = prompt_inputs(text_ids, probe_vision(model, arm, vision), model.config.image_token_id)
         extra = adapter_for(model).prompt_inputs(model, ids)
 
         def call():
-            return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                         **vision, **extra)
+            return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **vision, **extra)
 
         _log(opts, f"[bench] batch {batch}: profiling one prefill of {arm.name}")
         with arm_applied(model, arm), torch.inference_mode():
@@ -186,9 +184,9 @@ def _plan(model, arm: BenchArm, batch: int, vision: dict[str, torch.Tensor], tex
 
     arm = fit_arm(model, arm)
     info = probe_vision(model, arm, vision)
-    ids = make_input_ids(text_ids, info["visual_tokens"], model.config.image_token_id)
+    ids, mask = prompt_inputs(text_ids, info, model.config.image_token_id)
     flops = _prefill_flops(model, arm, info, vision, text_ids.shape[1], batch, vshape, tshape)
-    return {"arm": arm, "ids": ids, "mask": torch.ones_like(ids), **info, "flops": flops,
+    return {"arm": arm, "ids": ids, "mask": mask, **info, "flops": flops,
             "extra": adapter_for(model).prompt_inputs(model, ids), "llm_layers": tshape.layers}
 
 

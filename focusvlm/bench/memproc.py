@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .arms import parse_arm
-from .setup import BenchOptions, arm_applied, bench_inputs, build_model, fit_arm, make_input_ids, probe_vision
+from .setup import BenchOptions, arm_applied, bench_inputs, build_model, fit_arm, probe_vision, prompt_inputs
 
 
 def measure_in_subprocess(opts: Any, method: str, batch: int, prompt: int) -> dict[str, Any]:
@@ -109,9 +109,7 @@ def main(argv: list[str]) -> int:
     arm = fit_arm(model, arm)
     gen = torch.Generator().manual_seed(opts.seed)
     vision, text_ids = bench_inputs(model, args["batch"], args["prompt"], gen, device, dtype)
-    visual = probe_vision(model, arm, vision)["visual_tokens"]
-    ids = make_input_ids(text_ids, visual, model.config.image_token_id)
-    mask = torch.ones_like(ids)
+    ids, mask = prompt_inputs(text_ids, probe_vision(model, arm, vision), model.config.image_token_id)
     extra = adapter_for(model).prompt_inputs(model, ids)
     with arm_applied(model, arm), torch.inference_mode():
         result = peak_of(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,

@@ -164,13 +164,16 @@ def probe_vision(model, arm: BenchArm, vision: dict[str, torch.Tensor]) -> dict[
     try:
         with arm_applied(model, arm) as handle, torch.inference_mode():
             # the whole batch: PruMerge's adaptive count is taken over it, and every image gets that count
-            feats = vision_call(model, vision)()[0]
+            every = vision_call(model, vision)()
+            feats = every[0]
             stages = _stage_plan(model, adapter, handle.vision if handle is not None else None, vision)
     finally:
         for h in hooks:
             h.remove()
     images = int(vision["pixel_values"].shape[0]) if "pixel_values" in vision and not adapter.reduces_after_merger else 1
-    return {"visual_tokens": int(feats.shape[0]), "schedule": schedule, "vision_stages": stages,
+    per_sample = [int(f.shape[0]) for f in every] if not adapter.reduces_after_merger else None
+    return {"visual_tokens": int(feats.shape[0]), "visual_tokens_per_sample": per_sample,
+            "schedule": schedule, "vision_stages": stages,
             "crops": crops[0] // images if crops else 1}
 
 
@@ -192,6 +195,23 @@ def make_input_ids(text_ids: torch.Tensor, visual_tokens: int, image_token_id: i
     b = text_ids.shape[0]
     image = torch.full((b, visual_tokens), image_token_id, dtype=text_ids.dtype, device=text_ids.device)
     return torch.cat([text_ids[:, :PROMPT_PREFIX], image, text_ids[:, PROMPT_PREFIX:]], dim=1)
+
+
+def prompt_inputs(text_ids: torch.Tensor, info: dict[str, Any], image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for the probed vision path ``info``: each sample gets its own image's count
+    (methods whose count depends on the image: HiRED, GlobalCom2, DivPrune on AnyRes), shorter samples
+    left-padded as a processor pads a batch; all equal: no padding."""
+    counts = info.get("visual_tokens_per_sample") or [info["visual_tokens"]] * text_ids.shape[0]
+    longest = max(counts)
+    ids = make_input_ids(text_ids, longest, image_token_id)
+    mask = torch.ones_like(ids)
+    for row, count in enumerate(counts):
+        if count < longest:   # drop the surplus placeholders, pad on the left
+            width = ids.shape[1] - (longest - count)
+            keep = torch.cat([ids[row, :PROMPT_PREFIX + count], ids[row, PROMPT_PREFIX + longest:]])
+            ids[row] = torch.cat([keep.new_zeros(ids.shape[1] - width), keep])
+            mask[row, :ids.shape[1] - width] = 0
+    return ids, mask
 
 
 def bench_inputs(model, batch: int, prompt: int, gen: torch.Generator, device, dtype):

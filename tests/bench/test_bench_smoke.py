@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from focusvlm.bench import flops
 from focusvlm.bench.arms import parse_arm, parse_arms
@@ -114,3 +115,33 @@ def test_targets_apply_only_to_matching_runs(tiny_report):
             "runs": [{"batch": 1, "methods": {"cmai": {"ratio": {"ttft_s": 1.1, "generate_s": 1.3}}}}]}
     verdicts = {v["field"]: v["met"] for v in check_targets(fake)}
     assert verdicts == {"ttft_s": True, "generate_s": False}
+
+
+def test_prompt_inputs_give_each_sample_its_own_image_count():
+    """HiRED, GlobalCom2 and DivPrune on AnyRes give each image its own count: each row carries its image's
+    placeholders, shorter rows left-padded and masked, text order kept."""
+    from focusvlm.bench.setup import PROMPT_PREFIX, prompt_inputs
+
+    text = torch.arange(1, 1 + 2 * 9).view(2, 9)
+    ids, mask = prompt_inputs(text, {"visual_tokens": 5, "visual_tokens_per_sample": [5, 3]}, image_token_id=99)
+    assert ids.shape == mask.shape == (2, 9 + 5)
+    assert (ids == 99).sum(1).tolist() == [5, 3] and mask.sum(1).tolist() == [14, 12]
+    assert mask[1, :2].tolist() == [0, 0] and ids[1, :2].tolist() == [0, 0]
+    for row in range(2):
+        kept = ids[row][mask[row].bool()]
+        text_part = kept[kept != 99]
+        assert text_part.tolist() == text[row].tolist()
+        assert (kept[PROMPT_PREFIX:PROMPT_PREFIX + [5, 3][row]] == 99).all()
+    same, ones = prompt_inputs(text, {"visual_tokens": 4, "visual_tokens_per_sample": None}, 99)
+    assert bool(ones.all()) and (same == 99).sum(1).tolist() == [4, 4]
+
+
+def test_bench_runs_a_batch_whose_images_get_different_counts():
+    from focusvlm.bench.arms import parse_arms
+    from focusvlm.bench.harness import run_bench
+    from focusvlm.bench.setup import BenchOptions
+
+    report = run_bench(BenchOptions(preset="next-tiny", methods=parse_arms("stock,hired:0.3"), batches=[4],
+                                    prompt_tokens=8, new_tokens=2, repeats=1, warmup=0, progress=False))
+    row = report["runs"][0]["methods"]["hired:0.3"]
+    assert row["ttft_s"] > 0 and row["visual_tokens"] < report["runs"][0]["methods"]["stock"]["visual_tokens"]

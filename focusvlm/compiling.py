@@ -6,8 +6,10 @@ What it compiles (SPEC, "Compiled and fused paths": the same function, discrete 
   the data (adaptive PruMerge) breaks the graph there and runs that part eagerly;
 * the decode steps: a static cache and transformers' own compiled decode forward (``generate`` compiles it
   once per shape; CMAI's decode path has no host read and static shapes).
-The prefill of the language model stays eager: CMAI's prefill plans with data-dependent shapes (how many text
-rows, which images each row sees), which a whole-forward compile cannot take.
+* CMAI's per-layer prefill math (C1-C7 of each chunk of text rows: head-mean attention, focus score, quantile
+  threshold), regionally and dynamic over the prompt's length: the plan (index maps, quantile positions) is made
+  once per call eagerly, since it has data-dependent shapes (how many text rows, which images each row sees)
+  that a whole-forward compile cannot take; the rest of the prefill stays eager.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from typing import Any, Iterator
 import torch
 
 from . import hfcompat
+from .methods import COMPILED_ATTR
 
-COMPILED_ATTR = "_focusvlm_compiled"
 
 
 def compile_model(model: torch.nn.Module, *, backend: str = "inductor", mode: str | None = None, tower: bool = True,
-                  decode: bool = True) -> torch.nn.Module:
+                  decode: bool = True, prefill: bool = True) -> torch.nn.Module:
     """Compile ``model`` in place (patched or not; a later ``patch`` recompiles what it changes) and return it.
 
     ``backend``: torch.compile's ("inductor"; "eager" / "aot_eager" check the capture without code generation).
     ``mode``: torch.compile's (None: its default; "reduce-overhead" adds CUDA graphs on a GPU, where CMAI's
     row store, made anew by each prefill, makes every ``generate`` call record its graphs again).
-    ``tower``: compile the vision tower; ``decode``: compile ``generate``'s decode steps (static cache).
+    ``tower``: compile the vision tower; ``decode``: compile ``generate``'s decode steps (static cache);
+    ``prefill``: CMAI's per-layer prefill math (C1-C7 of a chunk of text rows) runs regionally compiled.
     """
     from .models import adapter_for
 
@@ -38,7 +41,8 @@ def compile_model(model: torch.nn.Module, *, backend: str = "inductor", mode: st
         hfcompat.compile_decode_steps(model.generation_config, backend, mode)
     if tower:
         adapter.vision_tower(model).compile(backend=backend, mode=mode, dynamic=False)
-    setattr(model, COMPILED_ATTR, {"backend": backend, "mode": mode, "tower": tower, "decode": decode})
+    setattr(model, COMPILED_ATTR, {"backend": backend, "mode": mode, "tower": tower, "decode": decode,
+                                   "prefill": prefill})
     return model
 
 
@@ -55,9 +59,23 @@ def tower_compiled(model: torch.nn.Module, backend: str = "inductor", mode: str 
         tower._compiled_call_impl = None   # what nn.Module.compile set: its forward runs eagerly again
 
 
+@contextlib.contextmanager
+def prefill_compiled(model: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
+    """CMAI's per-layer prefill math regionally compiled for the duration (``focusvlm bench --count-ops``)."""
+    saved = getattr(model, COMPILED_ATTR, None)
+    setattr(model, COMPILED_ATTR, {**(saved or {}), "backend": backend, "prefill": True})
+    try:
+        yield
+    finally:
+        if saved is None:
+            delattr(model, COMPILED_ATTR)
+        else:
+            setattr(model, COMPILED_ATTR, saved)
+
+
 def compiled_parts(model: torch.nn.Module) -> dict[str, Any] | None:
     """What ``compile_model`` compiled on ``model`` (None: nothing)."""
     return getattr(model, COMPILED_ATTR, None)
 
 
-__all__ = ["compile_model", "compiled_parts", "tower_compiled"]
+__all__ = ["compile_model", "compiled_parts", "prefill_compiled", "tower_compiled"]

@@ -131,6 +131,10 @@ class VisionMethod(Method):
         return []
 
 
+# what focusvlm.compile_model marks on a model it compiled ({"backend", "mode", "tower", "decode", "prefill"}): a
+# method reads it at call time to take its compiled form (CMAI's per-layer prefill math)
+COMPILED_ATTR = "_focusvlm_compiled"
+
 METHODS: Registry[type[Method]] = Registry("method", modules=BUILTIN_MODULES, error=UnknownMethodError)
 
 

@@ -34,7 +34,8 @@ def test_compile_model_compiles_the_tower_and_the_decode_steps_and_generates_the
     handle = _patched(eager_model, config)
     _patched(compiled, config)
     assert compile_model(compiled, backend="aot_eager") is compiled
-    assert compiled_parts(compiled) == {"backend": "aot_eager", "mode": None, "tower": True, "decode": True}
+    assert compiled_parts(compiled) == {"backend": "aot_eager", "mode": None, "tower": True, "decode": True,
+                                       "prefill": True}
     assert compiled_parts(eager_model) is None
     assert compiled.generation_config.cache_implementation == "static"
     assert compiled.model.vision_tower._compiled_call_impl is not None
@@ -114,3 +115,35 @@ def test_compile_model_refuses_a_model_it_does_not_know():
 
     with pytest.raises(UnsupportedModelError):
         compile_model(torch.nn.Linear(2, 2), backend="eager")
+
+
+def test_cmai_prefill_math_compiled_regionally_equals_eager_and_does_not_recompile_per_prompt():
+    """compile_model's prefill part: C1-C7 of each chunk of text rows through torch.compile (dynamic shapes), the
+    plan eager. Same logits as eager on padded batches of different lengths; a prompt of a new length reuses the
+    graphs (no recompile)."""
+    from focusvlm.inhibit import attention
+
+    config = FocusConfig(cmai=CMAIConfig())
+    eager_model, compiled = random_llava("tiny", seed=0), random_llava("tiny", seed=0)
+    _patched(eager_model, config)
+    _patched(compiled, config)
+    compile_model(compiled, backend="aot_eager", tower=False, decode=False)
+    torch._dynamo.reset()
+    attention._COMPILED.clear()
+    graphs = torch._dynamo.utils.counters["stats"]
+    # the graphs differ by the threshold's branch (per layer's gamma) and by padding (visible keys or not): the
+    # first two prompts show every variant; the third, of new lengths, must run what was compiled
+    layouts = ([[5, "img", 7], [2, "img", 3]], [[5, "img", 20]], [[3, "img", 12], [6, "img", 2]])
+    try:
+        for layout in layouts:
+            inputs = make_inputs(eager_model, layout, seed=5)
+            with torch.no_grad():
+                want = eager_model(**inputs).logits
+                got = compiled(**inputs).logits
+            assert torch.equal(got, want)
+            if layout is layouts[1]:
+                seen = graphs["unique_graphs"]
+        assert seen >= 1 and graphs["unique_graphs"] == seen
+    finally:
+        attention._COMPILED.clear()
+        torch._dynamo.reset()

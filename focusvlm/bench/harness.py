@@ -237,13 +237,21 @@ def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor], compile: bo
 
 def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tensor], tower: Callable[[], Any]):
     """Kernels launched by the compiled vision tower and by one compiled decode step (after warm-up steps)."""
-    from ..compiling import tower_compiled
+    from ..compiling import prefill_compiled, tower_compiled
     from .opcount import kernel_profiling, launched_kernels
+
+    inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], **vision, **plan["extra"]}
+
+    def prefill():
+        model(**inputs, use_cache=True, logits_to_keep=1)
 
     with kernel_profiling(), torch.inference_mode():
         with tower_compiled(model, COMPILE_BACKEND):
             tower()   # compiles
             vision_kernels = launched_kernels(tower)
+        with prefill_compiled(model, COMPILE_BACKEND):   # CMAI's per-layer prefill math, regionally compiled
+            prefill()
+            prefill_kernels = launched_kernels(prefill)
         (cache, token, mask), forward = _compiled_decoder(model, plan, vision, 4)
         prompt = plan["ids"].shape[1]
         steps = []
@@ -260,7 +268,7 @@ def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tenso
             else:
                 decode_kernels = launched_kernels(one_step)
             token = steps[-1].logits[:, -1:].argmax(-1)
-    return {"vision_kernels": vision_kernels, "decode_kernels": decode_kernels}
+    return {"vision_kernels": vision_kernels, "prefill_kernels": prefill_kernels, "decode_kernels": decode_kernels}
 
 
 # ----------------------------------------------------------------------------- round interleave
@@ -372,6 +380,9 @@ def _op_counts(arm: dict[str, int], stock: dict[str, int], plan: dict[str, Any],
             "extra_prefill_host_reads": arm["prefill_host_reads"] - stock["prefill_host_reads"],
             **({"extra_vision_kernels_per_stage": (arm["vision_kernels"] - stock["vision_kernels"]) / stages
                 if stages else None,
+                # the LLM's part of a prefill whose CMAI math runs compiled (the tower eager, its kernels apart)
+                "extra_prefill_kernels_per_layer": ((arm["prefill_kernels"] - arm["vision_ops"])
+                                                    - (stock["prefill_kernels"] - stock["vision_ops"])) / layers,
                 "extra_decode_kernels_per_layer": (arm["decode_kernels"] - stock["decode_kernels"]) / layers}
                if "vision_kernels" in arm else {})}
 

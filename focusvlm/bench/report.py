@@ -50,6 +50,7 @@ _OPS_COLUMNS = (
     ("extra_decode_ops_per_layer", "extra decode ops/layer", 1, "{:.2f}"),
     ("vision_kernels", "compiled vision kernels", 1, "{:.0f}"),
     ("extra_vision_kernels_per_stage", "extra compiled kernels/stage", 1, "{:.1f}"),
+    ("extra_prefill_kernels_per_layer", "extra compiled prefill kernels/layer", 1, "{:.2f}"),
     ("decode_kernels", "compiled decode kernels", 1, "{:.0f}"),
     ("extra_decode_kernels_per_layer", "extra compiled decode kernels/layer", 1, "{:.2f}"),
 )

@@ -202,22 +202,53 @@ def _prefill_attention(link, plan: CallPlan, module, query, key, value, stock_ma
             # keyed by the stock mask (every layer of a call gets the same one); the entry holds it, so its id stays
             hidden, hidden_from, _ = _shared(plan, ("hidden", i, id(stock_mask)),
                                              lambda: (*_chunk_hidden(chunk, stock_mask, plan.batch_index), stock_mask))
-            q_rows = query.gather(2, q_index)
             keys = key if kc == key.shape[2] else key[:, :, :kc]
-            a = _head_mean(q_rows, keys, scaling, hidden, budget, hidden_from)     # (B, R, Kc) C1
             out, known_rows = _row_views(plan, chunk, layer)
-            if chunk.visible is None:   # C2, written straight into the layer's rows
-                a_img = torch.gather(a, 2, chunk.img_gather, out=out)
-            else:                       # C2, 0 where the row cannot see the key (padded slots and rows included)
-                a_img = torch.mul(a.gather(2, chunk.img_gather), chunk.visible, out=out)
-            a_text = a.gather(2, chunk.text_index) if focus.reads_text_attention else None
-            score = focus.score(a_img, a_text, known_rows, chunk.relation)           # C5 / C10-C12
-            if chunk.invisible is not None:   # C6 ranks only the image keys the row sees
-                score = score.masked_fill(chunk.invisible, float("inf"))
             threshold = chunk.thresholds.get(layer) or _late_threshold(plan, chunk, link.gamma, layer)
-            # C7: keys below the row's quantile; an unseen key (+inf) never is, whatever the threshold
-            fused.write(plan, i, chunk, score < threshold(score))
+            backend = link.state.compiled_prefill
+            blocked = (compiled_chunk(backend) if backend else chunk_blocked)(
+                query, keys, scaling, q_index, hidden, hidden_from, budget, chunk.img_gather, chunk.visible,
+                chunk.text_index if focus.reads_text_attention else None, out, known_rows, chunk.relation,
+                chunk.invisible, threshold, focus)
+            fused.write(plan, i, chunk, blocked)
     return fused.attend(link, module, query, key, value, scaling, kwargs)
+
+
+def chunk_blocked(query, keys, scaling, q_index, hidden, hidden_from, budget, img_gather, visible, text_index, out,
+                  known_rows, relation, invisible, threshold, focus) -> torch.Tensor:
+    """C1-C7 of one chunk of text rows in one layer: which image keys each row stops attending to, (B, R, N) bool.
+
+    A pure function of its tensors and the plan's per-call constants (index maps, hidden keys, quantile
+    positions), so that the compiled path can compile it regionally (``compiled_chunk``); the row's A_t2i go
+    into ``out`` (the layer's row store) as a side effect.
+    """
+    q_rows = query.gather(2, q_index)
+    a = _head_mean(q_rows, keys, scaling, hidden, budget, hidden_from)     # (B, R, Kc) C1
+    if torch.compiler.is_compiling():   # out= takes no symbolic shapes: compute, then copy into the rows
+        a_img = a.gather(2, img_gather) if visible is None else a.gather(2, img_gather) * visible
+        out.copy_(a_img)
+    elif visible is None:   # C2, written straight into the layer's rows
+        a_img = torch.gather(a, 2, img_gather, out=out)
+    else:                   # C2, 0 where the row cannot see the key (padded slots and rows included)
+        a_img = torch.mul(a.gather(2, img_gather), visible, out=out)
+    a_text = a.gather(2, text_index) if text_index is not None else None
+    score = focus.score(a_img, a_text, known_rows, relation)           # C5 / C10-C12
+    if invisible is not None:   # C6 ranks only the image keys the row sees
+        score = score.masked_fill(invisible, float("inf"))
+    # C7: keys below the row's quantile; an unseen key (+inf) never is, whatever the threshold
+    return score < threshold(score)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_chunk(backend: str) -> Callable:
+    """``chunk_blocked`` through torch.compile, made once per process and backend: dynamic over the prompt's
+    length and the number of text rows, so a new prompt does not recompile (SPEC "Compiled and fused paths")."""
+    found = _COMPILED.get(backend)
+    if found is None:
+        found = _COMPILED[backend] = torch.compile(chunk_blocked, dynamic=True, backend=backend)
+    return found
 
 
 class FusedMask:

@@ -35,6 +35,7 @@ import torch
 from .. import hfcompat
 from ..hfcompat import past_length, static_capacity
 from .attention import PLAN_KWARG, LayerLink, cmai_attention_forward
+from ..methods import COMPILED_ATTR
 from .state import CMAIState, CMAIStateError
 
 _REGISTERED: set[str] = set()
@@ -98,6 +99,9 @@ class CMAIBinding:
         cache = call.cache
         # rows are kept for a later call only when this one can leave a cache behind
         keep = not module.training and kwargs.get("use_cache") is not False
+        # compile_model's mark: the per-layer prefill math runs through its regionally compiled form
+        mark = getattr(self.model, COMPILED_ATTR, None) or {}
+        self.state.compiled_prefill = mark.get("backend") if mark.get("prefill") else None
         self.state.begin_call(call.image_mask, call.attention_mask, past_length(cache),
                               max_cache_len=static_capacity(cache), keep_rows=keep)
         return None

@@ -404,6 +404,7 @@ class CMAIState:
         self.discount = discount
         self.gammas = list(gammas) if gammas is not None else None
         self.num_heads = num_heads
+        self.compiled_prefill: str | None = None   # the backend, per call from compile_model's mark (cmai_wiring)
         self.reset()
 
     def reset(self) -> None:

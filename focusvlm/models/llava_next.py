@@ -175,10 +175,13 @@ PRESETS: dict[str, AnyResPreset] = {
     # llava-hf/llava-v1.6-vicuna-7b-hf's architecture (random weights)
     "llava-v1.6-vicuna-7b": AnyResPreset(vision=_CLIP_L_336, text=_VICUNA_7B, pinpoints=_NEXT_PINPOINTS,
                                          extra=dict(image_token_index=32000)),
-    # the AnyRes equal-budget table on a CPU: the real tower and image geometry (2,928 tokens for a 2x2-tile
-    # image) in front of two Vicuna-7B-wide decoder layers (all 32 do not fit a CPU bench's time)
-    "llava-v1.6-vicuna-7b-2layers": AnyResPreset(vision=_CLIP_L_336, text={**_VICUNA_7B, "num_hidden_layers": 2},
-                                                 pinpoints=_NEXT_PINPOINTS, extra=dict(image_token_index=32000)),
+    # the AnyRes equal-budget table on a CPU: the real tower (CLIP-L/336) and image geometry (2,928 tokens for a
+    # 2x2-tile image) in front of next-mid's small LM (a 7B LM's prefill of 2,928 tokens does not fit a CPU bench)
+    "next-clip-l": AnyResPreset(vision=_CLIP_L_336, text=dict(hidden_size=1024, intermediate_size=2816,
+                                                               num_hidden_layers=8, num_attention_heads=16,
+                                                               num_key_value_heads=16, vocab_size=32064,
+                                                               max_position_embeddings=4096),
+                                pinpoints=_NEXT_PINPOINTS, extra=dict(image_token_index=32000)),
 }
 
 

@@ -148,6 +148,12 @@ def static_cache(model: torch.nn.Module, max_cache_len: int) -> Any:
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
+def rope_deltas(core: torch.nn.Module) -> torch.Tensor | None:
+    """Qwen-VL: the offset of each sample's text positions after its images, which the model keeps from the
+    prompt's call (``rope_deltas``) to number the tokens that follow; None before any prompt."""
+    return getattr(core, "rope_deltas", None)
+
+
 def compile_decode_steps(generation_config: Any, backend: str, mode: str | None = None, fullgraph: bool = True) -> None:
     """Make ``generate`` compile its decode steps: a static cache and a compile config, on every device.
 

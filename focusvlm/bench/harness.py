@@ -238,6 +238,7 @@ def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor], compile: bo
 def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tensor], tower: Callable[[], Any]):
     """Kernels launched by the compiled vision tower and by one compiled decode step (after warm-up steps)."""
     from ..compiling import prefill_compiled, tower_compiled
+    from ..models import adapter_for
     from .opcount import kernel_profiling, launched_kernels
 
     inputs = {"input_ids": plan["ids"], "attention_mask": plan["mask"], **vision, **plan["extra"]}
@@ -259,9 +260,11 @@ def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tenso
             mask = mask.clone()
             mask[:, prompt + step] = 1
 
-            def one_step(token=token, mask=mask):
+            step_inputs = adapter_for(model).step_inputs(model, mask[:, :prompt + step + 1])
+
+            def one_step(token=token, mask=mask, step_inputs=step_inputs):
                 steps.append(forward(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache),
-                                     use_cache=True, logits_to_keep=1))
+                                     use_cache=True, logits_to_keep=1, **step_inputs))
 
             if step < 2:
                 one_step()        # the first compiles, the second runs what was compiled
@@ -496,8 +499,11 @@ def _lockstep_calls(models: dict[str, Any], opts: BenchOptions, clock: Clock, ba
 def _lockstep_decode(models: dict[str, Any], opts: BenchOptions, clock: Clock, batch: int,
                      vision: dict[str, torch.Tensor], plans: Plans, samples: Samples) -> None:
     """``new_tokens - 1`` greedy decode steps of every arm in lockstep, timed one by one into ``samples``."""
+    from ..models import adapter_for
+
     n_new = opts.new_tokens
     names = list(plans)
+    adapter = adapter_for(next(iter(models.values())))
     _log(opts, f"[bench] batch {batch}: {n_new - 1} decode steps in lockstep")
     live, forwards = {}, {}
     for name in names:
@@ -519,9 +525,11 @@ def _lockstep_decode(models: dict[str, Any], opts: BenchOptions, clock: Clock, b
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             result = {}
 
-            def one_step(name=name, cache=cache, token=token, mask=mask, result=result):
+            step_inputs = adapter.step_inputs(models[name], mask[:, :plans[name]["ids"].shape[1] + step + 1])
+
+            def one_step(name=name, cache=cache, token=token, mask=mask, result=result, step_inputs=step_inputs):
                 result["out"] = forwards[name](input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache),
-                                               use_cache=True, logits_to_keep=1)
+                                               use_cache=True, logits_to_keep=1, **step_inputs)
 
             seconds = clock.time(one_step)
             out = result["out"]

@@ -125,6 +125,9 @@ def kernel_profiling():
 
 def decode_step_ops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], warm_steps: int = 1) -> collections.Counter:
     """Ops of one greedy decode step after a prefill of ``inputs`` and ``warm_steps`` untimed steps."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
     batch = inputs["input_ids"].shape[0]
     with torch.inference_mode():
         out = model(**inputs, use_cache=True)
@@ -135,7 +138,7 @@ def decode_step_ops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], war
             nonlocal mask, token
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             result = model(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True,
-                           logits_to_keep=1)
+                           logits_to_keep=1, **adapter.step_inputs(model, mask))
             token = result.logits[:, -1:].argmax(-1)
 
         for _ in range(warm_steps):

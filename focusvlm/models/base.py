@@ -408,6 +408,12 @@ class FamilyAdapter:
         """Extra forward inputs a prompt of ``input_ids`` needs besides ids, mask and pixels (bench)."""
         return {}
 
+    def step_inputs(self, model: torch.nn.Module, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Extra forward inputs of one decode step after a prefill, ``attention_mask`` covering every position so far
+        (a hand-written decode loop: bench, op counts; ``generate`` prepares them itself). Most families derive
+        what they need from the cache; Qwen's 3-D positions come from the prompt's rope deltas."""
+        return {}
+
     def image_token_id(self, model: torch.nn.Module) -> int:
         return int(model.config.image_token_id)
 

@@ -510,6 +510,15 @@ class Qwen25VLAdapter(FamilyAdapter):
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {"mm_token_type_ids": types}
 
+    def step_inputs(self, model, attention_mask: torch.Tensor) -> dict[str, Any]:
+        # without them the model numbers every position of the mask again (generate passes its own)
+        position = attention_mask.long().cumsum(-1)[:, -1:] - 1                          # (B, 1): the new token's
+        deltas = hfcompat.rope_deltas(self.core(model))
+        position = position.unsqueeze(0).expand(3, -1, -1)
+        if deltas is not None:
+            position = position + deltas.repeat_interleave(position.shape[1] // deltas.shape[0], dim=0)
+        return {"position_ids": position}
+
 
 def patches_to_image(rows: torch.Tensor, grid_thw: tuple[int, int, int], channels: int, temporal: int, patch: int,
                      merge: int) -> torch.Tensor:

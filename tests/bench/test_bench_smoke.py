@@ -145,3 +145,32 @@ def test_bench_runs_a_batch_whose_images_get_different_counts():
                                     prompt_tokens=8, new_tokens=2, repeats=1, warmup=0, progress=False))
     row = report["runs"][0]["methods"]["hired:0.3"]
     assert row["ttft_s"] > 0 and row["visual_tokens"] < report["runs"][0]["methods"]["stock"]["visual_tokens"]
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-tiny", "tiny"])
+def test_hand_written_decode_steps_match_generate(preset):
+    """bench's decode loop (prefill, then one token per call with the adapter's step_inputs) computes what generate
+    does: Qwen's 3-D positions need the prompt's rope deltas (without them every position was numbered again)."""
+    from focusvlm import hfcompat
+    from focusvlm.bench.arms import parse_arm
+    from focusvlm.bench.setup import BenchOptions, bench_inputs, build_model, probe_vision, prompt_inputs
+    from focusvlm.models import adapter_for
+
+    model = build_model(BenchOptions(preset=preset), torch.device("cpu"), torch.float32)
+    adapter = adapter_for(model)
+    vision, text = bench_inputs(model, 1, 8, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    ids, mask = prompt_inputs(text, probe_vision(model, parse_arm("stock"), vision), model.config.image_token_id)
+    inputs = {"input_ids": ids, "attention_mask": mask, **vision, **adapter.prompt_inputs(model, ids)}
+    with torch.inference_mode():
+        want = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache, token, logits = hfcompat.output_cache(out), out.logits[:, -1:].argmax(-1), [out.logits[:, -1]]
+        for _ in range(3):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, **hfcompat.cache_kwargs(cache), use_cache=True,
+                        logits_to_keep=1, **adapter.step_inputs(model, mask))
+            cache, token = hfcompat.output_cache(out), out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits[:, -1])
+    for got, expected in zip(logits, want.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -205,11 +205,15 @@ def _prefill_attention(link, plan: CallPlan, module, query, key, value, stock_ma
             keys = key if kc == key.shape[2] else key[:, :, :kc]
             out, known_rows = _row_views(plan, chunk, layer)
             threshold = chunk.thresholds.get(layer) or _late_threshold(plan, chunk, link.gamma, layer)
+            args = (query, keys, scaling, q_index, hidden, hidden_from, budget, chunk.img_gather, chunk.visible,
+                    chunk.text_index if focus.reads_text_attention else None)
+            rest = (known_rows, chunk.relation, chunk.invisible, threshold, focus)
             backend = link.state.compiled_prefill
-            blocked = (compiled_chunk(backend) if backend else chunk_blocked)(
-                query, keys, scaling, q_index, hidden, hidden_from, budget, chunk.img_gather, chunk.visible,
-                chunk.text_index if focus.reads_text_attention else None, out, known_rows, chunk.relation,
-                chunk.invisible, threshold, focus)
+            if backend:   # the rows leave the compiled region as an output (a graph input view cannot take them)
+                blocked, a_img = compiled_chunk(backend)(*args, None, *rest)
+                out.copy_(a_img)
+            else:
+                blocked = chunk_blocked(*args, out, *rest)
             fused.write(plan, i, chunk, blocked)
     return fused.attend(link, module, query, key, value, scaling, kwargs)
 
@@ -219,14 +223,15 @@ def chunk_blocked(query, keys, scaling, q_index, hidden, hidden_from, budget, im
     """C1-C7 of one chunk of text rows in one layer: which image keys each row stops attending to, (B, R, N) bool.
 
     A pure function of its tensors and the plan's per-call constants (index maps, hidden keys, quantile
-    positions), so that the compiled path can compile it regionally (``compiled_chunk``); the row's A_t2i go
-    into ``out`` (the layer's row store) as a side effect.
+    positions), so that the compiled path can compile it regionally (``compiled_chunk``). The rows' A_t2i go
+    into ``out`` (the layer's row store); with ``out=None`` (compiled) they are returned: (blocked, rows).
     """
     q_rows = query.gather(2, q_index)
     a = _head_mean(q_rows, keys, scaling, hidden, budget, hidden_from)     # (B, R, Kc) C1
-    if torch.compiler.is_compiling():   # out= takes no symbolic shapes: compute, then copy into the rows
+    if out is None:   # compiled: the rows are an output, not written into the store (an input view of it)
         a_img = a.gather(2, img_gather) if visible is None else a.gather(2, img_gather) * visible
-        out.copy_(a_img)
+        # the rows known so far end with this chunk's: the focus score reads them as they are now
+        known_rows = torch.cat([known_rows[:, :known_rows.shape[1] - a_img.shape[1]], a_img], dim=1)
     elif visible is None:   # C2, written straight into the layer's rows
         a_img = torch.gather(a, 2, img_gather, out=out)
     else:                   # C2, 0 where the row cannot see the key (padded slots and rows included)
@@ -236,7 +241,8 @@ def chunk_blocked(query, keys, scaling, q_index, hidden, hidden_from, budget, im
     if invisible is not None:   # C6 ranks only the image keys the row sees
         score = score.masked_fill(invisible, float("inf"))
     # C7: keys below the row's quantile; an unseen key (+inf) never is, whatever the threshold
-    return score < threshold(score)
+    blocked = score < threshold(score)
+    return blocked if out is not None else (blocked, a_img)
 
 
 _COMPILED: dict[str, Callable] = {}

@@ -34,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .precision import work_dtype
 import torch.nn.functional as F
 
 #: official ``retention_ratio`` (llava_arch.py) and the softmax temperature of the per-tile ratios
@@ -46,13 +48,6 @@ THUMBNAIL_ORDERS = ("score", "position")
 #: where a tile's kept token goes: the slot of its index among the unpadded tokens (official), or its own
 #: patch in the stock unpadded layout (a named variant: a newline per unpadded row only)
 PLACEMENTS = ("unpadded_index", "position")
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _descending(values: torch.Tensor) -> torch.Tensor:
@@ -80,7 +75,7 @@ def cls_scores(query: torch.Tensor, keys: torch.Tensor, heads: int, scale: float
     B, C = query.shape
     if heads < 1 or C % heads:
         raise ValueError(f"{C} channels do not split into {heads} heads")
-    dtype = _work_dtype(query, keys)
+    dtype = work_dtype(query, keys)
     q = query.to(dtype).view(B, heads, C // heads) * scale
     k = keys.to(dtype).view(B, keys.shape[1], heads, C // heads)
     logits = torch.einsum("bhd,bthd->bht", q, k)
@@ -194,7 +189,7 @@ def tile_global_scores(base_scores: torch.Tensor, mask: torch.Tensor, tiles: tup
     _, cur_h = _extent(big.any(1)[None])
     _, cur_w = _extent(big.any(0)[None])
     cur_h, cur_w = int(cur_h), int(cur_w)
-    dtype = _work_dtype(base_scores)
+    dtype = work_dtype(base_scores)
     if cur_h == 0 or cur_w == 0:   # nothing of the image left in the tiles (the official code would fail here)
         return torch.zeros(T, P, dtype=dtype, device=mask.device)
     resized = F.interpolate(base_scores.to(dtype).view(1, 1, gh, gw), size=(cur_h, cur_w), mode="bilinear",
@@ -225,7 +220,7 @@ def tile_keep(local: torch.Tensor, global_: torch.Tensor, mask: torch.Tensor, ra
     L2-normalised over the tile's unpadded patches (eps 1e-12, as ``F.normalize``) and added; the
     ``tile_counts`` largest unpadded patches are kept (ties: the earlier patch).
     """
-    dtype = _work_dtype(local, global_)
+    dtype = work_dtype(local, global_)
     zero = torch.zeros((), dtype=dtype, device=local.device)
 
     def normalised(x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ from typing import Sequence
 
 import torch
 
+from .precision import work_dtype
+
 #: ``token_budget_rate`` and ``alpha`` of the repository's scripts (run_HiRED_sys_report.py,
 #: accuracy_benchmarks/*.sh): 20 % of the crops' tokens, half of it for the base crop
 DEFAULT_BUDGET = 0.2
@@ -48,13 +50,6 @@ EARLY_LAYER = 0
 #: how the base crop's early top tokens are assigned to tiles: "rows" (official: contiguous slices of
 #: the base crop's token sequence) or "regions" (the base crop's patch grid cut like the tile grid)
 SPLITS = ("rows", "regions")
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _check_budget(budget: float | int) -> None:
@@ -75,7 +70,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     """
     if q.dim() != 3 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"HiRED needs q (B, H, d) and k (B, H, T, d), got {tuple(q.shape)} and {tuple(k.shape)}")
-    dtype = _work_dtype(q, k)
+    dtype = work_dtype(q, k)
     logits = torch.einsum("bhd,bhtd->bht", q.to(dtype), k.to(dtype)) * scale
     return logits.softmax(dim=-1).sum(dim=1)
 

@@ -25,19 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .precision import work_dtype
+
 #: how many key-nearest tokens the official code merges into each kept token
 NEIGHBOURS = 32
 #: the official ``reduction_ratio`` default (fixed-count path; 576 patches keep 72)
 DEFAULT_RATIO = 1 / 8
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when an input already is: half-precision inputs are not
-    rounded again inside, and float64 inputs stay exact (the parity tests rely on it)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -65,7 +58,7 @@ def cls_attention(cls_query: torch.Tensor, keys: torch.Tensor, scale: float | No
         raise ValueError(f"PruMerge: cls_query {tuple(cls_query.shape)} does not match keys {tuple(keys.shape)}")
     if keys.shape[1] < 2:
         raise ValueError(f"PruMerge needs CLS plus at least one patch key, got {keys.shape[1]} keys")
-    dtype = _work_dtype(cls_query, keys)
+    dtype = work_dtype(cls_query, keys)
     scale = cls_query.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.einsum("bc,bnc->bn", cls_query.to(dtype), keys.to(dtype)) * scale
     return logits.softmax(dim=-1)[:, 1:]
@@ -232,7 +225,7 @@ def merge(features: torch.Tensor, patch_keys: torch.Tensor, attn: torch.Tensor, 
     if K > 0 and not 1 <= neighbours <= N - 1:
         # the official topk(k=32) fails when fewer than 32 other tokens exist
         raise ValueError(f"PruMerge merges {neighbours} neighbours but a token has only {N - 1} others")
-    dtype = _work_dtype(features, attn)
+    dtype = work_dtype(features, attn)
     x, a = features.to(dtype), attn.to(dtype)
     pruned = complement(idx, N)
     extra = (_gather_rows(x, pruned) * a.gather(1, pruned).unsqueeze(-1)).sum(1, keepdim=True)
@@ -240,7 +233,7 @@ def merge(features: torch.Tensor, patch_keys: torch.Tensor, attn: torch.Tensor, 
         return extra.to(features.dtype), idx.new_zeros((B, 0, 0)), pruned
     # candidates in the official order: kept entries (idx order), then pruned ascending
     order = torch.cat([idx, pruned], dim=1)                                          # (B, N)
-    kn = torch.nn.functional.normalize(_gather_rows(patch_keys.to(_work_dtype(patch_keys)), order), dim=-1)
+    kn = torch.nn.functional.normalize(_gather_rows(patch_keys.to(work_dtype(patch_keys)), order), dim=-1)
     sim = kn[:, :K] @ kn.transpose(1, 2)                                             # (B, K, N)
     self_entry = torch.arange(K, device=idx.device)
     sim[:, self_entry, self_entry] = float("-inf")                                   # a token is not its own candidate

@@ -27,16 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .precision import work_dtype
+
 #: the README's LLaVA-1.5 setting: 64 tokens = 54 dominant (CLS included) + 10 contextual
 DEFAULT_DOMINANT = 54
 DEFAULT_CONTEXTUAL = 10
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def split_budget(budget: int) -> tuple[int, int]:
@@ -96,7 +91,7 @@ def multihead_cls_attention(cls_query: torch.Tensor, keys: torch.Tensor, num_hea
         raise ValueError(f"width {cls_query.shape[-1]} does not split into {num_heads} heads")
     B, T, C = keys.shape
     dh = C // num_heads
-    dtype = _work_dtype(cls_query, keys)
+    dtype = work_dtype(cls_query, keys)
     q = cls_query.to(dtype).view(B, num_heads, dh)
     k = keys.to(dtype).view(B, T, num_heads, dh)
     logits = torch.einsum("bhd,bthd->bht", q, k) * (dh ** -0.5 if scale is None else scale)
@@ -165,7 +160,7 @@ def visionzip(hidden: torch.Tensor, cls_attn: torch.Tensor, metric: torch.Tensor
     is_target[target_slot] = True
     other_slot = (~is_target).nonzero().flatten()
 
-    dtype = _work_dtype(hidden, metric)
+    dtype = work_dtype(hidden, metric)
     x = hidden.to(dtype)
     m = metric.to(dtype)
     m = m / m.norm(dim=-1, keepdim=True)                                           # official: no epsilon

@@ -179,6 +179,21 @@ ImagesPacker = Callable[[list[AnyResImage]], list[torch.Tensor]]
 """fn(every image of one vision call, in order) -> each image's (L, D) features (``pack_images_with``)."""
 
 
+def override_on_instance(obj: Any, **methods: Callable) -> Callable[[], None]:
+    """Set ``methods`` on ``obj`` itself (its class untouched: other instances stay stock); the undo removes them
+    and puts back what the instance held before (a method applied twice is undone in turn)."""
+    saved = {name: obj.__dict__[name] for name in methods if name in obj.__dict__}
+    for name, method in methods.items():
+        setattr(obj, name, method)
+
+    def undo() -> None:
+        for name in methods:
+            obj.__dict__.pop(name, None)
+            if name in saved:
+                obj.__dict__[name] = saved[name]
+    return undo
+
+
 class FamilyAdapter:
     """Base class of every family adapter. Subclasses set the class attributes and override the hooks."""
 

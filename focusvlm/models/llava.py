@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel
 
-from .base import CallInputs, FamilyAdapter, TowerGeometry, TowerStage, UnsupportedModelError
+from .base import CallInputs, FamilyAdapter, TowerGeometry, TowerStage, UnsupportedModelError, override_on_instance
 from .. import hfcompat
 from . import register_family
 
@@ -355,8 +355,6 @@ class LlavaAdapter(FamilyAdapter):
             raise ConfigError(f"processor patch_size={processor.patch_size} does not match the vision tower's "
                               f"{geometry.patch_size}")
         patches_for_grid(geometry.grid)  # fail now, not on the first call, if the count cannot be known
-        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
-                 if k in processor.__dict__}
         stock_replace = processor.replace_image_token
         stock_count = processor._get_num_multimodal_tokens
         p = processor
@@ -377,15 +375,8 @@ class LlavaAdapter(FamilyAdapter):
                 data.num_image_tokens = [n - delta for n in data.num_image_tokens]
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
-
-        def undo() -> None:
-            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
-                p.__dict__.pop(name, None)
-                if name in saved:
-                    p.__dict__[name] = saved[name]
-        return undo
+        return override_on_instance(processor, replace_image_token=replace_image_token,
+                                    _get_num_multimodal_tokens=_get_num_multimodal_tokens)
 
     # ------------------------------------------------------------------ building and loading
     def load(self, source, dtype=None, device=None, **kwargs):

@@ -41,7 +41,7 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 
 from .. import hfcompat
 from . import register_family
-from .base import AnyResImage, TowerGeometry, UnsupportedModelError
+from .base import AnyResImage, TowerGeometry, UnsupportedModelError, override_on_instance
 from .llava import LlavaAdapter
 
 
@@ -387,8 +387,6 @@ class LlavaNextAdapter(LlavaAdapter):
     def _patch_counts(self, processor, count: Callable[[int, int], int]) -> Callable[[], None]:
         """The processor emits ``count(stock, tiles)`` placeholders per image (a method that packs or reduces
         whole images with a count: ``pack_images_with``)."""
-        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
-                 if k in processor.__dict__}
         stock_replace = processor.replace_image_token
         stock_count = processor._get_num_multimodal_tokens
         p, adapter = processor, self
@@ -406,15 +404,8 @@ class LlavaNextAdapter(LlavaAdapter):
                                          for n, size in zip(data.num_image_tokens, image_sizes)]
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
-
-        def undo() -> None:
-            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
-                p.__dict__.pop(name, None)
-                if name in saved:
-                    p.__dict__[name] = saved[name]
-        return undo
+        return override_on_instance(processor, replace_image_token=replace_image_token,
+                                    _get_num_multimodal_tokens=_get_num_multimodal_tokens)
 
     def _per_crop(self, model, processor, patches_for_grid) -> int:
         geometry = self.tower_geometry(model)
@@ -459,8 +450,6 @@ class LlavaNextAdapter(LlavaAdapter):
             # (unpadding, a newline per grid row) and the stock count is already right
             return lambda: None
         per_crop = self._per_crop(model, processor, patches_for_grid)
-        saved = {k: processor.__dict__[k] for k in ("replace_image_token", "_get_num_multimodal_tokens")
-                 if k in processor.__dict__}
         stock_count = processor._get_num_multimodal_tokens
         p, adapter = processor, self
 
@@ -474,15 +463,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 data.num_image_tokens = [adapter._image_count(p, per_crop, size, crop) for size in image_sizes]
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
-
-        def undo() -> None:
-            for name in ("replace_image_token", "_get_num_multimodal_tokens"):
-                p.__dict__.pop(name, None)
-                if name in saved:
-                    p.__dict__[name] = saved[name]
-        return undo
+        return override_on_instance(processor, replace_image_token=replace_image_token,
+                                    _get_num_multimodal_tokens=_get_num_multimodal_tokens)
 
     # ------------------------------------------------------------------ building
     def random_model(self, preset, seed=0, dtype=torch.float32, attn_implementation="sdpa", **overrides):

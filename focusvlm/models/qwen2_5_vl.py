@@ -42,7 +42,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from .. import hfcompat
 from . import register_family
 from .base import (CallInputs, FamilyAdapter, MergedCall, MergedResult, MergerStage, ShownCrop,
-                   UnsupportedModelError)
+                   UnsupportedModelError, override_on_instance)
 
 # --------------------------------------------------------------------------- presets
 
@@ -411,8 +411,6 @@ class Qwen25VLAdapter(FamilyAdapter):
             from ..errors import ConfigError
 
             raise ConfigError(f"processor merge_size={merge} does not match the vision tower's {tower_merge}")
-        names = ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens")
-        saved = {k: processor.__dict__[k] for k in names if k in processor.__dict__}
         stock_image, stock_video = processor.replace_image_token, processor.replace_video_token
         stock_count = processor._get_num_multimodal_tokens
         p = processor
@@ -446,16 +444,9 @@ class Qwen25VLAdapter(FamilyAdapter):
                 data.num_video_tokens = counts
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor.replace_video_token = replace_video_token
-        processor._get_num_multimodal_tokens = _get_num_multimodal_tokens
-
-        def undo() -> None:
-            for name in names:
-                p.__dict__.pop(name, None)
-                if name in saved:
-                    p.__dict__[name] = saved[name]
-        return undo
+        return override_on_instance(processor, replace_image_token=replace_image_token,
+                                    replace_video_token=replace_video_token,
+                                    _get_num_multimodal_tokens=_get_num_multimodal_tokens)
 
     # ------------------------------------------------------------------ building and loading
     def config_for(self, preset: str, token_ids: dict[str, int] | None = None, **text_overrides: Any):

@@ -2,6 +2,9 @@
 # Run the GPU benchmark commands of benchmarks/RESULTS.md on a lent GPU machine, one after another,
 # each stopped at a shared deadline so that whatever finished comes back (JSON/markdown/log per run).
 # usage: benchmarks/gpu/run.sh SECONDS OUTDIR RUN... where RUN is one of the names below.
+# Issue 29 (kernel economy), eager and compiled at batch 1 and 16:
+#   benchmarks/gpu/run.sh 560 out llava7b-counts llava7b-compiled
+# Issue 30 (AnyRes equal budgets at the LLaVA-NeXT-7B geometry): benchmarks/gpu/run.sh 560 out next7b-anyres
 set -u
 budget=$1; out=$2; shift 2
 deadline=$(( $(date +%s) + budget ))
@@ -24,6 +27,12 @@ for run in "$@"; do
         --new-tokens 32 --repeats 3 --warmup 1 ;;
     llava7b-profile) bench "$run" --preset llava-1.5-7b --methods stock,vmtc,cmai --batch 1 --new-tokens 16 \
         --repeats 2 --warmup 1 --profile 25 ;;
+    llava7b-counts) bench "$run" --preset llava-1.5-7b --methods stock,cmai,vmtc --batch 1 --prompt-tokens 64 \
+        --new-tokens 16 --repeats 2 --warmup 1 --count-ops ;;
+    llava7b-compiled) bench "$run" --preset llava-1.5-7b --methods stock,vmtc,cmai,vmtc+cmai --batch 1,16 \
+        --prompt-tokens 64 --new-tokens 128 --repeats 5 --warmup 2 --compile --count-ops ;;
+    next7b-anyres) bench "$run" --preset llava-v1.6-vicuna-7b --batch 1 --prompt-tokens 64 --new-tokens 16 \
+        --repeats 3 --warmup 1 --methods "$(cat "$(dirname "$0")/anyres_arms.txt")" ;;
     next7b) bench "$run" --preset llava-v1.6-vicuna-7b --methods stock,vmtc,cmai,vmtc+cmai --batch 1,16 --repeats 3 --warmup 1 ;;
     ov7b) bench "$run" --preset llava-onevision-qwen2-7b --methods stock,vmtc,cmai,vmtc+cmai --batch 1,16 --repeats 3 --warmup 1 ;;
     qwen25) bench "$run" --preset qwen2.5-vl-7b --methods stock,vmtc,cmai,vmtc+cmai --batch 1,16 --new-tokens 128 --repeats 3 --warmup 1 ;;

@@ -17,12 +17,13 @@ The set-up (options, model, inputs, an arm applied and probed) is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
 import platform
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -274,6 +275,20 @@ def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tenso
     return {"vision_kernels": vision_kernels, "prefill_kernels": prefill_kernels, "decode_kernels": decode_kernels}
 
 
+@contextlib.contextmanager
+def _compiled_prefill(model, on: bool) -> Iterator[None]:
+    """--compile: the vision tower and CMAI's per-layer prefill math compiled while an arm's calls are timed (the
+    first, warm-up call compiles), so TTFT is compiled on both sides; decode steps are compiled by generate
+    (round interleave) or ``_compiled_decoder`` (step)."""
+    if not on:
+        yield
+        return
+    from ..compiling import prefill_compiled, tower_compiled
+
+    with tower_compiled(model, COMPILE_BACKEND), prefill_compiled(model, COMPILE_BACKEND):
+        yield
+
+
 # ----------------------------------------------------------------------------- round interleave
 
 def _compile_kwargs(opts: BenchOptions) -> dict[str, Any]:
@@ -322,7 +337,8 @@ def _run_rounds(model, opts: BenchOptions, clock: Clock, batch: int, plans: Plan
     for r in range(rounds):
         _log(opts, f"[bench] batch {batch}: round {r + 1}/{rounds}{' (warm-up)' if r < opts.warmup else ''}")
         for name in _rotated(names, r):
-            with arm_applied(model, plans[name]["arm"]), torch.inference_mode():
+            with arm_applied(model, plans[name]["arm"]), _compiled_prefill(model, opts.compile), \
+                    torch.inference_mode():
                 for stage, fn in calls(name).items():
                     seconds = clock.time(fn)
                     if r >= opts.warmup:
@@ -446,7 +462,9 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
     original_attn = model.config._attn_implementation
     models = _arm_copies(model, plans)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as compiled:
+            for m in models.values():
+                compiled.enter_context(_compiled_prefill(m, opts.compile))
             samples = _lockstep_calls(models, opts, clock, batch, vision, plans)
             if not opts.vision_only and opts.new_tokens >= 2:
                 _lockstep_decode(models, opts, clock, batch, vision, plans, samples)

@@ -47,7 +47,8 @@ class BenchOptions:
     # "none": memory as the interleave mode measures it; "process": the prefill's peak memory, each arm in a
     # fresh process of its own (CPU: peak RSS; GPU: max allocated), so no allocator history is shared
     memory: str = "none"
-    # static cache + torch.compile(model.forward, fullgraph=True) for the decode steps (prefill stays eager)
+    # the compiled path on every arm: the vision tower and CMAI's per-layer prefill math (timed TTFT), decode steps
+    # through torch.compile(model.forward, fullgraph=True) with a static cache
     compile: bool = False
     count_ops: bool = False                   # top-level aten ops of one decode step (torch.profiler)
     clock: str = "wall"                       # "cpu": process CPU time, immune to other jobs taking the cores
@@ -66,6 +67,8 @@ class BenchOptions:
             raise ValueError("--new-tokens must be >= 0, --repeats >= 1, --warmup >= 0")
         if any(b < 1 for b in self.batches):
             raise ValueError(f"batch sizes must be positive, got {self.batches}")
+        if self.compile and self.warmup < 1:
+            raise ValueError("--compile needs --warmup 1 or more: the first calls compile, and would be timed")
         if self.interleave not in ("auto", "round", "step"):
             raise ValueError(f"--interleave must be auto, round or step, got {self.interleave!r}")
         if not any(m.is_stock for m in self.methods):  # every ratio needs the stock reference

@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="process: measure each method's prefill peak memory in a fresh process of its own "
                         "(CPU: peak RSS; GPU: max allocated), so no method inherits another's freed memory")
     p.add_argument("--compile", action="store_true",
-                   help="static cache + torch.compile(model.forward, fullgraph=True) for the decode steps "
-                        "(prefill eager; compilation happens in the warm-up steps)")
+                   help="the compiled path on every arm: vision tower and CMAI's per-layer prefill math "
+                        "(torch.compile), decode steps with a static cache (fullgraph); compilation happens in the "
+                        "warm-up round (--warmup >= 1); with --count-ops also the kernels the compiled parts launch")
     p.add_argument("--count-ops", action="store_true",
                    help="count the top-level aten ops of one decode step per method (torch.profiler)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],

@@ -90,8 +90,30 @@ def test_compiled_decode_runs_and_matches_eager_decoding(monkeypatch):
     run = report["runs"][0]
     assert report["meta"]["compile"] is True
     for row in run["methods"].values():
-        assert row["decode_s_per_token"] > 0
-    assert "decode steps compiled" in markdown_tables(report)
+        assert row["decode_s_per_token"] > 0 and row["ttft_s"] > 0
+    assert "compiled: vision tower, CMAI prefill math, decode steps" in markdown_tables(report)
+    with pytest.raises(ValueError, match="--warmup"):
+        _opts(compile=True, warmup=0)
+
+
+def test_compiled_arms_time_a_compiled_tower_and_prefill(monkeypatch):
+    """--compile in both interleaves: while an arm's calls are timed, its tower and CMAI's prefill math are the
+    compiled ones (the contexts are entered)."""
+    entered = []
+    real = harness._compiled_prefill
+
+    def spy(model, on):
+        entered.append(on)
+        return real(model, on)
+
+    monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(harness, "_compiled_prefill", spy)
+    for interleave in ("round", "step"):
+        entered.clear()
+        opts = _opts(compile=True, new_tokens=3, warmup=1, interleave=interleave)
+        run_bench(opts)
+        assert entered and all(entered)
+    torch._dynamo.reset()
 
 
 def test_targets_know_prompt_lengths_and_absolute_limits():

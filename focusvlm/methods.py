@@ -23,6 +23,7 @@ beside them: config, hooks, counts and its own ``show`` panels.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError
@@ -37,6 +38,24 @@ BUILTIN_MODULES = ("focusvlm.inhibit.cmai_method", "focusvlm.compress.vmtc_metho
 
 class UnknownMethodError(ConfigError):
     """No registered method has this name."""
+
+
+@dataclass(frozen=True)
+class SelectionShape:
+    """What a method's own selection work depends on, per image (``Method.selection_flops``; focusvlm bench).
+
+    crops: tower passes (1, or AnyRes' base crop + tiles); patches: patch tokens per crop (CLS not included);
+    vision_width / llm_width: the tower's and the language model's hidden sizes; stock_tokens: the image tokens
+    the stock model hands the LLM; kept_tokens: those the method hands it; sequence: the stock prompt's length.
+    """
+
+    crops: int
+    patches: int
+    vision_width: int
+    llm_width: int
+    stock_tokens: int
+    kept_tokens: int
+    sequence: int
 
 
 class Method:
@@ -94,6 +113,12 @@ class Method:
     @classmethod
     def inhibited_layers(cls, config: Any, num_layers: int) -> int:
         """LLM layers in which the method computes an extra attention term (the FLOP count's share)."""
+        return 0
+
+    @classmethod
+    def selection_flops(cls, config: Any, shape: SelectionShape) -> int:
+        """FLOPs of the method's own choosing per image (scores, similarities), beyond the layers it runs in; 0 when
+        the bench's FLOP model already counts it (VMTC's stages, CMAI's attention term) or it is negligible."""
         return 0
 
     @classmethod

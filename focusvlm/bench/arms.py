@@ -61,6 +61,10 @@ class BenchArm:
         """LLM layers in which the arm's methods compute an extra attention term."""
         return sum(cls.inhibited_layers(section, num_layers) for cls, section in self.methods())
 
+    def selection_flops(self, shape: Any) -> int:
+        """FLOPs per image of the arm's methods' own selection work (``Method.selection_flops``)."""
+        return sum(cls.selection_flops(section, shape) for cls, section in self.methods())
+
     def llm_layer_tokens(self, num_layers: int, prompt_tokens: int, image_tokens: int) -> list[int] | None:
         """Sequence length of each LLM layer in the prefill when a method changes it (None: unchanged).
         At most one LLM-side method per arm, so at most one answers."""

@@ -146,24 +146,26 @@ class PrefillFlops:
     cmai: int
     batch: int = 1
     detail: dict[str, Any] = field(default_factory=dict)
+    selection: int = 0   # the vision / LLM-side methods' own choosing (scores, similarities), beyond their layers
 
     @property
     def total(self) -> int:
-        return self.vision + self.projector + self.llm + self.cmai
+        return self.vision + self.projector + self.llm + self.cmai + self.selection
 
     def as_dict(self) -> dict[str, Any]:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "cmai": self.cmai,
-                "total": self.total, "batch": self.batch, **self.detail}
+                "selection": self.selection, "total": self.total, "batch": self.batch, **self.detail}
 
 
 def prefill_flops(v: VisionShape, t: TextShape, *, prompt_tokens: int, visual_tokens: int, batch: int = 1,
                   vision_schedule: Sequence[tuple[int, int]] | None = None,
                   vmtc_stages: Sequence[tuple[int, int, int, int]] = (), cmai_layers: int = 0,
-                  llm_layer_seq: Sequence[int] | None = None, crops: int = 1) -> PrefillFlops:
+                  llm_layer_seq: Sequence[int] | None = None, crops: int = 1, selection: int = 0) -> PrefillFlops:
     """Time-to-first-token FLOPs of ``batch`` samples: one image + ``prompt_tokens`` text tokens each.
 
     llm_layer_seq: positions per decoder layer when tokens leave inside the LLM (FastV).
     ``crops``: tower passes per image (AnyRes models encode a base crop and every tile).
+    ``selection``: a method's own selection work per image (``Method.selection_flops``).
     """
     seq = prompt_tokens + visual_tokens
     return PrefillFlops(
@@ -171,7 +173,7 @@ def prefill_flops(v: VisionShape, t: TextShape, *, prompt_tokens: int, visual_to
         projector=batch * projector_flops(v, t, visual_tokens),
         llm=batch * llm_prefill_flops(t, seq, llm_layer_seq),
         cmai=batch * cmai_flops(t, seq, prompt_tokens, visual_tokens, cmai_layers),
-        batch=batch, detail={"seq_len": seq})
+        batch=batch, detail={"seq_len": seq}, selection=batch * selection)
 
 
 # --------------------------------------------------------------------------- towers with a patch merger (Qwen)

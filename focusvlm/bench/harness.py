@@ -29,6 +29,7 @@ import torch
 
 from .. import hfcompat
 from ..api import unpatch
+from ..methods import SelectionShape
 from ..runtime import resolve_device_dtype
 from .arms import BenchArm
 from .flops import PrefillFlops, TextShape, VisionShape, merged_vmtc_flops, merger_prefill_flops, prefill_flops
@@ -166,7 +167,11 @@ def _process_memory(opts: BenchOptions, run: dict[str, Any], batch: int, prompt:
 def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict[str, torch.Tensor],
                text_ids: torch.Tensor, vshape: VisionShape | None, tshape: TextShape) -> dict[str, Any]:
     """Every arm at one (batch, prompt length): plan each, count ops, time them interleaved, measure memory."""
-    plans = {arm.name: _plan(model, arm, batch, vision, text_ids, vshape, tshape) for arm in opts.methods}
+    plans = {arm.name: _plan(model, arm, vision, text_ids, tshape) for arm in opts.methods}
+    stock_tokens = next(plan["visual_tokens"] for plan in plans.values() if plan["arm"].is_stock)
+    for plan in plans.values():
+        plan["flops"] = _prefill_flops(model, plan["arm"], plan, vision, text_ids.shape[1], batch, vshape, tshape,
+                                       stock_tokens)
     mode = opts.interleave if opts.interleave != "auto" else ("round" if clock.cuda else "step")
     ops = _count_ops(model, plans, vision, opts.compile) if opts.count_ops and not opts.vision_only else None
     if mode == "step":
@@ -178,22 +183,23 @@ def _run_batch(model, opts: BenchOptions, clock: Clock, batch: int, vision: dict
     return _finish(samples, plans, batch, opts.new_tokens, mode, memory, ops)
 
 
-def _plan(model, arm: BenchArm, batch: int, vision: dict[str, torch.Tensor], text_ids: torch.Tensor,
-          vshape: VisionShape | None, tshape: TextShape) -> dict[str, Any]:
-    """What measuring ``arm`` needs: the arm fitted to the model, its prompt, what its vision path makes, FLOPs."""
+def _plan(model, arm: BenchArm, vision: dict[str, torch.Tensor], text_ids: torch.Tensor,
+          tshape: TextShape) -> dict[str, Any]:
+    """What measuring ``arm`` needs: the arm fitted to the model, its prompt, what its vision path makes (its
+    FLOPs are added once every arm is planned: they need the stock arm's image tokens)."""
     from ..models import adapter_for
 
     arm = fit_arm(model, arm)
     info = probe_vision(model, arm, vision)
     ids, mask = prompt_inputs(text_ids, info, model.config.image_token_id)
-    flops = _prefill_flops(model, arm, info, vision, text_ids.shape[1], batch, vshape, tshape)
-    return {"arm": arm, "ids": ids, "mask": mask, **info, "flops": flops,
+    return {"arm": arm, "ids": ids, "mask": mask, **info,
             "extra": adapter_for(model).prompt_inputs(model, ids), "llm_layers": tshape.layers}
 
 
 def _prefill_flops(model, arm: BenchArm, info: dict[str, Any], vision: dict[str, torch.Tensor], prompt_tokens: int,
-                   batch: int, vshape: VisionShape | None, tshape: TextShape) -> PrefillFlops:
-    """``arm``'s analytic prefill FLOPs, from its probed vision path and what the registry says of its methods."""
+                   batch: int, vshape: VisionShape | None, tshape: TextShape, stock_tokens: int) -> PrefillFlops:
+    """``arm``'s analytic prefill FLOPs, from its probed vision path and what the registry says of its methods
+    (the layers they change, their own selection work)."""
     inhibited = arm.inhibited_layers(tshape.layers)
     if vshape is None:  # a merger tower (Qwen): its own formula, the vision method's stage after the merger
         vc = model.config.vision_config
@@ -204,9 +210,13 @@ def _prefill_flops(model, arm: BenchArm, info: dict[str, Any], vision: dict[str,
                                     cmai_layers=inhibited)
     # image tokens leaving the LLM after some layer (FastV) shorten the layers behind it
     layer_tokens = arm.llm_layer_tokens(tshape.layers, prompt_tokens, info["visual_tokens"])
+    selection = arm.selection_flops(SelectionShape(
+        crops=info["crops"], patches=vshape.patches, vision_width=vshape.hidden, llm_width=tshape.hidden,
+        stock_tokens=stock_tokens, kept_tokens=info["visual_tokens"], sequence=prompt_tokens + stock_tokens))
     return prefill_flops(vshape, tshape, prompt_tokens=prompt_tokens, visual_tokens=info["visual_tokens"],
                          batch=batch, vision_schedule=info["schedule"], vmtc_stages=info["vision_stages"],
-                         cmai_layers=inhibited, llm_layer_seq=layer_tokens, crops=info["crops"])
+                         cmai_layers=inhibited, llm_layer_seq=layer_tokens, crops=info["crops"],
+                         selection=selection)
 
 
 def _count_ops(model, plans: Plans, vision: dict[str, torch.Tensor], compile: bool = False) -> dict[str, dict[str, int]]:

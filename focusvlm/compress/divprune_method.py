@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import DROPPED, PRIMARY, Panel, record_field
 from . import divprune
 
@@ -66,6 +66,13 @@ class DivPrune(VisionMethod):
     config_class = DivPruneConfig
     summary = "divprune[:budget] DivPrune, official code (budget: tokens, or the share kept if <= 1; default 0.098)"
     cli_arg = "budget"
+
+    @classmethod
+    def selection_flops(cls, config: DivPruneConfig, shape: SelectionShape) -> int:
+        # the official code's cosine similarities of every pair of the image's L projected tokens (L = the stock
+        # count: the packed sequence on AnyRes, the crop's tokens otherwise), then k max-min steps over L
+        n = shape.stock_tokens
+        return 2 * n * n * shape.llm_width + 3 * n * shape.llm_width + 2 * shape.kept_tokens * n
 
     def __init__(self, model: Any, adapter: Any, config: DivPruneConfig, processor: Any | None = None):
         super().__init__(model, adapter, config, processor)

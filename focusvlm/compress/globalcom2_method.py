@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import DROPPED, PRIMARY, Panel
 from . import globalcom2
 
@@ -71,6 +71,12 @@ class GlobalCom2(VisionMethod):
     summary = ("globalcom2[:ratio] GlobalCom2, official code (AnyRes: the thumbnail sets each tile's retention "
                "ratio; default 0.25; adaptive count)")
     cli_arg = "ratio"
+
+    @classmethod
+    def selection_flops(cls, config: GlobalCom2Config, shape: SelectionShape) -> int:
+        # the last layer's CLS logits of every crop (q . k over every head), the per-tile ratios and the
+        # thumbnail's scores resized onto each tile (a few operations per patch)
+        return shape.crops * (2 * (shape.patches + 1) * shape.vision_width + 8 * shape.patches)
 
     def __init__(self, model: Any, adapter: Any, config: GlobalCom2Config, processor: Any | None = None):
         from ..models import UnsupportedModelError

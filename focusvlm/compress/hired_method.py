@@ -23,7 +23,7 @@ import torch
 
 from ..config import ConfigError, fail
 from ..errors import UnsupportedModelError
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import DROPPED, PRIMARY, Panel, record_field
 from . import hired
 
@@ -102,6 +102,13 @@ class HiRED(VisionMethod):
     summary = ("hired[:budget] HiRED, official code (budget: share of the crops' tokens if <= 1, else tokens per "
                "image; default 0.2)")
     cli_arg = "budget"
+
+    @classmethod
+    def selection_flops(cls, config: HiREDConfig, shape: SelectionShape) -> int:
+        # the CLS row of the attention (q . k over every head) of each crop: in the early layer (the budget
+        # split, AnyRes only) and in the final layer (the selection)
+        layers = 2 if shape.crops > 1 else 1
+        return layers * shape.crops * 2 * (shape.patches + 1) * shape.vision_width
 
     def __init__(self, model: Any, adapter: Any, config: HiREDConfig, processor: Any | None = None):
         super().__init__(model, adapter, config, processor)

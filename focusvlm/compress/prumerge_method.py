@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import DROPPED, MERGED, PRIMARY, Panel, record_field
 from . import prumerge
 
@@ -79,6 +79,13 @@ class PruMerge(VisionMethod):
     summary = ("prumerge[:budget] LLaVA-PruMerge, official code (budget: tokens, or the reduction ratio if <= 1; "
                "none = adaptive)")
     cli_arg = "budget"
+
+    @classmethod
+    def selection_flops(cls, config: PruMergeConfig, shape: SelectionShape) -> int:
+        # per crop: the CLS attention row, then each kept token's key similarity to every other token (its
+        # nearest neighbours merged in)
+        kept = max(1, shape.kept_tokens // shape.crops)
+        return shape.crops * 2 * shape.vision_width * ((shape.patches + 1) + kept * shape.patches)
 
     def __init__(self, model: Any, adapter: Any, config: PruMergeConfig, processor: Any | None = None):
         from ..models import UnsupportedModelError

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import MERGED, Panel
 from .spd import spd_grid, spd_pool
 
@@ -33,6 +33,11 @@ class SPD(VisionMethod):
     config_class = SPDConfig
     summary = "spd[:factor] spatial down-sampling before the projector (default factor 2)"
     cli_arg = "factor"
+
+    @classmethod
+    def selection_flops(cls, config: SPDConfig, shape: SelectionShape) -> int:
+        # average pooling: one addition per input feature value
+        return shape.crops * shape.patches * shape.vision_width
 
     def __init__(self, model: Any, adapter: Any, config: SPDConfig, processor: Any | None = None):
         super().__init__(model, adapter, config, processor)

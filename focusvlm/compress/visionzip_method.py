@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, fail
-from ..methods import VisionMethod, register_method
+from ..methods import SelectionShape, VisionMethod, register_method
 from ..viz import DROPPED, MERGED, PRIMARY, Panel, record_field
 from . import visionzip
 
@@ -57,6 +57,13 @@ class VisionZip(VisionMethod):
     config_class = VisionZipConfig
     summary = "visionzip[:tokens] VisionZip, official code (default 54 dominant + 10 contextual = 64 tokens)"
     cli_arg = "tokens"
+
+    @classmethod
+    def selection_flops(cls, config: VisionZipConfig, shape: SelectionShape) -> int:
+        # per crop: the CLS attention row (dominant tokens), then every remaining token's key similarity to the
+        # contextual targets (its merge)
+        rest = max(shape.patches - config.dominant, 0)
+        return shape.crops * 2 * shape.vision_width * ((shape.patches + 1) + rest * config.contextual)
 
     @classmethod
     def parse(cls, value: str | None) -> VisionZipConfig:

@@ -35,7 +35,7 @@ from .. import hfcompat
 from . import fastv
 from ..config import ConfigError, fail
 from ..errors import CMAIStateError, UnsupportedModelError
-from ..methods import Method, register_method
+from ..methods import Method, SelectionShape, register_method
 
 COMPILE_ERROR = ("focusvlm FastV cannot run under torch.compile: the kept positions have data-dependent shapes. "
                  "Compile the model without patching, or unpatch first.")
@@ -284,6 +284,11 @@ class FastV(Method):
     summary = ("fastv[:R|keep] FastV, official token choice with real removal after LLM layer K "
                "(default K=2, R=0.5; a whole number > 1 keeps that many image tokens)")
     cli_arg = "ratio"
+
+    @classmethod
+    def selection_flops(cls, config: FastVConfig, shape: SelectionShape) -> int:
+        # layer K's attention of the last token over the sequence (every head), then a top-k over the image tokens
+        return 2 * shape.sequence * shape.llm_width + shape.stock_tokens
 
     @classmethod
     def parse(cls, value: str | None) -> FastVConfig:

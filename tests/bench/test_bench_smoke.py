@@ -174,3 +174,29 @@ def test_hand_written_decode_steps_match_generate(preset):
             logits.append(out.logits[:, -1])
     for got, expected in zip(logits, want.logits):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_flops_count_each_methods_own_selection_work():
+    """The FLOP model adds what each peer computes to choose its tokens (Method.selection_flops): DivPrune's
+    pairwise similarities of the image's stock tokens dominate it; VMTC's and CMAI's work is in their own terms."""
+    from focusvlm.bench.arms import parse_arms
+    from focusvlm.bench.harness import run_bench
+    from focusvlm.bench.setup import BenchOptions
+
+    arms = "stock,vmtc,cmai,divprune:0.3,hired:0.3,globalcom2,visionzip,spd,fastv"
+    report = run_bench(BenchOptions(preset="next-tiny", methods=parse_arms(arms), batches=[1], prompt_tokens=8,
+                                    new_tokens=0, repeats=1, warmup=0, progress=False))
+    rows = report["runs"][0]["methods"]
+    selection = {name: row["flops"]["selection"] for name, row in rows.items()}
+    assert selection["stock"] == selection["vmtc"] == selection["cmai"] == 0
+    assert all(selection[name] > 0 for name in ("divprune:0.3", "hired:0.3", "globalcom2", "visionzip", "spd",
+                                                "fastv"))
+    for row in rows.values():
+        f = row["flops"]
+        assert f["total"] == f["vision"] + f["projector"] + f["llm"] + f["cmai"] + f["selection"]
+    # DivPrune over the packed sequence: 2 L^2 D + 3 L D + 2 k L with L = the stock count, D = the LM width
+    n, d, k = rows["stock"]["visual_tokens"], 64, rows["divprune:0.3"]["visual_tokens"]
+    assert selection["divprune:0.3"] == 2 * n * n * d + 3 * n * d + 2 * k * n
+    tiny = run_bench(BenchOptions(preset="tiny", methods=parse_arms("stock,prumerge:4"), batches=[1], prompt_tokens=8,
+                                  new_tokens=0, repeats=1, warmup=0, progress=False))["runs"][0]["methods"]
+    assert tiny["prumerge:4"]["flops"]["selection"] > 0 == tiny["stock"]["flops"]["selection"]

@@ -338,6 +338,22 @@ def test_config_defaults_cli_and_yaml_round_trip(tmp_path):
 
 # --------------------------------------------------------------------------- one crop, other families
 
+def _final_layer_qk(model, pixels):
+    """(attention module, {"q", "k"} projections, hidden states) of the layer the LLM reads (-2), as the official
+    code hooks them, on the stock tower."""
+    attn = model.model.vision_tower.encoder.layers[-2].self_attn
+    box = {}
+    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: box.__setitem__("q", o)),
+             attn.k_proj.register_forward_hook(lambda m, a, o: box.__setitem__("k", o))]
+    try:
+        with torch.no_grad():
+            hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+    finally:
+        for h in hooks:
+            h.remove()
+    return attn, box, hidden
+
+
 def test_llava15_single_crop_equals_the_official_version_with_processor_counts():
     """The repository's modeling_llava.py: layer 22 (F - 1) CLS attention, top min(N, int(N * rate)) tokens in
     sequence order before the projector; a fixed count, so the processor follows it."""
@@ -348,16 +364,8 @@ def test_llava15_single_crop_equals_the_official_version_with_processor_counts()
     p = tiny_processor()
     batch = llava_inputs(p)
     stock = run(model, batch)
-    attn = model.model.vision_tower.encoder.layers[-2].self_attn
-    box = {}
-    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: box.__setitem__("q", o)),
-             attn.k_proj.register_forward_hook(lambda m, a, o: box.__setitem__("k", o))]
-    try:
-        with torch.no_grad():
-            hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
-    finally:
-        for h in hooks:
-            h.remove()
+    attn, box, hidden = _final_layer_qk(model, batch["pixel_values"])
+    hidden = hidden[:, 1:]
     heads = attn.num_heads
     handle = patch(model, FocusConfig(hired=HiREDConfig()), processor=p)
     try:
@@ -388,16 +396,7 @@ def test_llava15_full_strategy_ranks_the_cls_token_too():
     model.config.vision_feature_select_strategy = "full"
     p = tiny_processor("full")
     batch = llava_inputs(p)
-    attn = model.model.vision_tower.encoder.layers[-2].self_attn
-    box = {}
-    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: box.__setitem__("q", o)),
-             attn.k_proj.register_forward_hook(lambda m, a, o: box.__setitem__("k", o))]
-    try:
-        with torch.no_grad():
-            hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
-    finally:
-        for h in hooks:
-            h.remove()
+    attn, box, hidden = _final_layer_qk(model, batch["pixel_values"])
     handle = patch(model, FocusConfig(hired=HiREDConfig()), processor=p)
     try:
         assert handle.image_tokens() == 13

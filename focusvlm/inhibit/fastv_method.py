@@ -36,6 +36,7 @@ from . import fastv
 from ..config import ConfigError, fail
 from ..errors import CMAIStateError, UnsupportedModelError
 from ..methods import Method, SelectionShape, register_method
+from ..models.base import FamilyAdapter
 
 COMPILE_ERROR = ("focusvlm FastV cannot run under torch.compile: the kept positions have data-dependent shapes. "
                  "Compile the model without patching, or unpatch first.")
@@ -110,6 +111,10 @@ class FastVBinding:
 
     def __init__(self, model: torch.nn.Module, adapter: Any, config: FastVConfig):
         self.model, self.adapter, self.config = model, adapter, config
+        if type(adapter).decoder_query_key is FamilyAdapter.decoder_query_key:
+            # the choice at layer K needs the layer's q/k as the family forms them (its rotary embedding)
+            raise UnsupportedModelError(f"FastV: the {adapter.title} adapter does not expose its decoder layers' "
+                                        "query/key (decoder_query_key), which FastV's choice at layer K needs")
         layers = adapter.decoder_layers(model)
         if config.k >= len(layers):
             raise ConfigError(f"FastVConfig.k={config.k}: the language model has {len(layers)} decoder layers, so K "

@@ -484,3 +484,14 @@ def test_show_draws_each_crop_for_visionzip_and_divprune(tmp_path, next_model, c
         assert args.func(args) == 0
         assert f"({tokens} image tokens, {1 + rows * cols} crops)" in capsys.readouterr().out
         assert Image.open(out).height % (1 + rows * cols) == 0        # one strip per crop
+
+
+def test_fastv_refuses_a_family_without_decoder_query_key_at_patch_time():
+    """Qwen-VL exposes no decoder q/k (its 3-D rope): FastV says so when patched, not at the first forward."""
+    from focusvlm import FastVConfig, FocusConfig, UnsupportedModelError, patch
+    from focusvlm.models import adapter_for_preset
+
+    model = adapter_for_preset("qwen2.5-vl-tiny").random_model("qwen2.5-vl-tiny")
+    with pytest.raises(UnsupportedModelError, match="decoder_query_key"):
+        patch(model, FocusConfig(fastv=FastVConfig()))
+    assert not hasattr(model, "_focusvlm")

@@ -36,7 +36,8 @@ from typing import Any, Sequence
 
 MODEL_ID = "focusvlm"
 CLASS_PATH = "focusvlm.integrations.lmms.FocusVLMLmms"
-MODEL_ARGS = ("pretrained", "focus_config", "device", "dtype", "batch_size", "max_new_tokens", "max_batch_size")
+MODEL_ARGS = ("pretrained", "focus_config", "device", "dtype", "batch_size", "max_new_tokens", "max_batch_size",
+              "compile")
 
 # generation kwargs a greedy decoder follows by construction; anything else is named in a warning
 _GREEDY_NEUTRAL = {"top_p", "top_k", "use_cache", "repetition_penalty_disabled"}
@@ -131,8 +132,10 @@ def process_device(device: str | None, rank: int, world_size: int) -> str | None
     return device
 
 
-def load_focus_model(pretrained: str, focus_config: str | None, device: str, dtype: str | None):
-    """(device, FocusConfig, model, HFGenerator): the checkpoint loaded and patched with the focus config file."""
+def load_focus_model(pretrained: str, focus_config: str | None, device: str, dtype: str | None,
+                     compile: bool | str = False):
+    """(device, FocusConfig, model, HFGenerator): the checkpoint loaded and patched with the focus config file;
+    ``compile`` (model_args ``compile=True``): the compiled path (``focusvlm.compile_model``)."""
     from ..api import patch
     from ..config import FocusConfig
     from ..runtime import HFGenerator, load_model, resolve_device_dtype
@@ -142,6 +145,12 @@ def load_focus_model(pretrained: str, focus_config: str | None, device: str, dty
     model, processor = load_model(pretrained, device, dt)
     if not config.is_stock:
         patch(model, config, processor)
+    if str(compile).lower() in ("1", "true", "yes"):   # model_args arrive as strings
+        from ..compiling import compile_model
+
+        compile_model(model)
+    elif str(compile).lower() not in ("0", "false", "no", ""):
+        raise ValueError(f"focusvlm lmms model: compile must be true or false, got {compile!r}")
     return device, config, model, HFGenerator(model, processor)
 
 
@@ -165,7 +174,7 @@ class _FocusVLMModel:
 
     def __init__(self, pretrained: str = "demo", focus_config: str | None = None, device: str | None = None,
                  dtype: str | None = None, batch_size: int | str = 1, max_new_tokens: int = 128,
-                 max_batch_size: int | None = None, **kwargs: Any) -> None:
+                 max_batch_size: int | None = None, compile: bool | str = False, **kwargs: Any) -> None:
         super().__init__()  # lmms-eval's lmms
         if kwargs:
             raise ValueError(f"focusvlm lmms model: unknown model_args {sorted(kwargs)}; "
@@ -179,7 +188,7 @@ class _FocusVLMModel:
         self._rank, self._world_size = process_world(self.accelerator)
         device = process_device(device, self._rank, self._world_size)
         self._device, self.focus_config, self._model, self.generator = load_focus_model(
-            pretrained, focus_config, device, dtype)
+            pretrained, focus_config, device, dtype, compile)
         self.batch_size_per_gpu = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
         self._warned: set[str] = set()

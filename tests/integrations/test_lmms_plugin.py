@@ -48,3 +48,18 @@ def test_generate_until_on_demo(demo):
 
     out = model.generate_until([Req()])
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_compile_model_arg_switches_the_compiled_path(monkeypatch):
+    """model_args compile=True (a string, as lmms-eval passes it) compiles the loaded model; a bad value is named."""
+    import focusvlm.compiling as compiling
+    from focusvlm.integrations.lmms import MODEL_ARGS, load_focus_model
+
+    calls = []
+    monkeypatch.setattr(compiling, "compile_model", lambda model, **kw: calls.append(model) or model)
+    _, _, model, _ = load_focus_model("demo-random", None, "cpu", None, compile="True")
+    assert calls == [model] and "compile" in MODEL_ARGS
+    load_focus_model("demo-random", None, "cpu", None, compile="false")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        load_focus_model("demo-random", None, "cpu", None, compile="maybe")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .peers_reference import F64, _decoder_layer, _rms, fastv_image
+from .peers_reference import fastv_pruned_forward
 
 
 # --------------------------------------------------------------------------- VisionZip (LLaVA-NeXT)
@@ -77,28 +77,5 @@ def visionzip_anyres_image(crop_features, keep_idx, tiles, grid, newline):
 
 def fastv_pruned_forward_rows(model, input_ids, image_rows, k, ratio):
     """``peers_reference.fastv_pruned_forward`` with the image rows given: input_ids (L,) of one unpadded
-    sample, image_rows (n, D) the features the stock model places at its n image placeholders (in order).
-    The image positions are exactly those placeholders. Returns (logits (M, V), kept positions, kept image
-    positions)."""
-    core = model.model
-    lm = core.language_model
-    ids = input_ids.tolist()
-    image_id = model.config.image_token_id
-    with torch.no_grad():
-        h = core.get_input_embeddings()(input_ids[None])[0].to(F64)
-        images = [i for i, t in enumerate(ids) if t == image_id]
-        assert len(images) == image_rows.shape[0]
-        h[images] = image_rows.to(F64)
-        inv_freq = lm.rotary_emb.inv_freq
-        positions = list(range(len(ids)))
-        attention = None
-        keep_image = []
-        for index, layer in enumerate(lm.layers):
-            if index == k:
-                keep_image = fastv_image(attention, images, ratio) if images else []
-                keep = sorted([p for p in positions if p not in images] + list(keep_image))
-                h = h[[positions.index(p) for p in keep]]
-                positions = keep
-            h, attention = _decoder_layer(layer, h, positions, inv_freq)
-        logits = _rms(lm.norm, h) @ model.lm_head.weight.to(F64).T
-    return logits, positions, list(keep_image)
+    sample, image_rows (n, D) the features the stock model places at its n image placeholders (in order)."""
+    return fastv_pruned_forward(model, input_ids, None, k, ratio, image_rows=image_rows)

@@ -220,11 +220,13 @@ def _decoder_layer(layer, h, positions, inv_freq):
     return h, torch.stack(probs)
 
 
-def fastv_pruned_forward(model, input_ids, pixel_values, k, ratio, keep_image=None):
+def fastv_pruned_forward(model, input_ids, pixel_values, k, ratio, keep_image=None, image_rows=None):
     """Logits of a LLaVA model with FastV, one unpadded sample. input_ids (L,); pixel_values of its images.
 
     keep_image: the kept image positions to use instead of choosing them (a cached generation keeps the
-    prompt's choice). Returns (logits (M, V) at the kept positions, kept positions, kept image positions).
+    prompt's choice). image_rows (n, D): the features at the n image placeholders, given instead of encoded
+    from pixel_values (AnyRes packings). Returns (logits (M, V) at the kept positions, kept positions, kept
+    image positions).
     """
     core = model.model
     lm = core.language_model
@@ -233,7 +235,10 @@ def fastv_pruned_forward(model, input_ids, pixel_values, k, ratio, keep_image=No
     with torch.no_grad():
         h = core.get_input_embeddings()(input_ids[None])[0].to(F64)
         images = [i for i, t in enumerate(ids) if t == image_id]
-        if images:
+        if image_rows is not None:
+            assert len(images) == image_rows.shape[0]
+            h[images] = image_rows.to(F64)
+        elif images:
             feats = core.get_image_features(pixel_values, vision_feature_layer=model.config.vision_feature_layer,
                                             vision_feature_select_strategy=model.config.vision_feature_select_strategy)
             h[images] = torch.cat(list(feats.pooler_output)).to(F64)

@@ -112,7 +112,9 @@ def add_run_args(parser, default_max_new_tokens: int = 1024) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--mode", choices=MODES, default="direct",
-                        help="describe-then-answer: describe the image, then answer from the description alone")
+                        help="describe-then-answer: describe the image, then answer from the description alone; "
+                             "given-description: no image, answer from the description each bench row carries "
+                             "(a true caption: the language model's own level)")
     parser.add_argument("--retry-errors", action="store_true", help="on resume, redo samples that recorded an error")
 
 

@@ -281,6 +281,59 @@ def stage2_records(items: list[VQAItem], seed: int = 0, turns: int = 4) -> list[
     return records
 
 
+# Sentence answers (LLaVA's conversation data answers in sentences when no short-answer instruction is given):
+# descriptions of the picture, and easy-VQA questions asked without SHORT_ANSWER, answered in a sentence that
+# states the fact. They teach the format a question alone gets, never a verifiable formatting instruction.
+DESCRIBE_PROMPTS = ("Describe the image.", "What do you see in this picture?", "What is shown in the image?",
+                    "Tell me about this picture.")
+DESCRIPTIONS = ("The image shows a {color} {shape} on a plain background.",
+                "It is a picture of a single {color} {shape} on a plain background.",
+                "I see one {color} {shape} in the middle of a plain background.")
+SENTENCE_ANSWERS = {
+    "color": ("The {shape} is {color}.", "The shape in the image is {color}."),
+    "shape": ("It is a {shape}.", "The image shows a {color} {shape}."),
+    "yes": ("Yes. The image shows a {color} {shape}.",),
+    "no": ("No. The image shows a {color} {shape}.",),
+}
+
+
+def sentence_records(items: list[VQAItem], count: int, seed: int = 0) -> list[dict]:
+    """``count`` single-turn conversations answered in sentences, alternately a description of an image and
+    one of ``items``' questions (without the short-answer instruction) answered in a sentence; the question
+    (and its image) drawn with ``random.Random(f"{seed}/sentences")``."""
+    labels = image_labels(items)
+    rng = random.Random(f"{seed}/sentences")
+    records = []
+    for n in range(count):
+        it = items[rng.randrange(len(items))]
+        color, shape = labels[it.image_id]
+        if n % 2 == 0:
+            prompt, answer = rng.choice(DESCRIBE_PROMPTS), rng.choice(DESCRIPTIONS)
+        else:
+            kind = it.answer if it.qtype == "yes/no" else it.qtype
+            prompt, answer = it.question, rng.choice(SENTENCE_ANSWERS[kind])
+        records.append({"id": f"easyvqa-{it.split}-{it.image_id}-sentence-{n}", "image": it.image,
+                        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
+                                          {"from": "gpt", "value": answer.format(color=color, shape=shape)}]})
+    return records
+
+
+def interleave(short: list[dict], per_batch: int, extras: list[list[dict]], steps: int) -> list[dict]:
+    """Records in training order for ``steps`` batches: each batch is ``per_batch`` consecutive ``short``
+    records followed by the next record of every list in ``extras`` (a list shorter than ``steps`` is
+    cycled). Train with ``shuffle: false`` and a batch of ``per_batch + len(extras)``."""
+    if len(short) < steps * per_batch:
+        raise ValueError(f"{steps} batches of {per_batch} need {steps * per_batch} short-answer records, "
+                         f"got {len(short)}")
+    if any(not extra for extra in extras):
+        raise ValueError("an extra record list of the stage-2 mix is empty")
+    out: list[dict] = []
+    for step in range(steps):
+        out += short[step * per_batch:(step + 1) * per_batch]
+        out += [extra[step % len(extra)] for extra in extras]
+    return out
+
+
 def is_negated(question: str) -> bool:
     """Whether an easy-VQA yes/no question is asked in the negative ("Is there not a ...", "Is no ... present?")."""
     return bool(_NEGATION_RE.search(question.lower()))
@@ -353,11 +406,19 @@ def test_records(items: list[VQAItem]) -> list[dict]:
                                {"from": "gpt", "value": it.answer}]} for it in items]
 
 
+def true_description(color: str, shape: str) -> str:
+    """The picture's ground-truth description (what a text-only model is given in place of the image)."""
+    return DESCRIPTIONS[0].format(color=color, shape=shape)
+
+
 def question_rows(items: list[VQAItem], root: Path | None = None) -> list[dict]:
-    """JSONL rows (id, absolute image path, question, answer, type): the input of `focusvlm ifbench build`."""
+    """JSONL rows (id, absolute image path, question, answer, type, the image's true description): the input
+    of `focusvlm ifbench build`."""
     root = root or data_root()
+    labels = image_labels(items, root)
     return [{"id": it.qid, "image": str(root / it.image), "question": it.question, "answer": it.answer,
-             "type": it.qtype, "image_id": it.image_id} for it in items]
+             "type": it.qtype, "image_id": it.image_id, "description": true_description(*labels[it.image_id])}
+            for it in items]
 
 
 def train_subset(items: list[VQAItem], images: int | None, seed: int = 0) -> list[VQAItem]:

@@ -73,19 +73,27 @@ def score(rows: list[dict[str, Any]]) -> tuple[int, int, dict[str, dict[str, flo
 
 def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = None, batch_size: int = 16,
              max_new_tokens: int = 5, out_jsonl: str | Path | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+             progress: Callable[[int, int], None] | None = None, mode: str = "direct") -> EvalReport:
     """Accuracy of ``model`` on ``items`` (``data.test_items``); ``focus``: a FocusConfig applied for the run.
 
+    ``mode`` as ``focusvlm eval --mode``: ``direct`` (picture + question), ``describe-then-answer`` (the
+    model describes the picture, then answers from its description, text only), ``given-description`` (no
+    picture: the question answered from the picture's true description, ``data.true_description``).
     ``out_jsonl``: one row per question (id, type, question, answer, prediction, correct).
     """
     import contextlib
 
     from ..api import patched
+    from ..eval.engine import MODES, GenerationSettings
+    from ..eval.samples import default_answer_from_description
     from ..runtime import HFGenerator, load_image
 
     if not items:
         raise ValueError("evaluate: no questions given")
+    if mode not in MODES:
+        raise ValueError(f"evaluate: mode {mode!r}: choose one of {', '.join(MODES)}")
     root = D.data_root()
+    labels = D.image_labels(items, root) if mode == "given-description" else {}
     start = time.time()
     rows: list[dict[str, Any]] = []
     tokens: list[int] = []
@@ -94,11 +102,24 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
         generator = HFGenerator(model, processor)
         for k in range(0, len(items), batch_size):
             chunk = items[k:k + batch_size]
-            images = [load_image(root / it.image) for it in chunk]
-            outs = generator.generate([prompt_for(it.question) for it in chunk], images, max_new_tokens)
-            for it, out in zip(chunk, outs):
+            prompts = [prompt_for(it.question) for it in chunk]
+            if mode == "given-description":
+                descriptions = [D.true_description(*labels[it.image_id]) for it in chunk]
+            elif mode == "describe-then-answer":
+                images = [load_image(root / it.image) for it in chunk]
+                describe = GenerationSettings(mode=mode)  # the IF benchmark's describe step, the same settings
+                descriptions = [d.text for d in generator.generate([describe.describe_prompt] * len(chunk), images,
+                                                                   describe.describe_max_new_tokens)]
+            if mode == "direct":
+                outs = generator.generate(prompts, [load_image(root / it.image) for it in chunk], max_new_tokens)
+                descriptions = [None] * len(chunk)
+            else:
+                outs = generator.generate([default_answer_from_description(p, d) for p, d in zip(prompts, descriptions)],
+                                          [None] * len(chunk), max_new_tokens)
+            for it, out, desc in zip(chunk, outs, descriptions):
                 rows.append({"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,
-                             "answer": it.answer, "prediction": out.text, "correct": is_correct(out.text, it.answer)})
+                             "answer": it.answer, "prediction": out.text, "correct": is_correct(out.text, it.answer),
+                             **({} if desc is None else {"description": desc})})
                 tokens.append(out.image_tokens)
             if progress is not None:
                 progress(len(rows), len(items))

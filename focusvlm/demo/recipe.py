@@ -63,6 +63,15 @@ class DemoRecipe:
     lead_steps: int = 80
     yes_no_share: float = 0.9
     train_images: int | None = None  # None = all 4,000 (fewer only for quick checks)
+    # stage 2's mix per batch of finetune_batch: sentence_per_batch conversations answered in sentences
+    # (descriptions, questions without the short-answer instruction: data.sentence_records) and
+    # text_per_batch text-only conversations answered by the base LM itself (textdata), the rest short-answer
+    # easy-VQA questions in curriculum order. No formatting instruction with an image: issue 31's gap must
+    # arise, not be trained away
+    sentence_per_batch: int = 1
+    text_per_batch: int = 1
+    text_prompts: int = 800        # prompts answered by the base LM; the good answers are kept (about 70 %)
+    text_max_new_tokens: int = 160
     test_sample: int = 2000        # the fixed evaluation sample written into data/
     # stage 1: projector only, captions, LLaVA's learning rate
     # 150 before; training without stage 1 at all gave the same quick check, so the time goes to stage 2
@@ -90,14 +99,27 @@ class DemoRecipe:
     check_sample: int = 200        # quick check after the stock twin (0 = none)
     check_floor: float = 0.6       # fail the run when the stock twin is below this on the quick check
     focus: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(FOCUS_TWIN)))
-    tower: TowerRecipe = field(default_factory=TowerRecipe)
+    # 4-pixel patches: 256 image tokens per 64x64 picture, a LLaVA-like share of the prompt (LLaVA-1.5: 576
+    # before a 20-60 token question), so that there is redundancy to reduce (issue 31)
+    tower: TowerRecipe = field(default_factory=lambda: TowerRecipe(tower={"patch_size": 4}))
 
     @classmethod
     def quick(cls) -> "DemoRecipe":
         """A few steps of everything (minutes): checks the path, learns little."""
         return cls(train_images=40, test_sample=40, pretrain_steps=2, pretrain_batch=4, finetune_steps=2,
-                   finetune_batch=4, lead_steps=1, check_sample=8, check_floor=0.0,
-                   tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5))
+                   finetune_batch=4, lead_steps=1, check_sample=8, check_floor=0.0, text_prompts=16,
+                   text_max_new_tokens=48,
+                   tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5,
+                                     tower={"patch_size": 4}))
+
+    @property
+    def short_per_batch(self) -> int:
+        """Short-answer easy-VQA questions per stage-2 batch (the rest of the batch is the mix's extras)."""
+        short = self.finetune_batch - self.sentence_per_batch - self.text_per_batch
+        if short < 1 or self.sentence_per_batch < 0 or self.text_per_batch < 0:
+            raise ValueError(f"a stage-2 batch of {self.finetune_batch} cannot hold {self.sentence_per_batch} "
+                             f"sentence and {self.text_per_batch} text-only records and a short-answer question")
+        return short
 
 
 def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
@@ -145,12 +167,16 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     def write_data() -> None:
         D.write_easyvqa(out / "data", seed=recipe.seed, turns=recipe.turns, train_images=recipe.train_images,
                         test_sample=recipe.test_sample, balance=recipe.balance,
-                        curriculum_size=recipe.finetune_steps * recipe.finetune_batch,
-                        curriculum_lead=recipe.lead_steps * recipe.finetune_batch, yes_no_share=recipe.yes_no_share)
+                        curriculum_size=recipe.finetune_steps * recipe.short_per_batch,
+                        curriculum_lead=recipe.lead_steps * recipe.short_per_batch, yes_no_share=recipe.yes_no_share)
 
     timed("data", out / "data" / "easyvqa_manifest.json", write_data)
     files = json.loads((out / "data" / "easyvqa_manifest.json").read_text())["files"]
     image_folder = files["image_folder"]
+    text_answers = out / "data" / "text_answers.jsonl"
+    timed("text answers", out / "data" / "text_answers.done", lambda: _answer_text(recipe, text_answers, say))
+    mix = out / "data" / "stage2_mix.json"
+    timed("stage 2 mix", mix, lambda: _write_mix(recipe, Path(files["instruct"]), text_answers, mix))
 
     def save_base() -> None:
         from ..models.demo.assemble import build_trainable
@@ -169,7 +195,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
             stage="pretrain", data=files["captions"], image_folder=image_folder, output_dir=pt, model=str(out / "base"),
             focus_config=cfg, overrides=_stage_overrides(recipe, "pretrain"), progress=progress))
         timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
-            stage="finetune", data=files["instruct"], image_folder=image_folder, output_dir=ft, model=str(pt),
+            stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
             focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress))
         ship = out / "ship" / twin
         timed(f"{twin} pack", ship / META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
@@ -182,6 +208,43 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
         say(f"demo recipe: shipped weights copied into {ship_to}")
     say(f"demo recipe: finished; step times in {times_path} (total {times['total']:.0f} s)")
     return times
+
+
+def _answer_text(recipe: DemoRecipe, answers: Path, say: Callable[[str], None]) -> None:
+    """The base LM's own answers to the recipe's text prompts (resumable: answered prompts are kept)."""
+    from ..models.demo.assemble import DEMO_CHAT_TEMPLATE
+    from ..models.demo.lm import smollm2_lm
+    from .textdata import answer_prompts, text_prompts
+
+    if recipe.text_per_batch:
+        lm, tokenizer = smollm2_lm()
+        rows = answer_prompts(text_prompts(recipe.text_prompts, recipe.seed), answers, lm, tokenizer,
+                              DEMO_CHAT_TEMPLATE, max_new_tokens=recipe.text_max_new_tokens, log=say)
+        good = sum(r["good"] for r in rows)
+        if not good:
+            raise DemoRecipeError(f"none of the base LM's {len(rows)} answers in {answers} is usable (all cut at "
+                                  f"{recipe.text_max_new_tokens} tokens or degenerate); raise text_max_new_tokens")
+        say(f"demo recipe: {good} of {len(rows)} text answers kept")
+    answers.with_suffix(".done").write_text("")
+
+
+def _write_mix(recipe: DemoRecipe, instruct: Path, answers: Path, mix: Path) -> None:
+    """Stage 2's records in training order: per batch, short-answer questions then the mix's extras."""
+    from .textdata import read_answers, text_prompts, text_records
+
+    extras = []
+    if recipe.sentence_per_batch:
+        train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
+        extras += [D.sentence_records(train, recipe.finetune_steps * recipe.sentence_per_batch, recipe.seed)]
+    if recipe.text_per_batch:
+        rows = read_answers(answers)
+        extras += [text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])]
+    # each extra list contributes per_batch records per step: split into per_batch interleaved streams
+    streams = [extra[k::per] for extra, per in zip(extras, [p for p in (recipe.sentence_per_batch,
+                                                                        recipe.text_per_batch) if p])
+               for k in range(per)]
+    records = D.interleave(json.loads(instruct.read_text()), recipe.short_per_batch, streams, recipe.finetune_steps)
+    mix.write_text(json.dumps(records, indent=1))
 
 
 def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: Any, recipe: DemoRecipe,

@@ -47,7 +47,9 @@ from .runs import (CONFIG, ManifestMismatch, append_records, atomic_write_text, 
 from .runs import INFO_KEYS, MANIFEST, PREDICTIONS, SHARD_PATTERN, environment  # noqa: F401 - re-exported: first home
 from .samples import Sample, default_answer_from_description
 
-MODES = ("direct", "describe-then-answer")
+# given-description: no image; the prompt is answered from the description the sample carries
+# (``meta["description"]``, e.g. a ground-truth caption): the language model's own level on the task
+MODES = ("direct", "describe-then-answer", "given-description")
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image in detail, including every object, any text, colors and positions."
 
@@ -195,6 +197,9 @@ def _run_batch(batch: list[tuple[int, Sample]], generator: Generator, settings: 
     records: dict[int, dict] = {}
     ready: list[tuple[int, Sample, Any]] = []
     for index, sample in batch:
+        if settings.mode == "given-description":  # the picture is never shown
+            ready.append((index, sample, None))
+            continue
         try:
             ready.append((index, sample, load_image(sample.image)))
         except (OSError, ValueError) as exc:
@@ -212,6 +217,14 @@ def _generate_group(ready, generator, settings, answer_from_description) -> list
             outs = _generate(generator, [s.prompt for _, s, _ in ready], [im for _, _, im in ready],
                              settings.max_new_tokens)
             descriptions = [None] * len(ready)
+        elif settings.mode == "given-description":
+            descriptions = [s.meta.get("description") for _, s, _ in ready]
+            missing = [s.id for (_, s, _), d in zip(ready, descriptions) if not d]
+            if missing:
+                raise ValueError(f"--mode given-description: sample {missing[0]} carries no description "
+                                 "(its benchmark rows need a `description` field)")
+            prompts = [answer_from_description(s.prompt_text(), d) for (_, s, _), d in zip(ready, descriptions)]
+            outs = _generate(generator, prompts, [None] * len(ready), settings.max_new_tokens)
         else:
             descs = _generate(generator, [settings.describe_prompt if im is not None else "" for _, _, im in ready],
                               [im for _, _, im in ready], settings.describe_max_new_tokens)

@@ -243,6 +243,7 @@ class Question:
     image: Path
     question: str
     where: str  # "file:line" for error messages
+    description: str | None = None  # a true description of the image (for --mode given-description)
 
 
 def read_questions(source: str | Path) -> list[Question]:
@@ -292,7 +293,8 @@ def _jsonl(path: Path, images: Path) -> list[Question]:
         img = Path(image)
         if not img.is_absolute():
             img = (images / img) if (images / img).exists() else (path.parent / img)
-        out.append(Question(str(qid), img, str(question), where))
+        description = row.get("description")
+        out.append(Question(str(qid), img, str(question), where, None if description is None else str(description)))
     return out
 
 
@@ -322,6 +324,7 @@ def build_rows(questions: list[Question], suite_name: str, tasks: list[Task], se
                 "image": _rel(q.image, base_dir), "task": task.key, "task_name": task.name,
                 "instruction_id": task.instruction_id, "kwargs": kwargs, "instruction": text,
                 "prompt": f"{q.question.strip()}\n{text}", "suite": suite_name, "seed": seed,
+                **({} if q.description is None else {"description": q.description}),
             })
     return rows
 
@@ -393,7 +396,7 @@ class IFBenchmark(Benchmark):
         parser.add_argument("--bench", type=Path, required=True, help="bench.jsonl from `focusvlm ifbench build`")
 
     def load_samples(self, args):
-        meta_keys = ("question_id", "task", "task_name", "instruction_id", "kwargs", "question")
+        meta_keys = ("question_id", "task", "task_name", "instruction_id", "kwargs", "question", "description")
         return [Sample(id=r["id"], image=r["image"], prompt=r["prompt"], meta={k: r.get(k) for k in meta_keys})
                 for r in read_bench(args.bench)]
 

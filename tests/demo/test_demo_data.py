@@ -243,3 +243,43 @@ def test_negation_forms():
         assert D.is_negated(q)
     for q in ("Is there a red shape?", "Does the image contain a circle?", "Is a triangle present?"):
         assert not D.is_negated(q)
+
+
+def test_sentence_records_alternate_descriptions_and_sentence_answers(train_items):
+    labels = D.image_labels(train_items)
+    recs = D.sentence_records(train_items, 40, seed=0)
+    assert len(recs) == 40 and recs == D.sentence_records(train_items, 40, seed=0)
+    by_image = {it.image: it.image_id for it in train_items}
+    for n, r in enumerate(recs):
+        human, gpt = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        color, shape = labels[by_image[r["image"]]]
+        assert human.startswith(f"{D.IMAGE_TOKEN}\n") and D.SHORT_ANSWER not in human
+        assert gpt.endswith(".") and len(gpt.split()) >= 3  # a sentence, not a word
+        if n % 2 == 0:
+            assert human.split("\n", 1)[1] in D.DESCRIBE_PROMPTS
+            assert color in gpt and shape in gpt
+        else:
+            question = human.split("\n", 1)[1]
+            item = next(it for it in train_items if it.image == r["image"] and it.question == question)
+            if item.qtype == "yes/no":
+                assert gpt.startswith("Yes." if item.answer == "yes" else "No.")
+            else:
+                assert item.answer in gpt
+
+
+def test_interleave_puts_the_extras_after_each_batch_of_short_answers():
+    short = [{"id": f"s{i}"} for i in range(7)]
+    a, b = [{"id": "a0"}, {"id": "a1"}, {"id": "a2"}], [{"id": "b0"}, {"id": "b1"}]
+    out = D.interleave(short, 2, [a, b], steps=3)
+    assert [r["id"] for r in out] == ["s0", "s1", "a0", "b0", "s2", "s3", "a1", "b1", "s4", "s5", "a2", "b0"]
+    with pytest.raises(ValueError, match="need 8 short-answer records, got 7"):
+        D.interleave(short, 2, [a], steps=4)
+    with pytest.raises(ValueError, match="empty"):
+        D.interleave(short, 2, [[]], steps=1)
+
+
+def test_question_rows_carry_the_pictures_true_description():
+    items = D.test_items(30, seed=0)
+    labels = D.image_labels(D.read_split("test"))
+    for row, it in zip(D.question_rows(items), items):
+        assert row["description"] == D.true_description(*labels[it.image_id])

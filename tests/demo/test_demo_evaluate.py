@@ -68,6 +68,47 @@ def test_evaluate_pipeline_on_a_tiny_model(tmp_path):
         E.evaluate(model, processor, [])
 
 
+class _Recorder:
+    """Wraps a generator's generate to record (prompt, has image) per call."""
+
+    def __init__(self, monkeypatch):
+        from focusvlm import runtime
+
+        self.calls = []
+        real = runtime.HFGenerator.generate
+
+        def generate(gen, prompts, images, max_new_tokens):
+            self.calls.append([(p, im is not None) for p, im in zip(prompts, images)])
+            return real(gen, prompts, images, max_new_tokens)
+
+        monkeypatch.setattr(runtime.HFGenerator, "generate", generate)
+
+
+def test_evaluate_modes_answer_from_a_description(monkeypatch):
+    """given-description: no picture, the true description in the prompt; describe-then-answer: the model's own
+    description first (with the picture), then the question text-only; an unknown mode is named."""
+    torch.manual_seed(0)
+    tower = V.fresh_tower(V.tower_config())
+    lm, tok = tiny_test_lm("what color is the shape ? red yes no".split(), seed=1)
+    model, processor = A.demo_llava(tower, V.tower_image_processor(64), lm=lm, tokenizer=tok)
+    model.eval()
+    items = _items()[:2]
+    labels = D.image_labels(D.read_split("test"))
+    rec = _Recorder(monkeypatch)
+    report = E.evaluate(model, processor, items, max_new_tokens=2, mode="given-description")
+    assert len(rec.calls) == 1 and not any(has for _, has in rec.calls[0])
+    for (prompt, _), it, row in zip(rec.calls[0], items, report.rows):
+        truth = D.true_description(*labels[it.image_id])
+        assert truth in prompt and E.prompt_for(it.question) in prompt and row["description"] == truth
+    assert report.image_tokens == 0
+    rec.calls.clear()
+    report = E.evaluate(model, processor, items, max_new_tokens=2, mode="describe-then-answer")
+    assert [has for _, has in rec.calls[0]] == [True, True] and [has for _, has in rec.calls[1]] == [False, False]
+    assert all(row["description"] in prompt for (prompt, _), row in zip(rec.calls[1], report.rows))
+    with pytest.raises(ValueError, match="mode 'upside-down'"):
+        E.evaluate(model, processor, items, mode="upside-down")
+
+
 @pytest.mark.slow
 def test_random_vision_demo_model_runs_the_pipeline(demo):
     """The shipped random-vision demo: the pipeline runs end to end on the real LM (accuracy near chance expected)."""

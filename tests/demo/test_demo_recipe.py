@@ -18,7 +18,7 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     out = tmp_path / "demo-model"
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     times = json.loads((out / "times.json").read_text())
-    steps = ["tower", "data", "base", "stock stage 1", "stock stage 2", "stock pack", "stock check",
+    steps = ["tower", "data", "text answers", "stage 2 mix", "base", "stock stage 1", "stock stage 2", "stock pack", "stock check",
              "focus stage 1", "focus stage 2", "focus pack"]
     assert list(times) == steps + ["total"]
     assert times["total"] == pytest.approx(sum(times[s] for s in steps), abs=0.2)
@@ -33,7 +33,13 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
 
     tokens = {t: yaml.safe_load((out / t / "finetune" / "recipe.yaml").read_text())["resolved"]["image_tokens_per_image"]
               for t in R.TWINS}
-    assert tokens["stock"] == 64 and tokens["focus"] < 64
+    assert tokens["stock"] == 256 and tokens["focus"] < 256  # 4-pixel patches: a LLaVA-like share of the prompt
+    # stage 2's mix: per batch of 4, two short-answer questions, one sentence answer, one text-only conversation
+    mix = json.loads((out / "data" / "stage2_mix.json").read_text())
+    assert len(mix) == 2 * 4
+    assert ["image" in r for r in mix] == [True, True, True, False] * 2
+    assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in mix[:2])
+    assert R.D.SHORT_ANSWER not in mix[2]["conversations"][0]["value"] and mix[3]["id"].startswith("text-")
     # rerun: every step is found done, nothing retrains
     capsys.readouterr()
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0

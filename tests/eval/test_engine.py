@@ -182,3 +182,23 @@ def test_two_process_sharding_resume_and_merge(tmp_path):
     r = run(samples(11), FakeGenerator(stop_after=0), out, manifest(), GenerationSettings(max_new_tokens=8),
             progress=False)
     assert r.generated == 0 and r.skipped == 11
+
+
+def test_given_description_answers_from_the_samples_description_without_the_picture(tmp_path):
+    gen = FakeGenerator()
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2, mode="given-description")
+    items = [Sample(id=f"s{i}", image=tmp_path / "missing.png", prompt=f"q{i}", meta={"description": f"d{i}"})
+             for i in range(3)]
+    run(items, gen, tmp_path / "run", manifest(settings=settings), settings, progress=False,
+        answer_from_description=lambda p, d: f"[{d}] {p}")
+    assert gen.calls == [["[d0] q0", "[d1] q1"], ["[d2] q2"]]  # one text-only step, the (missing) image unread
+    recs = read_jsonl_records(tmp_path / "run" / "predictions.jsonl")
+    assert [r["response"] for r in recs] == [f"answer to [d{i}] q{i} (txt)" for i in range(3)]
+    assert all(r["error"] is None and r["mode"] == "given-description" for r in recs)
+
+
+def test_given_description_without_a_description_is_an_error_naming_it(tmp_path):
+    settings = GenerationSettings(max_new_tokens=8, mode="given-description")
+    run(samples(1), FakeGenerator(), tmp_path, manifest(settings=settings), settings, progress=False)
+    rec = read_jsonl_records(tmp_path / "predictions.jsonl")[0]
+    assert rec["response"] is None and "sample s0 carries no description" in rec["error"]

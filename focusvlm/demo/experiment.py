@@ -1,0 +1,294 @@
+"""The paper's experiment on the demo model (issue 31): does reducing image redundancy restore instruction
+following?
+
+    python -m focusvlm.demo.experiment --out runs/if-experiment [--models runs/demo-model/ship]
+
+One command, resumable: every arm answers
+
+* the instruction-following benchmark: the ``paper16`` suite (``focusvlm ifbench build``) on
+  ``if_questions`` held-out easy-VQA test questions, one per test picture (16 prompts each; 25 -> 400),
+  run by the evaluation engine (resumable per prompt) and scored with the IFEval checkers, strict and loose
+  average of the 16 task rates with 95 % stratified bootstrap intervals (``eval.intervals``);
+* easy-VQA accuracy on the fixed 2,000-question test sample (``data.test_items``), with its interval.
+
+Arms (``ARMS``): the base LM and the trained VLM given the picture's true description as text (the LM's
+own level, and whether training kept it); describe-then-answer (the paper's upper limit); the stock twin
+with the picture; spatial down-sampling at 2x and 4x per side (the paper's pilot: IF against image tokens);
+CMAI and VMTC switched on at inference; the twin trained with VMTC + CMAI in both stages (the paper's
+model). ``table.md`` holds the table, ``if_vs_tokens.png`` the plot, ``results.json`` every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import data as D
+
+SUITE = "paper16"
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str            # folder name under the experiment's output
+    title: str
+    model: str          # "base" (the untrained LM), "stock" or "focus" (the shipped twins)
+    mode: str = "direct"  # focusvlm eval --mode
+    methods: str = ""   # "spd2", "spd4", "cmai", "vmtc" or "trained" (the focus twin's own config)
+
+
+ARMS = (
+    Arm("lm-text", "base LM, true description as text", "base", "given-description"),
+    Arm("text", "stock VLM, true description as text", "stock", "given-description"),
+    Arm("describe", "stock VLM, describe-then-answer (upper limit)", "stock", "describe-then-answer"),
+    Arm("stock", "stock VLM, picture", "stock"),
+    Arm("spd2", "stock VLM + down-sampling 2x", "stock", methods="spd2"),
+    Arm("spd4", "stock VLM + down-sampling 4x", "stock", methods="spd4"),
+    Arm("cmai", "stock VLM + CMAI at inference", "stock", methods="cmai"),
+    Arm("vmtc", "stock VLM + VMTC at inference", "stock", methods="vmtc"),
+    Arm("focus", "VMTC + CMAI trained in both stages", "focus", methods="trained"),
+)
+
+
+@dataclass
+class ExperimentSettings:
+    if_questions: int = 25       # x 16 tasks = 400 prompts
+    vqa_sample: int = 2000       # the fixed test sample of the demo model's accuracy table
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    resamples: int = 2000
+    # the methods at inference: the settings the focus twin is trained with (recipe.FOCUS_TWIN)
+    cmai: dict[str, Any] = field(default_factory=lambda: {"gamma_max": 0.6})
+    vmtc: dict[str, Any] = field(default_factory=lambda: {"target": 0.5})
+
+    @classmethod
+    def quick(cls) -> "ExperimentSettings":
+        return cls(if_questions=1, vqa_sample=8, max_new_tokens=8, resamples=50)
+
+
+def if_question_rows(count: int, seed: int = 0) -> list[dict]:
+    """``count`` test questions on ``count`` distinct test pictures (seeded), as ``ifbench build`` input rows
+    (with the picture's true description)."""
+    items = D.read_split("test")
+    by_image: dict[int, list[D.VQAItem]] = {}
+    for it in items:
+        by_image.setdefault(it.image_id, []).append(it)
+    rng = random.Random(f"{seed}/if-questions")
+    images = rng.sample(sorted(by_image), count)
+    picked = [rng.choice(by_image[i]) for i in images]
+    labels = D.image_labels([it for i in images for it in by_image[i]])
+    rows = D.question_rows(picked)
+    for row, it in zip(rows, picked):  # labels from all of the picture's questions, not just the one asked
+        row["description"] = D.true_description(*labels[it.image_id])
+    return rows
+
+
+def focus_config(arm: Arm, settings: ExperimentSettings, trained: Path | None):
+    from ..config import FocusConfig
+
+    if arm.methods == "trained":
+        return FocusConfig.load(trained) if trained is not None and trained.is_file() else None
+    spec = {"spd2": {"spd": {"factor": 2}}, "spd4": {"spd": {"factor": 4}}, "cmai": {"cmai": settings.cmai},
+            "vmtc": {"vmtc": settings.vmtc}, "": {}}[arm.methods]
+    return FocusConfig.from_dict(spec) if spec else None
+
+
+class Models:
+    """The arms' models, one in memory at a time: ``stock``/``focus`` from packed twin folders (default: the
+    shipped ones), ``base`` = SmolLM2 behind the demo's chat template (``demo-random``: its tower is never
+    used by text-only prompts)."""
+
+    def __init__(self, twins: Path | None = None):
+        from ..models.demo import DEMO_WEIGHTS_DIR
+
+        self.twins = Path(twins) if twins is not None else DEMO_WEIGHTS_DIR
+        self._name: str | None = None
+        self._pair: tuple[Any, Any] | None = None
+
+    def trained_config(self) -> Path:
+        return self.twins / "focus" / "focus_config.yaml"
+
+    def get(self, name: str) -> tuple[Any, Any]:
+        if name != self._name:
+            self._pair = None  # free the previous model first
+            if name == "base":
+                from ..runtime import load_model
+
+                self._pair = load_model("demo-random", "cpu", "float32")
+            else:
+                from ..models.demo.load import load_demo
+
+                self._pair = load_demo(self.twins / name)
+            self._name = name
+        return self._pair
+
+
+def run_if(arm: Arm, model: Any, processor: Any, config: Any, bench: Path, out: Path, settings: ExperimentSettings,
+           progress: bool) -> Path:
+    """The arm's IF run (resumable per prompt, the engine's manifest guards a changed setting)."""
+    import contextlib
+
+    from ..api import patched
+    from ..eval import engine
+    from ..eval.ifbench import BENCHMARK
+    from ..eval.runs import build_manifest
+    from ..runtime import HFGenerator
+
+    args = argparse.Namespace(bench=bench)
+    samples = list(BENCHMARK.load_samples(args))
+    gen = engine.GenerationSettings(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                    mode=arm.mode)
+    manifest = build_manifest(model=f"demo twin {arm.model}", config=config.to_dict() if config else {},
+                              benchmark="if", settings=gen, fingerprint=BENCHMARK.fingerprint(args),
+                              dtype="float32", device="cpu")
+    with patched(model, config, processor) if config is not None else contextlib.nullcontext():
+        engine.run(samples, HFGenerator(model, processor), out, manifest, gen, progress=progress,
+                   answer_from_description=BENCHMARK.answer_from_description,
+                   config_yaml=config.to_yaml() if config else None)
+    return out
+
+
+def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str | Path | None = None,
+        arms: tuple[Arm, ...] = ARMS, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """Run (or continue) every arm into ``out``; returns the results (also ``results.json``, ``table.md``)."""
+    from ..eval.ifbench import build
+    from .evaluate import evaluate
+
+    settings = settings or ExperimentSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    models = Models(twins)
+    settings_file = out / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != asdict(settings):
+        raise ValueError(f"{out} holds an experiment with other settings ({settings_file}); use a new --out")
+    settings_file.write_text(json.dumps(asdict(settings), indent=1))
+    bench = out / "bench.jsonl"
+    if not bench.is_file():
+        questions = out / "if_questions.jsonl"
+        questions.write_text("".join(json.dumps(r) + "\n" for r in if_question_rows(settings.if_questions,
+                                                                                       settings.seed)))
+        build(questions, SUITE, settings.seed, bench)
+    items = D.test_items(settings.vqa_sample, seed=settings.seed)
+    results: dict[str, Any] = {}
+    for arm in arms:
+        config = focus_config(arm, settings, models.trained_config())
+        if arm.methods == "trained" and config is None:
+            say(f"experiment: {arm.title}: no trained twin config at {models.trained_config()}, skipped")
+            continue
+        folder = out / arm.key
+        vqa_rows = folder / "vqa.jsonl"
+        start = time.time()
+        model, processor = models.get(arm.model)
+        say(f"experiment: {arm.title}: instruction following ...")
+        run_if(arm, model, processor, config, bench, folder / "if", settings, progress)
+        if not vqa_rows.with_suffix(".summary.json").is_file():
+            say(f"experiment: {arm.title}: easy-VQA accuracy on {len(items)} questions ...")
+            evaluate(model, processor, items, focus=config, batch_size=settings.batch_size, max_new_tokens=3,
+                     out_jsonl=vqa_rows, mode=arm.mode)
+        results[arm.key] = summarize(arm, folder, settings)
+        say(f"experiment: {arm.title}: IF strict {results[arm.key]['if_strict']}, easy-VQA "
+            f"{results[arm.key]['vqa']} ({time.time() - start:.0f} s)")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table_markdown(results, settings))
+    plot(results, out / "if_vs_tokens.png")
+    return results
+
+
+def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str, Any]:
+    """One arm's figures: IF strict/loose with intervals, per task, VQA accuracy with interval, image tokens."""
+    from ..eval.ifreport import score_predictions
+    from ..eval.intervals import stratified_bootstrap
+    from ..eval.runs import PREDICTIONS, read_jsonl_records
+
+    records = read_jsonl_records(folder / "if" / PREDICTIONS)
+    scored = score_predictions(records)
+    if scored["summary"]["samples"] != len(records) or not records:
+        raise ValueError(f"{folder}: the IF run is incomplete")
+    by_task: dict[str, dict[str, list[float]]] = {}
+    for v in scored["verdicts"]:
+        t = by_task.setdefault(v["task"], {"strict": [], "loose": []})
+        t["strict"].append(float(v["strict"]))
+        t["loose"].append(float(v["loose"]))
+    ci = {k: stratified_bootstrap([t[k] for t in by_task.values()], settings.resamples, seed=settings.seed)
+          for k in ("strict", "loose")}
+    vqa = [json.loads(line) for line in (folder / "vqa.jsonl").read_text().splitlines()]
+    vqa_ci = stratified_bootstrap([[float(r["correct"]) for r in vqa]], settings.resamples, seed=settings.seed)
+    summary = json.loads((folder / "vqa.summary.json").read_text())
+    tokens = [r.get("image_tokens", 0) for r in records]
+    return {"title": arm.title, "model": arm.model, "mode": arm.mode, "methods": arm.methods,
+            "prompts": len(records), "errors": scored["summary"]["errors"],
+            "image_tokens": sum(tokens) / len(tokens), "vqa_image_tokens": summary["image_tokens"],
+            "if_strict": ci["strict"].pct(), "if_loose": ci["loose"].pct(),
+            "if_strict_ci": asdict(ci["strict"]), "if_loose_ci": asdict(ci["loose"]),
+            "tasks": {t["task"]: {"name": t["name"], "strict": t["strict"], "loose": t["loose"]} for t in scored["tasks"]},
+            "vqa": vqa_ci.pct(), "vqa_ci": asdict(vqa_ci), "vqa_n": len(vqa),
+            "vqa_per_type": {k: v["accuracy"] for k, v in summary["per_type"].items()},
+            "mean_response_words": sum(len((r.get("response") or "").split()) for r in records) / len(records)}
+
+
+def table_markdown(results: dict[str, Any], settings: ExperimentSettings) -> str:
+    lines = [f"| arm | image tokens | IF strict % [95 % CI] | IF loose % [95 % CI] | easy-VQA % [95 % CI] "
+             f"(n={settings.vqa_sample}) | words per IF answer |",
+             "|---|---|---|---|---|---|"]
+    for r in results.values():
+        tokens = f"{r['image_tokens']:.0f}" if r["mode"] == "direct" else ("0 (text)" if r["mode"] != "describe-then-answer"
+                                                                           else "0 (its own description)")
+        lines.append(f"| {r['title']} | {tokens} | {r['if_strict']} | {r['if_loose']} | {r['vqa']} | "
+                     f"{r['mean_response_words']:.1f} |")
+    prompts = next(iter(results.values()))["prompts"] if results else 0
+    lines += ["", f"IF: {SUITE}, {prompts} prompts ({settings.if_questions} held-out test questions x 16 tasks), "
+              f"greedy, at most {settings.max_new_tokens} new tokens; average of the task rates; intervals: "
+              f"stratified percentile bootstrap, {settings.resamples} resamples."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """IF strict against image tokens (arms that see the picture), the text-only levels as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in results.values():
+        ci = r["if_strict_ci"]
+        y, err = 100 * ci["value"], [[100 * (ci["value"] - ci["low"])], [100 * (ci["high"] - ci["value"])]]
+        if r["mode"] == "direct":
+            ax.errorbar([r["image_tokens"]], [y], yerr=err, fmt="o", capsize=3, label=r["title"])
+        else:
+            ax.axhline(y, linestyle="--", linewidth=1, label=r["title"], color="gray" if r["model"] == "base" else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("image tokens per picture")
+    ax.set_ylabel("IF strict (%), 95 % CI")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="experiment folder (resumed if it exists)")
+    ap.add_argument("--models", type=Path, help="folder of packed twins stock/ and focus/ (default: the shipped ones)")
+    ap.add_argument("--quick", action="store_true", help="one question, a few tokens: checks the path")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    settings = ExperimentSettings.quick() if args.quick else ExperimentSettings()
+    run(args.out, settings, args.models, progress=not args.no_progress)
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

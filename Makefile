@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-model test test-latest test-lmms install install-latest
+.PHONY: demo demo-model demo-experiment test test-latest test-lmms install install-latest
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ demo: install
 demo-model: install
 	$(BIN)/pip install -q -c constraints/floor.txt -e ".[demo]"
 	$(BIN)/focusvlm train --recipe demo --output-dir runs/demo-model --ship
+
+# Issue 31's experiment (does reducing image redundancy restore instruction following?) on the shipped
+# twins: every arm's IF benchmark (400 prompts) and easy-VQA accuracy (2,000 questions), resumable; table,
+# plot and figures in runs/if-experiment (benchmarks/RESULTS.md, "Instruction following on the demo model").
+demo-experiment: install
+	$(BIN)/pip install -q -c constraints/floor.txt -e ".[demo]"
+	$(BIN)/python -m focusvlm.demo.experiment --out runs/if-experiment --no-progress
 
 test: install $(REFLIBS)/.installed
 	PYTHONPATH=$(REFLIBS) $(BIN)/python -m pytest -q

@@ -177,7 +177,6 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
                                                                                        settings.seed)))
         build(questions, SUITE, settings.seed, bench)
     items = D.test_items(settings.vqa_sample, seed=settings.seed)
-    results: dict[str, Any] = {}
     for arm in arms:
         config = focus_config(arm, settings, models.trained_config())
         if arm.methods == "trained" and config is None:
@@ -193,13 +192,27 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
             say(f"experiment: {arm.title}: easy-VQA accuracy on {len(items)} questions ...")
             evaluate(model, processor, items, focus=config, batch_size=settings.batch_size, max_new_tokens=3,
                      out_jsonl=vqa_rows, mode=arm.mode)
-        results[arm.key] = summarize(arm, folder, settings)
-        say(f"experiment: {arm.title}: IF strict {results[arm.key]['if_strict']}, easy-VQA "
-            f"{results[arm.key]['vqa']} ({time.time() - start:.0f} s)")
+        done = summarize(arm, folder, settings)
+        say(f"experiment: {arm.title}: IF strict {done['if_strict']}, easy-VQA {done['vqa']} "
+            f"({time.time() - start:.0f} s)")
+    # every finished arm, this call's and earlier ones' (a run may do a few arms at a time)
+    prompts = sum(1 for line in bench.read_text().splitlines() if line.strip())
+    results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS
+               if is_complete(out / arm.key, prompts)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table_markdown(results, settings))
+    missing = [arm.title for arm in ARMS if arm.key not in results]
+    (out / "table.md").write_text(table_markdown(results, settings, missing))
     plot(results, out / "if_vs_tokens.png")
     return results
+
+
+def is_complete(folder: Path, prompts: int) -> bool:
+    """Whether an arm's folder holds its whole IF run and its easy-VQA summary."""
+    from ..eval.runs import PREDICTIONS, read_jsonl_records
+
+    preds = folder / "if" / PREDICTIONS
+    return ((folder / "vqa.summary.json").is_file() and preds.is_file()
+            and len(read_jsonl_records(preds)) == prompts)
 
 
 def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str, Any]:
@@ -234,8 +247,9 @@ def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str,
             "mean_response_words": sum(len((r.get("response") or "").split()) for r in records) / len(records)}
 
 
-def table_markdown(results: dict[str, Any], settings: ExperimentSettings) -> str:
-    lines = [f"| arm | image tokens | IF strict % [95 % CI] | IF loose % [95 % CI] | easy-VQA % [95 % CI] "
+def table_markdown(results: dict[str, Any], settings: ExperimentSettings, missing: list[str] = ()) -> str:
+    lines = [f"**PARTIAL: not run yet: {'; '.join(missing)}.**", ""] if missing else []
+    lines += [f"| arm | image tokens | IF strict % [95 % CI] | IF loose % [95 % CI] | easy-VQA % [95 % CI] "
              f"(n={settings.vqa_sample}) | words per IF answer |",
              "|---|---|---|---|---|---|"]
     for r in results.values():
@@ -252,6 +266,8 @@ def table_markdown(results: dict[str, Any], settings: ExperimentSettings) -> str
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
     """IF strict against image tokens (arms that see the picture), the text-only levels as lines."""
+    if not results:
+        return None
     try:
         import matplotlib
 
@@ -281,11 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="experiment folder (resumed if it exists)")
     ap.add_argument("--models", type=Path, help="folder of packed twins stock/ and focus/ (default: the shipped ones)")
+    ap.add_argument("--arms", help="comma-separated arm keys to run (default: all; "
+                                   f"{', '.join(a.key for a in ARMS)}); the table covers the arms run so far")
     ap.add_argument("--quick", action="store_true", help="one question, a few tokens: checks the path")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     settings = ExperimentSettings.quick() if args.quick else ExperimentSettings()
-    run(args.out, settings, args.models, progress=not args.no_progress)
+    arms = ARMS
+    if args.arms:
+        known = {a.key: a for a in ARMS}
+        unknown = [k for k in args.arms.split(",") if k not in known]
+        if unknown:
+            ap.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(known)}")
+        arms = tuple(known[k] for k in args.arms.split(","))
+    run(args.out, settings, args.models, arms=arms, progress=not args.no_progress)
     print((args.out / "table.md").read_text())
     return 0
 

@@ -1,0 +1,59 @@
+"""Issue 31's experiment runner: held-out questions, arms, resumable partial runs, the table and its intervals."""
+
+import json
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+
+from focusvlm.demo import data as D  # noqa: E402
+from focusvlm.demo import experiment as X  # noqa: E402
+
+
+def test_if_questions_are_held_out_one_per_picture_and_carry_the_truth():
+    rows = X.if_question_rows(25, seed=0)
+    assert rows == X.if_question_rows(25, seed=0) and len({r["image_id"] for r in rows}) == 25
+    test_ids = {it.qid for it in D.read_split("test")}
+    assert all(r["id"] in test_ids for r in rows)  # test split: pictures the twins never trained on
+    labels = D.image_labels(D.read_split("test"))
+    assert all(r["description"] == D.true_description(*labels[r["image_id"]]) for r in rows)
+
+
+def test_arm_configs():
+    s = X.ExperimentSettings()
+    arms = {a.key: a for a in X.ARMS}
+    assert X.focus_config(arms["stock"], s, None) is None
+    assert X.focus_config(arms["spd4"], s, None).to_dict()["spd"]["factor"] == 4
+    assert X.focus_config(arms["cmai"], s, None).to_dict()["cmai"]["gamma_max"] == 0.6
+    assert X.focus_config(arms["vmtc"], s, None).to_dict()["vmtc"]["target"] == 0.5
+    assert X.focus_config(arms["focus"], s, None) is None  # no trained twin: the arm is skipped
+
+
+def test_unknown_arm_is_named(capsys):
+    with pytest.raises(SystemExit):
+        X.main(["--out", "unused", "--arms", "stock,nope"])
+    assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
+    out = tmp_path / "exp"
+    settings = X.ExperimentSettings.quick()
+    arms = tuple(a for a in X.ARMS if a.key in ("lm-text", "stock"))
+    results = X.run(out, settings, arms=arms[:1], progress=False)
+    assert list(results) == ["lm-text"]
+    table = (out / "table.md").read_text()
+    assert table.startswith("**PARTIAL: not run yet:") and "stock VLM, picture" in table.split("\n")[0]
+    results = X.run(out, settings, arms=arms, progress=False)  # lm-text found done, stock added
+    assert list(results) == ["lm-text", "stock"]
+    stock = results["stock"]
+    assert stock["prompts"] == 16 and stock["vqa_n"] == 8 and stock["image_tokens"] > 0
+    assert results["lm-text"]["image_tokens"] == 0
+    for r in results.values():
+        for key in ("if_strict_ci", "if_loose_ci", "vqa_ci"):
+            ci = r[key]
+            assert ci["low"] <= ci["value"] <= ci["high"]
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "if_vs_tokens.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="other settings"):
+        X.run(out, X.ExperimentSettings(), arms=arms, progress=False)

@@ -316,6 +316,29 @@ class RowStore:
             self.rows[layer][:, slot] = views.found[layer][:, :self.images.count]
 
 
+def _static_buffers(store: RowStore) -> list[torch.Tensor | None]:
+    """Every tensor a static store's decode steps read or write, in a fixed order (``store.pos`` is a view of
+    ``views.index``; ``rows`` are views of ``all_rows``)."""
+    views, decode, images = store.views, store.decode, store.images
+    out = [views.index, store.valid, store.rank, store.fill, store.text_count, store.all_rows, store.pending_index,
+           views.found_all, views.score, views.ones, decode.img_index, decode.img_pad, images.pos, images.valid,
+           images.has_image]
+    for threshold in decode.thresholds.values():
+        out += [threshold.weight] + [t for t in (threshold.lo, threshold.hi) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _static_layout(store: RowStore) -> tuple:
+    """What must agree for one static store's buffers to serve another sequence: shapes, dtypes, devices, the
+    layers, and the host-side facts a compiled step is specialised on."""
+    decode = store.decode
+    tensors = tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in _static_buffers(store))
+    hosts = tuple((layer, t.lo if isinstance(t.lo, int) else None, t.hi if isinstance(t.hi, int) else None)
+                  for layer, t in decode.thresholds.items())
+    return (tensors, hosts, tuple(store.layers), tuple(store.views.rows), store.capacity,
+            decode.every_sample_has_image, store.images.every_sample_has_image)
+
+
 def _grown(t: torch.Tensor, size: int, used: int) -> torch.Tensor:
     out = torch.zeros((t.shape[0], size) + t.shape[2:], dtype=t.dtype, device=t.device)
     out[:, :used] = t[:, :used]
@@ -410,6 +433,7 @@ class CMAIState:
     def reset(self) -> None:
         self.store: RowStore | None = None
         self.plan: CallPlan | None = None   # the latest call's plan (a layer reads it when none is handed over)
+        self._static_pool: RowStore | None = None  # the last static store: its buffers serve the next sequence
 
     @property
     def inhibited(self) -> dict[int, float]:
@@ -472,6 +496,7 @@ class CMAIState:
                 store.decode = self._decode_constants(images, text, q_len, device)
                 if store.static:
                     store.decode_views(max_cache_len)
+                    store = self.store = self._reuse_static_buffers(store)
         else:
             store = self.store
             store.text_count = rows.text_count
@@ -587,6 +612,27 @@ class CMAIState:
         layers = list(self.inhibited) if images.count else []
         # the rows of this call are its first (slots [0, count)), written by its layers
         return RowStore(images, pos, rank, valid, text_count, static, layers, count if keep else 0, 0)
+
+    def _reuse_static_buffers(self, store: RowStore) -> RowStore:
+        """The previous static store, refilled with ``store``'s contents, when their layouts match; else ``store``
+        (kept for the next sequence).
+
+        A static cache's decode steps read only these buffers, so with the same ones from one ``generate`` call
+        to the next every step reads the same addresses: a compiled step is not traced again and a CUDA graph
+        recorded by an earlier call stays valid. The prefill's temporaries are still made per call.
+        """
+        old = self._static_pool
+        if old is None or _static_layout(old) != _static_layout(store):
+            self._static_pool = store
+            return store
+        for dst, src in zip(_static_buffers(old), _static_buffers(store)):
+            if dst is not None:
+                dst.copy_(src)
+        old.images = Images(old.images.pos, old.images.valid, old.images.has_image,
+                            store.images.every_sample_has_image, store.images.last)
+        old.length, old.seq_len = store.length, store.seq_len
+        old.pending, old.pending_layers = None, set()
+        return old
 
     def _decode_constants(self, images: Images, text: torch.Tensor, q_len: int, device) -> DecodeConstants:
         batch, count = images.pos.shape

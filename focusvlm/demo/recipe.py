@@ -47,7 +47,10 @@ class DemoRecipeError(RuntimeError):
 
 @dataclass
 class DemoRecipe:
-    """Settings of the demo recipe. Defaults: what the shipped weights were trained with (MODEL_CARD.md)."""
+    """Settings of the demo recipe. Defaults: issue 31's recipe (256 image tokens per picture; stage 2 mixes short
+    answers, sentence answers and the base LM's own text answers). The weights shipped in the package are still the
+    previous recipe's (64 image tokens, short answers only; MODEL_CARD.md) until this recipe's twins replace them:
+    set ``tower=TowerRecipe()``, ``sentence_per_batch=0``, ``text_per_batch=0`` to reproduce those."""
     seed: int = 0
     # one question per stage-2 conversation: with several, a later yes/no question can be answered from the
     # earlier answers in the text ("red" -> "Is there a blue shape?" no) instead of from the picture, and the
@@ -191,13 +194,18 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     for twin in TWINS:
         cfg = focus_configs[twin]
         pt, ft = out / twin / "pretrain", out / twin / "finetune"
+        ship = out / "ship" / twin
+        if (ship / META_FILE).is_file() and not (ft / "train_summary.json").is_file():
+            # a packed twin carried over without its training folders (they hold full model copies, too big
+            # to keep): the packed weights are the twin's result, so its stages are not run again
+            say(f"demo recipe: {twin} twin: packed before ({ship}), its stages skipped")
+            continue
         timed(f"{twin} stage 1", pt / "train_summary.json", lambda: train(
             stage="pretrain", data=files["captions"], image_folder=image_folder, output_dir=pt, model=str(out / "base"),
             focus_config=cfg, overrides=_stage_overrides(recipe, "pretrain"), progress=progress))
         timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
             stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
             focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress))
-        ship = out / "ship" / twin
         timed(f"{twin} pack", ship / META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
         if twin == "stock" and recipe.check_sample:
             timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))

@@ -45,6 +45,13 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("done before") == len(steps)
+    # a packed twin carried over without its training folders (another machine) is not trained again
+    import shutil
+
+    shutil.rmtree(out / "stock")
+    assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "stock twin: packed before" in err and "stock stage 1 ..." not in err and not (out / "stock").exists()
     # installing copies both twins where load("demo") looks (here: a scratch package folder)
     R.install(out / "ship", tmp_path / "pkg")
     model, processor = L.load_demo(tmp_path / "pkg" / "stock")

@@ -29,8 +29,9 @@ def compile_model(model: torch.nn.Module, *, backend: str = "inductor", mode: st
     """Compile ``model`` in place (patched or not; a later ``patch`` recompiles what it changes) and return it.
 
     ``backend``: torch.compile's ("inductor"; "eager" / "aot_eager" check the capture without code generation).
-    ``mode``: torch.compile's (None: its default; "reduce-overhead" adds CUDA graphs on a GPU, where CMAI's
-    row store, made anew by each prefill, makes every ``generate`` call record its graphs again).
+    ``mode``: torch.compile's (None: its default; "reduce-overhead" adds CUDA graphs on a GPU: CMAI's decode
+    buffers are reused by the next ``generate`` call of the same layout (batch, cache length, image count), so
+    its decode steps read the same addresses; not yet run on a GPU here).
     ``tower``: compile the vision tower; ``decode``: compile ``generate``'s decode steps (static cache);
     ``prefill``: CMAI's per-layer prefill math (C1-C7 of a chunk of text rows) runs regionally compiled.
     """

@@ -33,15 +33,16 @@ $(REFLIBS)/.installed: $(VENV)/.installed
 demo: install
 	$(BIN)/focusvlm demo
 
-# Retrain the embedded demo model from scratch and install its weights into the package (about
-# 55 minutes on 2 CPU cores: 53 min measured; resumable: rerun after a stop). CI never runs this.
+# Retrain the embedded demo model from scratch and install its weights into the package. Issue 31's recipe
+# (256 image tokens, the mixed stage 2): about 3.5 hours on 2 CPU cores (each twin's stage 2 ~95 min); resumable:
+# rerun after a stop, and pieces carried over in benchmarks/demo/recipe_state/ (README) are not redone. CI never runs this.
 demo-model: install
 	$(BIN)/pip install -q -c constraints/floor.txt -e ".[demo]"
 	$(BIN)/focusvlm train --recipe demo --output-dir runs/demo-model --ship
 
 # Issue 31's experiment (does reducing image redundancy restore instruction following?) on the shipped
 # twins: every arm's IF benchmark (400 prompts) and easy-VQA accuracy (2,000 questions), resumable; table,
-# plot and figures in runs/if-experiment (benchmarks/RESULTS.md, "Instruction following on the demo model").
+# plot and figures in runs/if-experiment (benchmarks/RESULTS.md, issue 31; about 2 hours on 2 CPU cores).
 demo-experiment: install
 	$(BIN)/pip install -q -c constraints/floor.txt -e ".[demo]"
 	$(BIN)/python -m focusvlm.demo.experiment --out runs/if-experiment --no-progress

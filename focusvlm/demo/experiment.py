@@ -21,6 +21,7 @@ model). ``table.md`` holds the table, ``if_vs_tokens.png`` the plot, ``results.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -90,6 +91,16 @@ def if_question_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def installed_picture(path: str | Path) -> Path:
+    """An easy-VQA picture's path in this installation: the bench file names pictures by a path relative to its
+    folder that runs through the easy-vqa wheel of the machine that built it; a committed experiment resumed in
+    another environment finds them under this machine's ``data_root()`` (split/images/N.png)."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "images" and parts[-3] in D.SPLITS:
+        return D.data_root().joinpath(*parts[-3:])
+    return Path(path)
+
+
 def focus_config(arm: Arm, settings: ExperimentSettings, trained: Path | None):
     from ..config import FocusConfig
 
@@ -142,7 +153,7 @@ def run_if(arm: Arm, model: Any, processor: Any, config: Any, bench: Path, out: 
     from ..runtime import HFGenerator
 
     args = argparse.Namespace(bench=bench)
-    samples = list(BENCHMARK.load_samples(args))
+    samples = [dataclasses.replace(s, image=installed_picture(s.image)) for s in BENCHMARK.load_samples(args)]
     gen = engine.GenerationSettings(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                                     mode=arm.mode)
     manifest = build_manifest(model=f"demo twin {arm.model}", config=config.to_dict() if config else {},

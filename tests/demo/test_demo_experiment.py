@@ -57,3 +57,9 @@ def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
     assert (out / "if_vs_tokens.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="other settings"):
         X.run(out, X.ExperimentSettings(), arms=arms, progress=False)
+
+
+def test_pictures_are_found_in_this_installation_whatever_path_the_bench_recorded():
+    here = X.installed_picture("/elsewhere/venv/lib/python3.9/site-packages/easy_vqa/data/test/images/7.png")
+    assert here == D.data_root() / "test" / "images" / "7.png" and here.is_file()
+    assert X.installed_picture("/photos/cat.jpg") == X.Path("/photos/cat.jpg")  # not an easy-VQA picture: as given

@@ -293,7 +293,9 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         if r["mode"] == "direct":
             ax.errorbar([r["image_tokens"]], [y], yerr=err, fmt="o", capsize=3, label=r["title"])
         else:
-            ax.axhline(y, linestyle="--", linewidth=1, label=r["title"], color="gray" if r["model"] == "base" else None)
+            line = ax.axhline(y, linestyle="--", linewidth=1, label=r["title"],
+                              color="gray" if r["model"] == "base" else None)
+            ax.axhspan(100 * ci["low"], 100 * ci["high"], color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("image tokens per picture")
     ax.set_ylabel("IF strict (%), 95 % CI")

@@ -94,6 +94,7 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
         raise ValueError(f"evaluate: mode {mode!r}: choose one of {', '.join(MODES)}")
     root = D.data_root()
     labels = D.image_labels(items, root) if mode == "given-description" else {}
+    describe = GenerationSettings(mode=mode)  # describe-then-answer: the IF benchmark's describe step, its settings
     start = time.time()
     rows: list[dict[str, Any]] = []
     tokens: list[int] = []
@@ -103,17 +104,16 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
         for k in range(0, len(items), batch_size):
             chunk = items[k:k + batch_size]
             prompts = [prompt_for(it.question) for it in chunk]
-            if mode == "given-description":
-                descriptions = [D.true_description(*labels[it.image_id]) for it in chunk]
-            elif mode == "describe-then-answer":
-                images = [load_image(root / it.image) for it in chunk]
-                describe = GenerationSettings(mode=mode)  # the IF benchmark's describe step, the same settings
-                descriptions = [d.text for d in generator.generate([describe.describe_prompt] * len(chunk), images,
-                                                                   describe.describe_max_new_tokens)]
             if mode == "direct":
                 outs = generator.generate(prompts, [load_image(root / it.image) for it in chunk], max_new_tokens)
                 descriptions = [None] * len(chunk)
             else:
+                if mode == "given-description":
+                    descriptions = [D.true_description(*labels[it.image_id]) for it in chunk]
+                else:  # describe-then-answer: the model's own description of the picture first
+                    descriptions = [d.text for d in generator.generate(
+                        [describe.describe_prompt] * len(chunk), [load_image(root / it.image) for it in chunk],
+                        describe.describe_max_new_tokens)]
                 outs = generator.generate([default_answer_from_description(p, d) for p, d in zip(prompts, descriptions)],
                                           [None] * len(chunk), max_new_tokens)
             for it, out, desc in zip(chunk, outs, descriptions):

@@ -240,17 +240,15 @@ def _write_mix(recipe: DemoRecipe, instruct: Path, answers: Path, mix: Path) -> 
     """Stage 2's records in training order: per batch, short-answer questions then the mix's extras."""
     from .textdata import read_answers, text_prompts, text_records
 
-    extras = []
+    streams = []  # interleave takes one record per stream and batch: a kind with n per batch gives n streams
     if recipe.sentence_per_batch:
         train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
-        extras += [D.sentence_records(train, recipe.finetune_steps * recipe.sentence_per_batch, recipe.seed)]
+        sentences = D.sentence_records(train, recipe.finetune_steps * recipe.sentence_per_batch, recipe.seed)
+        streams += [sentences[k::recipe.sentence_per_batch] for k in range(recipe.sentence_per_batch)]
     if recipe.text_per_batch:
         rows = read_answers(answers)
-        extras += [text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])]
-    # each extra list contributes per_batch records per step: split into per_batch interleaved streams
-    streams = [extra[k::per] for extra, per in zip(extras, [p for p in (recipe.sentence_per_batch,
-                                                                        recipe.text_per_batch) if p])
-               for k in range(per)]
+        texts = text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])
+        streams += [texts[k::recipe.text_per_batch] for k in range(recipe.text_per_batch)]
     records = D.interleave(json.loads(instruct.read_text()), recipe.short_per_batch, streams, recipe.finetune_steps)
     mix.write_text(json.dumps(records, indent=1))
 

@@ -14,7 +14,6 @@ continues where it stopped; a row records the prompt's key, so a rerun with the 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -97,17 +96,18 @@ def answer_prompts(prompts: list[dict[str, str]], out_file: str | Path, lm: Any,
     ``finished``, ``good``)."""
     import torch
 
+    from ..eval.runs import append_records, drop_torn_tail
+
     out = Path(out_file)
+    drop_torn_tail(out)  # a line torn by a stop mid-write: its prompt is answered again
     done = read_answers(out)
-    if out.is_file():  # rewritten without a line torn by a stop mid-write (its prompt is answered again)
-        out.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [p for p in prompts if p["key"] not in done]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with out.open("a") as f, torch.inference_mode():
+        with out.open("a", encoding="utf-8") as f, torch.inference_mode():
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 texts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}],
@@ -116,15 +116,15 @@ def answer_prompts(prompts: list[dict[str, str]], out_file: str | Path, lm: Any,
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 gen = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
                                   pad_token_id=pad)
+                records = []
                 for p, row in zip(batch, gen[:, enc["input_ids"].shape[1]:]):
                     finished = bool((row == end).any())
                     ids = row[: int((row == end).nonzero()[0, 0])] if finished else row
                     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    rec = {"key": p["key"], "prompt": p["prompt"], "answer": answer, "finished": finished,
-                           "good": is_good_answer(answer, finished)}
-                    f.write(json.dumps(rec) + "\n")
-                    done[p["key"]] = rec
-                f.flush()
+                    records.append({"key": p["key"], "prompt": p["prompt"], "answer": answer, "finished": finished,
+                                    "good": is_good_answer(answer, finished)})
+                append_records(f, records)
+                done.update((r["key"], r) for r in records)
                 if log:
                     log(f"text answers: {len(done)}/{len(prompts)}")
     finally:
@@ -134,15 +134,9 @@ def answer_prompts(prompts: list[dict[str, str]], out_file: str | Path, lm: Any,
 
 def read_answers(path: str | Path) -> dict[str, dict[str, Any]]:
     """Rows of an answers file by prompt key (a torn last line is left out)."""
-    rows: dict[str, dict[str, Any]] = {}
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[row["key"]] = row
-    return rows
+    from ..eval.runs import read_jsonl_records
+
+    return {row["key"]: row for row in read_jsonl_records(Path(path))}
 
 
 def text_records(rows: list[dict[str, Any]]) -> list[dict]:

@@ -79,12 +79,17 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
     ``mode`` as ``focusvlm eval --mode``: ``direct`` (picture + question), ``describe-then-answer`` (the
     model describes the picture, then answers from its description, text only), ``given-description`` (no
     picture: the question answered from the picture's true description, ``data.true_description``).
-    ``out_jsonl``: one row per question (id, type, question, answer, prediction, correct).
+    ``out_jsonl``: one row per question (id, type, question, answer, prediction, correct, image_tokens),
+    appended batch by batch and resumed: a stopped run's rows are kept and only the rest is asked (the
+    side file ``<out>.run.json`` names the run's questions and settings, and a different run is refused);
+    when every question is answered the rows are rewritten in question order and ``<out>.summary.json``
+    is written. ``seconds`` is this call's time.
     """
     import contextlib
 
     from ..api import patched
     from ..eval.engine import MODES, GenerationSettings
+    from ..eval.runs import append_records, atomic_write_text
     from ..eval.samples import default_answer_from_description
     from ..runtime import HFGenerator, load_image
 
@@ -96,13 +101,15 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
     labels = D.image_labels(items, root) if mode == "given-description" else {}
     describe = GenerationSettings(mode=mode)  # describe-then-answer: the IF benchmark's describe step, its settings
     start = time.time()
-    rows: list[dict[str, Any]] = []
-    tokens: list[int] = []
-    context = patched(model, focus, processor) if focus is not None else contextlib.nullcontext()
-    with context:
+    focus_dict = focus.to_dict() if focus is not None and hasattr(focus, "to_dict") else None
+    path = Path(out_jsonl) if out_jsonl is not None else None
+    done = _resume(path, items, {"mode": mode, "focus": focus_dict, "max_new_tokens": max_new_tokens}) if path else {}
+    todo = [it for it in items if it.qid not in done]
+    context = patched(model, focus, processor) if focus is not None and todo else contextlib.nullcontext()
+    with context, (path.open("a", encoding="utf-8") if path else contextlib.nullcontext()) as sink:
         generator = HFGenerator(model, processor)
-        for k in range(0, len(items), batch_size):
-            chunk = items[k:k + batch_size]
+        for k in range(0, len(todo), batch_size):
+            chunk = todo[k:k + batch_size]
             prompts = [prompt_for(it.question) for it in chunk]
             if mode == "direct":
                 outs = generator.generate(prompts, [load_image(root / it.image) for it in chunk], max_new_tokens)
@@ -116,24 +123,46 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
                         describe.describe_max_new_tokens)]
                 outs = generator.generate([default_answer_from_description(p, d) for p, d in zip(prompts, descriptions)],
                                           [None] * len(chunk), max_new_tokens)
-            for it, out, desc in zip(chunk, outs, descriptions):
-                rows.append({"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,
-                             "answer": it.answer, "prediction": out.text, "correct": is_correct(out.text, it.answer),
-                             **({} if desc is None else {"description": desc})})
-                tokens.append(out.image_tokens)
+            batch_rows = [{"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,
+                           "answer": it.answer, "prediction": out.text, "correct": is_correct(out.text, it.answer),
+                           "image_tokens": out.image_tokens, **({} if desc is None else {"description": desc})}
+                          for it, out, desc in zip(chunk, outs, descriptions)]
+            done.update((r["id"], r) for r in batch_rows)
+            if sink is not None:
+                append_records(sink, batch_rows)
             if progress is not None:
-                progress(len(rows), len(items))
+                progress(len(done), len(items))
+    rows = [done[it.qid] for it in items]
     n, correct, per = score(rows)
-    focus_dict = focus.to_dict() if focus is not None and hasattr(focus, "to_dict") else None
     report = EvalReport(n=n, correct=correct, accuracy=correct / n, per_type=per, seconds=round(time.time() - start, 1),
-                        image_tokens=sum(tokens) / len(tokens), focus=focus_dict, rows=rows)
-    if out_jsonl is not None:
-        path = Path(out_jsonl)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                        image_tokens=sum(r["image_tokens"] for r in rows) / n, focus=focus_dict, rows=rows)
+    if path is not None:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         summary = {k: v for k, v in asdict(report).items() if k != "rows"}
-        path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(path.with_suffix(".summary.json"), json.dumps(summary, indent=1))
     return report
+
+
+def _resume(path: Path, items: list[D.VQAItem], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows a stopped run of the same questions and settings left in ``path`` (id -> row), after the side
+    file that names them is checked (or written, for a new run)."""
+    from ..eval.runs import atomic_write_text, drop_torn_tail, ids_digest, read_jsonl_records
+
+    run = {**settings, "questions": len(items), "ids": ids_digest(it.qid for it in items)}
+    side = path.with_name(path.name + ".run.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if side.is_file():
+        before = json.loads(side.read_text())
+        if before != run:
+            changed = sorted(k for k in run if before.get(k) != run[k])
+            raise ValueError(f"{path} holds another evaluation ({', '.join(changed)} differ, see {side}); "
+                             f"use another output file or delete it")
+    elif path.is_file() and path.stat().st_size:
+        raise ValueError(f"{path} exists without {side.name}: not a resumable evaluation; use another output file")
+    else:
+        atomic_write_text(side, json.dumps(run, indent=1))
+    drop_torn_tail(path)  # a row torn by a stop mid-write: its question is asked again
+    return {r["id"]: r for r in read_jsonl_records(path)}
 
 
 def chance_accuracy(items: list[D.VQAItem]) -> dict[str, float]:

@@ -183,28 +183,44 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
                                                                                        settings.seed)))
         build(questions, SUITE, settings.seed, bench)
     items = D.test_items(settings.vqa_sample, seed=settings.seed)
+    times_file = out / "times.json"  # wall seconds each arm's parts took, added up over resumed runs
+    times: dict[str, dict[str, float]] = json.loads(times_file.read_text()) if times_file.is_file() else {}
+
+    def timed(arm_key: str, part: str, fn: Callable[[], Any]) -> None:
+        start = time.time()
+        fn()
+        spent = times.setdefault(arm_key, {})
+        spent[part] = round(spent.get(part, 0.0) + time.time() - start, 1)
+        times_file.write_text(json.dumps(times, indent=1))
+
     for arm in arms:
         config = focus_config(arm, settings, models.trained_config())
         if arm.methods == "trained" and config is None:
             say(f"experiment: {arm.title}: no trained twin config at {models.trained_config()}, skipped")
             continue
         folder = out / arm.key
+        if is_complete(folder, bench):
+            say(f"experiment: {arm.title}: done before ({folder}), skipped")
+            continue
         vqa_rows = folder / "vqa.jsonl"
         start = time.time()
         model, processor = models.get(arm.model)
         say(f"experiment: {arm.title}: instruction following ...")
-        run_if(arm, model, processor, config, bench, folder / "if", settings, progress)
+        if not is_complete_if(folder, bench):
+            timed(arm.key, "if", lambda: run_if(arm, model, processor, config, bench, folder / "if", settings,
+                                                progress))
         if not vqa_rows.with_suffix(".summary.json").is_file():
             say(f"experiment: {arm.title}: easy-VQA accuracy on {len(items)} questions ...")
-            evaluate(model, processor, items, focus=config, batch_size=settings.batch_size, max_new_tokens=3,
-                     out_jsonl=vqa_rows, mode=arm.mode)
+            timed(arm.key, "vqa", lambda: evaluate(model, processor, items, focus=config,
+                                                   batch_size=settings.batch_size, max_new_tokens=3,
+                                                   out_jsonl=vqa_rows, mode=arm.mode))
         done = summarize(arm, folder, settings)
         say(f"experiment: {arm.title}: IF strict {done['if_strict']}, easy-VQA {done['vqa']} "
             f"({time.time() - start:.0f} s)")
     # every finished arm, this call's and earlier ones' (a run may do a few arms at a time)
-    prompts = sum(1 for line in bench.read_text().splitlines() if line.strip())
-    results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS
-               if is_complete(out / arm.key, prompts)}
+    results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS if is_complete(out / arm.key, bench)}
+    for key, r in results.items():
+        r["seconds"] = times.get(key, {})
     (out / "results.json").write_text(json.dumps(results, indent=1))
     missing = [arm.title for arm in ARMS if arm.key not in results]
     (out / "table.md").write_text(table_markdown(results, settings, missing))
@@ -212,13 +228,18 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
     return results
 
 
-def is_complete(folder: Path, prompts: int) -> bool:
-    """Whether an arm's folder holds its whole IF run and its easy-VQA summary."""
+def is_complete_if(folder: Path, bench: Path) -> bool:
+    """Whether an arm's folder holds its whole IF run (one prediction per prompt of ``bench``)."""
     from ..eval.runs import PREDICTIONS, read_jsonl_records
 
     preds = folder / "if" / PREDICTIONS
-    return ((folder / "vqa.summary.json").is_file() and preds.is_file()
-            and len(read_jsonl_records(preds)) == prompts)
+    prompts = sum(1 for line in bench.read_text().splitlines() if line.strip())
+    return preds.is_file() and len(read_jsonl_records(preds)) == prompts
+
+
+def is_complete(folder: Path, bench: Path) -> bool:
+    """Whether an arm's folder holds its whole IF run and its easy-VQA summary."""
+    return (folder / "vqa.summary.json").is_file() and is_complete_if(folder, bench)
 
 
 def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str, Any]:
@@ -256,13 +277,15 @@ def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str,
 def table_markdown(results: dict[str, Any], settings: ExperimentSettings, missing: list[str] = ()) -> str:
     lines = [f"**PARTIAL: not run yet: {'; '.join(missing)}.**", ""] if missing else []
     lines += [f"| arm | image tokens | IF strict % [95 % CI] | IF loose % [95 % CI] | easy-VQA % [95 % CI] "
-             f"(n={settings.vqa_sample}) | words per IF answer |",
-             "|---|---|---|---|---|---|"]
+             f"(n={settings.vqa_sample}) | words per IF answer | wall min (IF + VQA) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results.values():
         tokens = f"{r['image_tokens']:.0f}" if r["mode"] == "direct" else ("0 (text)" if r["mode"] != "describe-then-answer"
                                                                            else "0 (its own description)")
+        spent = r.get("seconds") or {}
+        minutes = f"{spent.get('if', 0) / 60:.0f} + {spent.get('vqa', 0) / 60:.0f}" if spent else "not recorded"
         lines.append(f"| {r['title']} | {tokens} | {r['if_strict']} | {r['if_loose']} | {r['vqa']} | "
-                     f"{r['mean_response_words']:.1f} |")
+                     f"{r['mean_response_words']:.1f} | {minutes} |")
     prompts = next(iter(results.values()))["prompts"] if results else 0
     lines += ["", f"IF: {SUITE}, {prompts} prompts ({settings.if_questions} held-out test questions x 16 tasks), "
               f"greedy, at most {settings.max_new_tokens} new tokens; average of the task rates; intervals: "

@@ -68,6 +68,44 @@ def test_evaluate_pipeline_on_a_tiny_model(tmp_path):
         E.evaluate(model, processor, [])
 
 
+def test_evaluate_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
+    """A run stopped after its first batch keeps that batch's rows; the rerun asks only the rest and ends with
+    the rows and summary of an uninterrupted run; a torn last line is asked again; another run's file is refused."""
+    torch.manual_seed(0)
+    tower = V.fresh_tower(V.tower_config())
+    lm, tok = tiny_test_lm("what color is the shape ? red yes no".split(), seed=1)
+    model, processor = A.demo_llava(tower, V.tower_image_processor(64), lm=lm, tokenizer=tok)
+    model.eval()
+    items = _items()
+    whole = E.evaluate(model, processor, items, batch_size=2, max_new_tokens=2, out_jsonl=tmp_path / "whole.jsonl")
+    out = tmp_path / "rows.jsonl"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_batch(done, total):
+        raise Stop
+
+    with pytest.raises(Stop):
+        E.evaluate(model, processor, items, batch_size=2, max_new_tokens=2, out_jsonl=out,
+                   progress=stop_after_first_batch)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in kept] == [it.qid for it in items[:2]] and not out.with_suffix(".summary.json").exists()
+    with out.open("a") as f:  # a third row torn mid-write
+        f.write(json.dumps(whole.rows[2])[:20])
+    rec = _Recorder(monkeypatch)
+    report = E.evaluate(model, processor, items, batch_size=2, max_new_tokens=2, out_jsonl=out)
+    assert sum(len(c) for c in rec.calls) == 4  # the two kept rows are not asked again; the torn one is
+    assert report.rows == whole.rows and (report.n, report.correct) == (whole.n, whole.correct)
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["n"] == 6 and summary["image_tokens"] == whole.image_tokens == 64
+    with pytest.raises(ValueError, match="mode differ"):
+        E.evaluate(model, processor, items, max_new_tokens=2, out_jsonl=out, mode="given-description")
+    with pytest.raises(ValueError, match="ids, questions differ"):
+        E.evaluate(model, processor, items[:3], batch_size=2, max_new_tokens=2, out_jsonl=out)
+
+
 class _Recorder:
     """Wraps a generator's generate to record (prompt, has image) per call."""
 

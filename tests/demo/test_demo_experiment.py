@@ -49,6 +49,9 @@ def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
     stock = results["stock"]
     assert stock["prompts"] == 16 and stock["vqa_n"] == 8 and stock["image_tokens"] > 0
     assert results["lm-text"]["image_tokens"] == 0
+    times = json.loads((out / "times.json").read_text())  # the resumed call adds stock's, keeps lm-text's
+    assert set(times) == {"lm-text", "stock"} and all(t["if"] > 0 and t["vqa"] > 0 for t in times.values())
+    assert all(r["seconds"] == times[k] for k, r in results.items())
     for r in results.values():
         for key in ("if_strict_ci", "if_loose_ci", "vqa_ci"):
             ci = r[key]

@@ -1,4 +1,5 @@
-"""The VMTC K-means step as it stood before the batched rewrite (verbatim copy, for equality tests).
+"""The VMTC K-means step as it stood before the batched rewrite (verbatim copy, for equality tests),
+and ``spherical_kmeans_reseed_last``, today's rule (re-seeding once, at the end) as a loop.
 
 focusvlm/compress/vmtc.py replaced the per-iteration re-seeding below (one-hot, masked arg-max,
 two sorts, gather and scatter: 31 ops) with a fixed, shorter op sequence that must return the SAME
@@ -107,6 +108,36 @@ def spherical_kmeans(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor
             1, labels.unsqueeze(-1).expand(-1, -1, xn.shape[-1]), xn)
         centres = _normalize(sums)
     return labels
+
+
+def spherical_kmeans_reseed_last(x: torch.Tensor, clusters: int, iters: int) -> torch.Tensor:
+    """The K-means rule of focusvlm.compress.vmtc since issue 29, written with loops (not a copy of old code).
+
+    Re-seeding once, after the last assignment (``reseed_empty`` above); between iterations a centre becomes
+    the normalised sum of its members, and one without members, or whose members sum to zero, stays where
+    it was. Member sums are added one point at a time in index order, so the float arithmetic is the
+    vectorised version's and the labels must be equal, ties included.
+    """
+    B, m, D = x.shape
+    xn = _normalize(x.float())
+    centres = xn[:, kmeans_init(m, clusters, x.device)]                                 # (B, c, D)
+    for it in range(iters):
+        best = (xn @ centres.transpose(1, 2)).max(dim=-1)
+        if it == iters - 1:
+            break
+        sums = torch.zeros(B, clusters, D, device=x.device)
+        for b in range(B):
+            for j in range(m):
+                c = int(best.indices[b, j])
+                sums[b, c] = sums[b, c] + xn[b, j]
+        norm = torch.linalg.vector_norm(sums, dim=-1)
+        moved = centres.clone()
+        for b in range(B):
+            for c in range(clusters):
+                if norm[b, c] > 0:
+                    moved[b, c] = sums[b, c] / norm[b, c]
+        centres = moved
+    return reseed_empty(best.indices, best.values, clusters)
 
 
 def merge_clusters(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, clusters: int,

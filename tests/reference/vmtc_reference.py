@@ -51,12 +51,14 @@ def _dot(a, b):
 
 def kmeans(points, clusters, iters):
     """Spherical K-means exactly as documented: even-spread seeds, argmax assignment (lowest id on ties),
-    empty clusters each take the least-fitting non-anchor point, centres = normalised member sums."""
+    centres = normalised member sums between iterations (a centre whose members are none or sum to zero
+    stays), and after the last assignment every empty cluster takes the least-fitting non-anchor point."""
     m = len(points)
+    if iters < 1:
+        return [0] * m
     xs = [_unit(p) for p in points]
     centres = [xs[int(math.floor((i + 0.5) * m / clusters))] for i in range(clusters)]
-    labels = [0] * m
-    for _ in range(iters):
+    for it in range(iters):
         labels, fit = [], []
         for x in xs:
             sims = [_dot(x, c) for c in centres]
@@ -66,23 +68,26 @@ def kmeans(points, clusters, iters):
                     best = c
             labels.append(best)
             fit.append(sims[best])
-        empty = [c for c in range(clusters) if c not in labels]
-        if empty:
-            anchors = set()
-            for c in range(clusters):
-                members = [j for j in range(m) if labels[j] == c]
-                if members:
-                    anchors.add(max(members, key=lambda j: (fit[j], -j)))
-            movers = sorted((j for j in range(m) if j not in anchors), key=lambda j: (fit[j], j))
-            for c, j in zip(empty, movers):
-                labels[j] = c
-        centres = []
+        if it == iters - 1:
+            break
         for c in range(clusters):
             total = [0.0] * len(xs[0])
             for j in range(m):
                 if labels[j] == c:
                     total = [a + b for a, b in zip(total, xs[j])]
-            centres.append(_unit(total))
+            norm = math.sqrt(sum(a * a for a in total))
+            if norm > 0:
+                centres[c] = [a / norm for a in total]
+    empty = [c for c in range(clusters) if c not in labels]
+    if empty:
+        anchors = set()
+        for c in range(clusters):
+            members = [j for j in range(m) if labels[j] == c]
+            if members:
+                anchors.add(max(members, key=lambda j: (fit[j], -j)))
+        movers = sorted((j for j in range(m) if j not in anchors), key=lambda j: (fit[j], j))
+        for c, j in zip(empty, movers):
+            labels[j] = c
     return labels
 
 

@@ -42,10 +42,12 @@ demo-model: install
 
 # Issue 31's experiment (does reducing image redundancy restore instruction following?) on the shipped
 # twins: every arm's IF benchmark (400 prompts) and easy-VQA accuracy (2,000 questions), resumable; table,
-# plot and figures in runs/if-experiment (benchmarks/RESULTS.md, issue 31; about 2 hours on 2 CPU cores).
+# plot and figures in runs/if-experiment (benchmarks/RESULTS.md, issue 31; about 3 hours on 2 CPU cores: each arm
+# that sees 256 image tokens ~30 min). When every arm is done, its summary goes next to the shipped twins
+# (`focusvlm demo` prints their measured IF rates).
 demo-experiment: install
 	$(BIN)/pip install -q -c constraints/floor.txt -e ".[demo]"
-	$(BIN)/python -m focusvlm.demo.experiment --out runs/if-experiment --no-progress
+	$(BIN)/python -m focusvlm.demo.experiment --out runs/if-experiment --no-progress --ship
 
 test: install $(REFLIBS)/.installed
 	PYTHONPATH=$(REFLIBS) $(BIN)/python -m pytest -q

@@ -33,6 +33,8 @@ from typing import Any, Callable
 from . import data as D
 
 SUITE = "paper16"
+# the experiment's figures for the shipped twins, next to them in the package: `focusvlm demo` prints them
+SHIPPED_SUMMARY = "if_experiment.json"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ ARMS = (
     Arm("vmtc", "stock VLM + VMTC at inference", "stock", methods="vmtc"),
     Arm("focus", "VMTC + CMAI trained in both stages", "focus", methods="trained"),
 )
+
+ARM_BY_KEY = {arm.key: arm for arm in ARMS}
 
 
 @dataclass
@@ -225,7 +229,62 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
     missing = [arm.title for arm in ARMS if arm.key not in results]
     (out / "table.md").write_text(table_markdown(results, settings, missing))
     plot(results, out / "if_vs_tokens.png")
+    summary = demo_summary(results, settings, models.twins, complete=not missing)
+    (out / SHIPPED_SUMMARY).write_text(json.dumps(summary, indent=1))
     return results
+
+
+def twin_fingerprints(twins: Path) -> dict[str, str]:
+    """sha256 of each packed twin's weights file: what the figures were measured on."""
+    from ..eval.runs import file_fingerprint
+    from ..models.demo.ship import WEIGHTS_FILE
+
+    return {t: file_fingerprint(twins / t / WEIGHTS_FILE) for t in ("stock", "focus")
+            if (twins / t / WEIGHTS_FILE).is_file()}
+
+
+def demo_summary(results: dict[str, Any], settings: ExperimentSettings, twins: Path, complete: bool) -> dict:
+    """What `focusvlm demo` shows of the experiment: each arm's IF strict with its interval and the FocusConfig it
+    ran with, tied to the twins' weights (``twin_fingerprints``)."""
+    from ..config import FocusConfig
+
+    trained = Path(twins) / "focus" / "focus_config.yaml"
+    arms = {}
+    for key, r in results.items():
+        config = focus_config(ARM_BY_KEY[key], settings, trained) or FocusConfig()
+        arms[key] = {"title": r["title"], "model": r["model"], "mode": r["mode"], "config": config.to_dict(),
+                     "prompts": r["prompts"], "if_strict": r["if_strict"], "if_strict_ci": r["if_strict_ci"],
+                     "vqa": r["vqa"], "image_tokens": r["image_tokens"]}
+    return {"suite": SUITE, "complete": complete, "twins": twin_fingerprints(Path(twins)), "arms": arms}
+
+
+def ship_summary(out: Path, package_dir: Path | None = None) -> Path:
+    """Copy a finished experiment's summary next to the shipped twins (refused while arms are missing or when it
+    was measured on other weights than the shipped ones)."""
+    from ..models.demo import DEMO_WEIGHTS_DIR
+
+    package_dir = Path(package_dir) if package_dir is not None else DEMO_WEIGHTS_DIR
+    summary = json.loads((Path(out) / SHIPPED_SUMMARY).read_text())
+    if not summary["complete"]:
+        raise ValueError(f"{out}: the experiment is not complete (table.md names the missing arms); nothing shipped")
+    if summary["twins"] != twin_fingerprints(package_dir):
+        raise ValueError(f"{out} was measured on other twins than the ones in {package_dir}; nothing shipped")
+    target = package_dir / SHIPPED_SUMMARY
+    target.write_text(json.dumps(summary, indent=1))
+    return target
+
+
+def shipped_summary(package_dir: Path | None = None) -> dict | None:
+    """The shipped experiment summary, or None when there is none or it belongs to other weights than the
+    shipped twins (retrained since)."""
+    from ..models.demo import DEMO_WEIGHTS_DIR
+
+    package_dir = Path(package_dir) if package_dir is not None else DEMO_WEIGHTS_DIR
+    path = package_dir / SHIPPED_SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("twins") == twin_fingerprints(package_dir) else None
 
 
 def is_complete_if(folder: Path, bench: Path) -> bool:
@@ -331,18 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", help="comma-separated arm keys to run (default: all; "
                                    f"{', '.join(a.key for a in ARMS)}); the table covers the arms run so far")
     ap.add_argument("--quick", action="store_true", help="one question, a few tokens: checks the path")
+    ap.add_argument("--ship", action="store_true", help=f"when every arm is done: copy {SHIPPED_SUMMARY} next to the "
+                                                        "shipped twins, for `focusvlm demo` to show")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     settings = ExperimentSettings.quick() if args.quick else ExperimentSettings()
     arms = ARMS
     if args.arms:
-        known = {a.key: a for a in ARMS}
-        unknown = [k for k in args.arms.split(",") if k not in known]
+        unknown = [k for k in args.arms.split(",") if k not in ARM_BY_KEY]
         if unknown:
-            ap.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(known)}")
-        arms = tuple(known[k] for k in args.arms.split(","))
+            ap.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARM_BY_KEY)}")
+        arms = tuple(ARM_BY_KEY[k] for k in args.arms.split(","))
     run(args.out, settings, args.models, arms=arms, progress=not args.no_progress)
     print((args.out / "table.md").read_text())
+    if args.ship:
+        print(f"shipped: {ship_summary(args.out)}")
     return 0
 
 

@@ -56,3 +56,17 @@ def test_load_patches_a_local_checkpoint(demo):
         assert torch.isfinite(model(**ids).logits).all()
     unpatch(model, processor)
     assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_demo_row_shows_the_measured_figure_only_for_the_arm_and_settings_it_ran():
+    """`focusvlm demo` prints the experiment's IF figure on a row only when the row runs that arm's FocusConfig."""
+    from focusvlm.cli.demo import measured_if
+
+    cmai = FocusConfig(cmai=CMAIConfig(gamma_max=0.6))
+    summary = {"suite": "paper16", "arms": {"cmai": {"config": cmai.to_dict(), "if_strict": "20.0 [17.0, 23.0]",
+                                                     "prompts": 400}}}
+    assert measured_if("cmai", cmai, summary) == {"if_strict": "20.0 [17.0, 23.0]", "prompts": 400, "suite": "paper16"}
+    assert measured_if("cmai", FocusConfig(cmai=CMAIConfig(gamma_max=0.3)), summary) is None  # --cmai 0.3
+    assert measured_if("stock", FocusConfig(), summary) is None      # arm not measured
+    assert measured_if(None, cmai, summary) is None                  # another model than the demo twins
+    assert measured_if("cmai", cmai, None) is None                   # no experiment shipped

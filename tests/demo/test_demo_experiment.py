@@ -58,8 +58,45 @@ def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
             assert ci["low"] <= ci["value"] <= ci["high"]
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "if_vs_tokens.png").stat().st_size > 1000
+    summary = json.loads((out / X.SHIPPED_SUMMARY).read_text())
+    assert not summary["complete"] and set(summary["arms"]) == {"lm-text", "stock"}
+    assert summary["arms"]["stock"]["if_strict"] == stock["if_strict"]
+    with pytest.raises(ValueError, match="not complete"):
+        X.ship_summary(out, tmp_path / "package")
     with pytest.raises(ValueError, match="other settings"):
         X.run(out, X.ExperimentSettings(), arms=arms, progress=False)
+
+
+def _twins(folder, content):
+    from focusvlm.models.demo.ship import WEIGHTS_FILE
+
+    for twin in ("stock", "focus"):
+        (folder / twin).mkdir(parents=True, exist_ok=True)
+        (folder / twin / WEIGHTS_FILE).write_bytes(content + twin.encode())
+    return folder
+
+
+def test_summary_ships_only_complete_and_only_with_the_weights_it_was_measured_on(tmp_path):
+    from focusvlm import FocusConfig
+
+    measured = _twins(tmp_path / "measured", b"weights ")
+    results = {"stock": {"title": "stock VLM, picture", "model": "stock", "mode": "direct", "prompts": 400,
+                         "if_strict": "16.0 [13.0, 19.0]", "if_strict_ci": {}, "vqa": "98.0 [97.0, 99.0]",
+                         "image_tokens": 256.0}}
+    summary = X.demo_summary(results, X.ExperimentSettings(), measured, complete=True)
+    assert summary["arms"]["stock"]["config"] == FocusConfig().to_dict()
+    assert summary["twins"] == X.twin_fingerprints(measured) and len(summary["twins"]) == 2
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / X.SHIPPED_SUMMARY).write_text(json.dumps(summary))
+    other = _twins(tmp_path / "other", b"retrained ")
+    with pytest.raises(ValueError, match="other twins"):
+        X.ship_summary(out, other)
+    assert X.shipped_summary(measured) is None  # nothing shipped yet
+    X.ship_summary(out, measured)
+    assert X.shipped_summary(measured) == summary
+    _twins(measured, b"retrained ")  # the twins change after the experiment: its figures no longer apply
+    assert X.shipped_summary(measured) is None
 
 
 def test_pictures_are_found_in_this_installation_whatever_path_the_bench_recorded():

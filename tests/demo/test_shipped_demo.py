@@ -78,13 +78,21 @@ def test_demo_command_shows_three_rows(capsys):
     rows = out["rows"]
     assert len(rows) == 3
     tokens = [r["question"]["image_tokens"] for r in rows]
-    assert tokens[0] == tokens[1] == 64 and tokens[2] < 64  # VMTC compresses the picture
+    vision = S.read_meta(demo_twin_dir("stock"))["vision_config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    assert tokens[0] == tokens[1] == patches and tokens[2] < patches  # VMTC compresses the picture
     truth = json.loads((DEMO_WEIGHTS_DIR / "easyvqa_picture.json").read_text())
     assert rows[0]["question"]["answer"].strip().lower().rstrip(".") == truth["color"]
     # the yes/no question only the picture answers ("Is there a blue shape?" about the blue triangle)
     assert truth["color"] in out["yes_no"]
     assert [r["yes_no"]["answer"].strip().lower().rstrip(".") for r in rows] == ["yes"] * 3
     assert all(isinstance(r["instruction"]["follows"], bool) for r in rows)
+    from focusvlm.demo.experiment import shipped_summary
+
+    if shipped_summary() is None:  # no experiment measured on these twins: no figure is claimed
+        assert all(r["measured_if"] is None for r in rows)
+    else:
+        assert rows[0]["measured_if"]["if_strict"] == shipped_summary()["arms"]["stock"]["if_strict"]
 
 
 def test_gguf_conversion_bar_follows_the_progress_switch(capfd):

@@ -105,6 +105,8 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
     path = Path(out_jsonl) if out_jsonl is not None else None
     done = _resume(path, items, {"mode": mode, "focus": focus_dict, "max_new_tokens": max_new_tokens}) if path else {}
     todo = [it for it in items if it.qid not in done]
+    # describe-then-answer: each picture described once (questions about the same picture share it), kept on resume
+    described = {r["image"]: r["description"] for r in done.values() if r.get("description") is not None}
     context = patched(model, focus, processor) if focus is not None and todo else contextlib.nullcontext()
     with context, (path.open("a", encoding="utf-8") if path else contextlib.nullcontext()) as sink:
         generator = HFGenerator(model, processor)
@@ -118,9 +120,13 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
                 if mode == "given-description":
                     descriptions = [D.true_description(*labels[it.image_id]) for it in chunk]
                 else:  # describe-then-answer: the model's own description of the picture first
-                    descriptions = [d.text for d in generator.generate(
-                        [describe.describe_prompt] * len(chunk), [load_image(root / it.image) for it in chunk],
-                        describe.describe_max_new_tokens)]
+                    new = list(dict.fromkeys(it.image for it in chunk if it.image not in described))
+                    if new:
+                        outs = generator.generate([describe.describe_prompt] * len(new),
+                                                  [load_image(root / image) for image in new],
+                                                  describe.describe_max_new_tokens)
+                        described.update(zip(new, (o.text for o in outs)))
+                    descriptions = [described[it.image] for it in chunk]
                 outs = generator.generate([default_answer_from_description(p, d) for p, d in zip(prompts, descriptions)],
                                           [None] * len(chunk), max_new_tokens)
             batch_rows = [{"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,

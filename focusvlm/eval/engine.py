@@ -118,8 +118,11 @@ def run(samples: Sequence[Sample], generator: Generator, out_dir: str | Path, ma
     target = predictions_file(out_dir, process_index, num_processes)
     drop_torn_tail(target)
     bar = _progress(len(pending), progress, process_index, num_processes)
+    # describe-then-answer describes each distinct picture once per run; a resumed run reuses its descriptions
+    described = {str(s.image): done[s.id]["description"] for s in samples
+                 if s.id in done and done[s.id].get("description") is not None}
     generated, errors = _append_answers(target, pending, process_index, bar, generator, settings,
-                                        answer_from_description)
+                                        answer_from_description, described)
     barrier()
     if is_main:
         merge(out_dir, ids)
@@ -156,13 +159,14 @@ def _open_run(out_dir: Path, manifest: dict, ids: list[str], *, is_main: bool, b
 
 def _append_answers(target: Path, pending: list[tuple[int, Sample]], process_index: int, bar: Any,
                     generator: Generator, settings: GenerationSettings,
-                    answer_from_description: Callable[[str, str], str]) -> tuple[int, int]:
+                    answer_from_description: Callable[[str, str], str],
+                    described: dict[str, str]) -> tuple[int, int]:
     """Answer ``pending`` batch by batch, each batch's records appended to ``target``; (generated, errors)."""
     errors = generated = 0
     with open(target, "a", encoding="utf-8") as sink:
         for start in range(0, len(pending), settings.batch_size):
             batch = pending[start:start + settings.batch_size]
-            records = _run_batch(batch, generator, settings, answer_from_description)
+            records = _run_batch(batch, generator, settings, answer_from_description, described)
             for rec in records:
                 rec["shard"] = process_index
                 errors += bool(rec["error"])
@@ -193,7 +197,7 @@ def _record(index: int, sample: Sample, settings: GenerationSettings, **fields: 
 
 
 def _run_batch(batch: list[tuple[int, Sample]], generator: Generator, settings: GenerationSettings,
-               answer_from_description: Callable[[str, str], str]) -> list[dict]:
+               answer_from_description: Callable[[str, str], str], described: dict[str, str]) -> list[dict]:
     records: dict[int, dict] = {}
     ready: list[tuple[int, Sample, Any]] = []
     for index, sample in batch:
@@ -205,12 +209,26 @@ def _run_batch(batch: list[tuple[int, Sample]], generator: Generator, settings: 
         except (OSError, ValueError) as exc:
             records[index] = _record(index, sample, settings, error=f"image: {exc}")
     if ready:
-        for rec in _generate_group(ready, generator, settings, answer_from_description):
+        for rec in _generate_group(ready, generator, settings, answer_from_description, described):
             records[rec["index"]] = rec
     return [records[i] for i, _ in batch]
 
 
-def _generate_group(ready, generator, settings, answer_from_description) -> list[dict]:
+def _describe(ready, generator, settings, described: dict[str, str]) -> list[str]:
+    """Each sample's description of its picture: the pictures not described yet in this run (``described``,
+    picture -> description, updated) are described in one batch, once each however many prompts ask about them."""
+    new: dict[str, Any] = {}
+    for _, sample, image in ready:
+        if image is not None and str(sample.image) not in described:
+            new.setdefault(str(sample.image), image)
+    if new:
+        outs = _generate(generator, [settings.describe_prompt] * len(new), list(new.values()),
+                         settings.describe_max_new_tokens)
+        described.update(zip(new, (o.text for o in outs)))
+    return ["" if image is None else described[str(sample.image)] for _, sample, image in ready]  # text-only: none
+
+
+def _generate_group(ready, generator, settings, answer_from_description, described) -> list[dict]:
     t0 = time.perf_counter()
     try:
         if settings.mode == "direct":
@@ -226,9 +244,7 @@ def _generate_group(ready, generator, settings, answer_from_description) -> list
             prompts = [answer_from_description(s.prompt_text(), d) for (_, s, _), d in zip(ready, descriptions)]
             outs = _generate(generator, prompts, [None] * len(ready), settings.max_new_tokens)
         else:
-            descs = _generate(generator, [settings.describe_prompt if im is not None else "" for _, _, im in ready],
-                              [im for _, _, im in ready], settings.describe_max_new_tokens)
-            descriptions = [d.text if im is not None else "" for d, (_, _, im) in zip(descs, ready)]
+            descriptions = _describe(ready, generator, settings, described)
             prompts = [answer_from_description(s.prompt_text(), d) for (_, s, _), d in zip(ready, descriptions)]
             outs = _generate(generator, prompts, [None] * len(ready), settings.max_new_tokens)
     except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the run
@@ -236,7 +252,8 @@ def _generate_group(ready, generator, settings, answer_from_description) -> list
             index, sample, _ = ready[0]
             return [_record(index, sample, settings, error=f"generate: {type(exc).__name__}: {exc}")]
         # find the culprit: retry one by one so only the failing sample records an error
-        return [rec for item in ready for rec in _generate_group([item], generator, settings, answer_from_description)]
+        return [rec for item in ready
+                for rec in _generate_group([item], generator, settings, answer_from_description, described)]
     elapsed = time.perf_counter() - t0
     records = []
     for (index, sample, _), out, desc in zip(ready, outs, descriptions):

@@ -140,9 +140,12 @@ def test_evaluate_modes_answer_from_a_description(monkeypatch):
         assert truth in prompt and E.prompt_for(it.question) in prompt and row["description"] == truth
     assert report.image_tokens == 0
     rec.calls.clear()
-    report = E.evaluate(model, processor, items, max_new_tokens=2, mode="describe-then-answer")
-    assert [has for _, has in rec.calls[0]] == [True, True] and [has for _, has in rec.calls[1]] == [False, False]
+    # a third question about the first picture: described once, both its questions answered from that description
+    same = next(it for it in D.read_split("test") if it.image_id == items[0].image_id and it.qid != items[0].qid)
+    report = E.evaluate(model, processor, items + [same], max_new_tokens=2, mode="describe-then-answer")
+    assert [has for _, has in rec.calls[0]] == [True, True] and [has for _, has in rec.calls[1]] == [False] * 3
     assert all(row["description"] in prompt for (prompt, _), row in zip(rec.calls[1], report.rows))
+    assert report.rows[2]["description"] == report.rows[0]["description"]
     with pytest.raises(ValueError, match="mode 'upside-down'"):
         E.evaluate(model, processor, items, mode="upside-down")
 

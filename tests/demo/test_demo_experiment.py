@@ -103,3 +103,20 @@ def test_pictures_are_found_in_this_installation_whatever_path_the_bench_recorde
     here = X.installed_picture("/elsewhere/venv/lib/python3.9/site-packages/easy_vqa/data/test/images/7.png")
     assert here == D.data_root() / "test" / "images" / "7.png" and here.is_file()
     assert X.installed_picture("/photos/cat.jpg") == X.Path("/photos/cat.jpg")  # not an easy-VQA picture: as given
+
+
+def test_an_arm_measured_on_other_weights_is_refused_and_left_out(tmp_path):
+    """A twin retrained after some arms were measured: those arms are neither continued nor reported."""
+    twins = _twins(tmp_path / "twins", b"first ")
+    arm = X.ARM_BY_KEY["stock"]
+    folder = tmp_path / "exp" / "stock"
+    X.check_weights(folder, arm, twins)
+    assert X.measured_on(folder) == X.arm_weights(arm, twins) == X.twin_fingerprints(twins)["stock"]
+    X.check_weights(folder, arm, twins)  # the same weights: carries on
+    _twins(twins, b"retrained ")
+    with pytest.raises(ValueError, match="other stock weights"):
+        X.check_weights(folder, arm, twins)
+    assert X.measured_on(folder) != X.arm_weights(arm, twins)  # what run() checks before reporting an arm
+    with pytest.raises(ValueError, match="no packed focus twin"):
+        X.check_weights(tmp_path / "exp" / "focus", X.ARM_BY_KEY["focus"], tmp_path / "nothing")
+    X.check_weights(tmp_path / "exp" / "lm-text", X.ARM_BY_KEY["lm-text"], tmp_path / "nothing")  # the base LM

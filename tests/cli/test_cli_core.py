@@ -70,3 +70,23 @@ def test_demo_row_shows_the_measured_figure_only_for_the_arm_and_settings_it_ran
     assert measured_if("stock", FocusConfig(), summary) is None      # arm not measured
     assert measured_if(None, cmai, summary) is None                  # another model than the demo twins
     assert measured_if("cmai", cmai, None) is None                   # no experiment shipped
+
+
+@pytest.mark.slow
+def test_demo_prints_the_measured_if_rates_of_the_shipped_experiment(capsys, demo, monkeypatch):
+    """With an experiment summary shipped for the twins, the demo's instruction section ends with each row's
+    measured IF strict rate; the rows' models here are demo-random stand-ins (the twins' weights do not matter)."""
+    from focusvlm.cli import demo as cli_demo
+
+    model, processor = demo
+    cmai = FocusConfig(cmai=CMAIConfig(gamma_max=0.6))
+    monkeypatch.setattr(cli_demo, "_rows", lambda args: [("stock", model, processor, FocusConfig(), "stock"),
+                                                         ("CMAI", model, processor, cmai, "cmai")])
+    summary = {"suite": "paper16", "arms": {
+        "stock": {"config": FocusConfig().to_dict(), "if_strict": "16.0 [13.0, 19.0]", "prompts": 400},
+        "cmai": {"config": cmai.to_dict(), "if_strict": "20.0 [17.0, 23.0]", "prompts": 400}}}
+    monkeypatch.setattr("focusvlm.demo.experiment.shipped_summary", lambda: summary)
+    assert main(["demo", "--max-new-tokens", "2", "--yes-no", "", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    measured = out.split("measured on 400 prompts (paper16 suite")[1]
+    assert "16.0 [13.0, 19.0]" in measured and "20.0 [17.0, 23.0]" in measured

@@ -265,8 +265,8 @@ def reseed_empty(labels: torch.Tensor, sim_own: torch.Tensor, clusters: int) -> 
     centre (ties: lower index), chosen among points that are not the best-fitting member ("anchor") of
     their cluster; taking only non-anchors never empties another cluster. labels (B, m), sim_own (B, m)
     finite similarity of each point to its assigned centre, compared in float32. ``spherical_kmeans``
-    runs the same steps (``_reseed``) with buffers made once per call; here the margins follow the
-    largest |sim_own|, in float64 so that they cannot overflow.
+    runs the same steps (``_reseed``) once, after its last assignment, with margins fixed by the cosine
+    bound; here the margins follow the largest |sim_own|, in float64 so that they cannot overflow.
     """
     B, m = labels.shape
     if m == 0:

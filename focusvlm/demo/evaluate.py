@@ -88,7 +88,7 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
     import contextlib
 
     from ..api import patched
-    from ..eval.engine import MODES, GenerationSettings
+    from ..eval.engine import MODES, GenerationSettings, describe_pictures
     from ..eval.runs import append_records, atomic_write_text
     from ..eval.samples import default_answer_from_description
     from ..runtime import HFGenerator, load_image
@@ -120,13 +120,8 @@ def evaluate(model: Any, processor: Any, items: list[D.VQAItem], focus: Any = No
                 if mode == "given-description":
                     descriptions = [D.true_description(*labels[it.image_id]) for it in chunk]
                 else:  # describe-then-answer: the model's own description of the picture first
-                    new = list(dict.fromkeys(it.image for it in chunk if it.image not in described))
-                    if new:
-                        outs = generator.generate([describe.describe_prompt] * len(new),
-                                                  [load_image(root / image) for image in new],
-                                                  describe.describe_max_new_tokens)
-                        described.update(zip(new, (o.text for o in outs)))
-                    descriptions = [described[it.image] for it in chunk]
+                    descriptions = describe_pictures(generator, describe, [it.image for it in chunk],
+                                                     lambda image: load_image(root / image), described)
                 outs = generator.generate([default_answer_from_description(p, d) for p, d in zip(prompts, descriptions)],
                                           [None] * len(chunk), max_new_tokens)
             batch_rows = [{"id": it.qid, "type": it.qtype, "image": it.image, "question": it.question,

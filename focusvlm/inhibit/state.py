@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from ..errors import CMAIStateError  # noqa: F401 - re-exported: its first home
 from .focus import (FocusScore, QuantilePositions, SelectedQuantile, TextPositions, get_focus,
-                    host_quantile_positions, quantile_of_sorted, quantile_positions_per_gamma, sorted_rows)
+                    host_quantile_positions, quantile_of_sorted, quantile_of_sorted_at, quantile_positions_per_gamma,
+                    selected_quantile, sorted_rows)
 
 
 
@@ -136,8 +137,8 @@ class DecodeThreshold:
     def __call__(self, score: torch.Tensor) -> torch.Tensor:
         """tau of (B, 1, 1, N) scores, (B, 1, 1, 1): the same order statistics and interpolation as C6."""
         if isinstance(self.lo, int):  # one partial selection instead of a sort
-            return SelectedQuantile(self.lo, self.hi, score.shape[-1], self.weight)(score)
-        return quantile_of_sorted(score.sort(dim=-1).values, QuantilePositions(self.lo, self.hi, self.weight))
+            return selected_quantile(score, self.lo, self.hi, score.shape[-1], self.weight)
+        return quantile_of_sorted_at(score.sort(dim=-1).values, self.lo, self.hi, self.weight)
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,32 @@ def _static_buffers(store: RowStore) -> list[torch.Tensor | None]:
     for threshold in decode.thresholds.values():
         out += [threshold.weight] + [t for t in (threshold.lo, threshold.hi) if isinstance(t, torch.Tensor)]
     return out
+
+
+def _held_tensors(store: RowStore) -> list[torch.Tensor]:
+    """Every tensor object a static store's decode steps reach: the buffers and each view of them held in the
+    store (``torch.compile`` lifts each one it reads as its own graph input)."""
+    views = store.views
+    out = [t for t in _static_buffers(store) if t is not None] + [store.pos] + list(store.rows.values())
+    for per_layer in (views.found, views.a_img, views.a_text, views.a_img4, views.rows):
+        out += list(per_layer.values())
+    out += [t for t in (views.score3, views.step_img) if t is not None]
+    return out
+
+
+def _mark_static_addresses(store: RowStore) -> None:
+    """Mark a static store's tensors as fixed-address graph inputs, as transformers marks its static KV cache.
+
+    A compiled decode step writes these buffers in place (the step's slot, the counters, each layer's row);
+    under ``mode="reduce-overhead"`` inductor records CUDA graphs only when every input it mutates is such a
+    static input, and otherwise runs the step without graphs (on an H200 this left CMAI's compiled decode at
+    3.13x stock's graphed one: RESULTS.md, issue 29). The pool keeps these buffers from one sequence to the next,
+    so their addresses do not change."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    if mark is None or torch.compiler.is_compiling():
+        return
+    for t in _held_tensors(store):
+        mark(t)
 
 
 def _static_layout(store: RowStore) -> tuple:
@@ -624,6 +651,7 @@ class CMAIState:
         old = self._static_pool
         if old is None or _static_layout(old) != _static_layout(store):
             self._static_pool = store
+            _mark_static_addresses(store)
             return store
         for dst, src in zip(_static_buffers(old), _static_buffers(store)):
             if dst is not None:

@@ -234,3 +234,81 @@ def test_compiled_decode_is_not_traced_again_by_the_next_generate_call(model):
     torch._dynamo.reset()
     model.__dict__.pop("_compiled_call", None)
     assert graphs >= 1 and backend.graphs == graphs
+
+
+def _reachable_tensors(root, depth: int = 6) -> list[torch.Tensor]:
+    """Every tensor reachable from ``root`` through attributes, dataclass fields, dicts, lists and tuples."""
+    found, seen = [], set()
+
+    def walk(obj, left):
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+            return
+        if left == 0 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            items = list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            items = list(obj)
+        elif hasattr(obj, "__dict__"):
+            items = list(vars(obj).values())
+        else:
+            items = [getattr(obj, s) for s in getattr(type(obj), "__slots__", ()) if hasattr(obj, s)]
+        for item in items:
+            walk(item, left - 1)
+
+    walk(root, depth)
+    return found
+
+
+class _InPlaceWrites:
+    """Storages that ops write in place (schema arguments marked as written: ``add_``, ``index_copy_``, ``out=``)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        writes = self.storages = set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                schema = func._schema.arguments
+                values = list(args) + [kwargs.get(a.name) for a in schema[len(args):]]
+                for arg, value in zip(schema, values):
+                    if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                        writes.add(value.untyped_storage().data_ptr())
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("layouts", [LAYOUTS, [[4, "img", 6], [4, "img", 6]]])
+def test_every_buffer_a_decode_step_writes_is_a_static_address(model, layouts):
+    """CUDA graphs (compile mode "reduce-overhead") are recorded only when every graph input a step mutates is
+    a static address; an H200 run showed inductor skipping them for CMAI's decode ("mutated inputs") because the
+    row store's counters and rows were not marked. Every persistent tensor a decode step writes in place (CMAI's
+    store and the KV cache) must be marked, as transformers marks its static cache."""
+    inputs = make_inputs(model, layouts, seed=16)
+    batch, prompt = inputs["input_ids"].shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 4)
+    with torch.no_grad(), patched(model, FocusConfig(cmai=CMAIConfig())):
+        out = model(**inputs, **hfcompat.cache_kwargs(cache), use_cache=True)
+        state, _ = _decode_buffers(model)
+        store_ptrs = {t.untyped_storage().data_ptr() for t in _reachable_tensors(state.store)}
+        # everything the state holds but the last call's plan (its views of the store are not read by a decode
+        # step: ``begin_call`` replaces the plan first), and the KV cache
+        held = {name: value for name, value in vars(state).items() if name != "plan"}
+        persistent = _reachable_tensors(held) + _reachable_tensors(cache)
+        by_storage = {}
+        for t in persistent:
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, 1)], dim=1)
+        writes = _InPlaceWrites()
+        with writes.mode:
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, **hfcompat.cache_kwargs(cache),
+                  use_cache=True, position_ids=mask.cumsum(-1)[:, -1:] - 1)
+    written = {ptr: by_storage[ptr] for ptr in writes.storages if ptr in by_storage}
+    assert store_ptrs & set(written), "the decode step wrote none of CMAI's store (the check would prove nothing)"
+    unmarked = [tuple(t.shape) for ts in written.values() for t in ts if not hasattr(t, "_dynamo_static_input_type")]
+    assert not unmarked, f"written in place but not static addresses: {unmarked}"

@@ -95,7 +95,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                  "vision_only": opts.vision_only, "prompt_tokens": opts.prompt_tokens, "new_tokens": opts.new_tokens,
                  "repeats": opts.repeats, "warmup": opts.warmup, "methods": [m.name for m in opts.methods],
                  "batches": opts.batches, "seed": opts.seed, "memory": opts.memory, "compile": opts.compile,
-                 "clock": opts.clock, **_environment(device)},
+                 "tower_graphs": opts.tower_graphs, "clock": opts.clock, **_environment(device)},
         "runs": [],
     }
     for prompt in opts.prompt_lengths:
@@ -286,16 +286,17 @@ def _compiled_kernels(model, plan: dict[str, Any], vision: dict[str, torch.Tenso
 
 
 @contextlib.contextmanager
-def _compiled_prefill(model, on: bool) -> Iterator[None]:
+def _compiled_prefill(model, opts: BenchOptions) -> Iterator[None]:
     """--compile: the vision tower and CMAI's per-layer prefill math compiled while an arm's calls are timed (the
     first, warm-up call compiles), so TTFT is compiled on both sides; decode steps are compiled by generate
     (round interleave) or ``_compiled_decoder`` (step)."""
-    if not on:
+    if not opts.compile:
         yield
         return
     from ..compiling import prefill_compiled, tower_compiled
 
-    with tower_compiled(model, COMPILE_BACKEND), prefill_compiled(model, COMPILE_BACKEND):
+    mode = "reduce-overhead" if opts.tower_graphs else None
+    with tower_compiled(model, COMPILE_BACKEND, mode), prefill_compiled(model, COMPILE_BACKEND):
         yield
 
 
@@ -347,7 +348,7 @@ def _run_rounds(model, opts: BenchOptions, clock: Clock, batch: int, plans: Plan
     for r in range(rounds):
         _log(opts, f"[bench] batch {batch}: round {r + 1}/{rounds}{' (warm-up)' if r < opts.warmup else ''}")
         for name in _rotated(names, r):
-            with arm_applied(model, plans[name]["arm"]), _compiled_prefill(model, opts.compile), \
+            with arm_applied(model, plans[name]["arm"]), _compiled_prefill(model, opts), \
                     torch.inference_mode():
                 for stage, fn in calls(name).items():
                     seconds = clock.time(fn)
@@ -474,7 +475,7 @@ def _run_lockstep(model, opts: BenchOptions, clock: Clock, batch: int, vision: d
     try:
         with torch.inference_mode(), contextlib.ExitStack() as compiled:
             for m in models.values():
-                compiled.enter_context(_compiled_prefill(m, opts.compile))
+                compiled.enter_context(_compiled_prefill(m, opts))
             samples = _lockstep_calls(models, opts, clock, batch, vision, plans)
             if not opts.vision_only and opts.new_tokens >= 2:
                 _lockstep_decode(models, opts, clock, batch, vision, plans, samples)

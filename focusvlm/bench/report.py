@@ -73,7 +73,8 @@ def _run_table(meta: dict[str, Any], run: dict[str, Any]) -> list[str]:
     what = meta.get("model") or f"preset {meta.get('preset')}"
     extras = []
     if meta.get("compile"):
-        extras.append("compiled: vision tower, CMAI prefill math, decode steps (static cache, fullgraph)")
+        tower = "vision tower (CUDA graphs)" if meta.get("tower_graphs") else "vision tower"
+        extras.append(f"compiled: {tower}, CMAI prefill math, decode steps (static cache, fullgraph)")
     if meta.get("clock") == "cpu":
         extras.append("times are process CPU time")
     rows = run["methods"].values()

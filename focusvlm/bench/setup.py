@@ -50,6 +50,9 @@ class BenchOptions:
     # the compiled path on every arm: the vision tower and CMAI's per-layer prefill math (timed TTFT), decode steps
     # through torch.compile(model.forward, fullgraph=True) with a static cache
     compile: bool = False
+    # with compile: the vision tower compiled with mode "reduce-overhead" (CUDA graphs on a GPU; its shapes are
+    # static), on every arm. At batch 1 on a GPU the tower's time is launches: VMTC's stages add ~130 kernels
+    tower_graphs: bool = False
     count_ops: bool = False                   # top-level aten ops of one decode step (torch.profiler)
     clock: str = "wall"                       # "cpu": process CPU time, immune to other jobs taking the cores
     profile: int = 0                          # > 0: profile one prefill per arm, keep the top ops by extra time
@@ -67,6 +70,8 @@ class BenchOptions:
             raise ValueError("--new-tokens must be >= 0, --repeats >= 1, --warmup >= 0")
         if any(b < 1 for b in self.batches):
             raise ValueError(f"batch sizes must be positive, got {self.batches}")
+        if self.tower_graphs and not self.compile:
+            raise ValueError("--tower-graphs needs --compile")
         if self.compile and self.warmup < 1:
             raise ValueError("--compile needs --warmup 1 or more: the first calls compile, and would be timed")
         if self.interleave not in ("auto", "round", "step"):

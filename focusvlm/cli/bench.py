@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the compiled path on every arm: vision tower and CMAI's per-layer prefill math "
                         "(torch.compile), decode steps with a static cache (fullgraph); compilation happens in the "
                         "warm-up round (--warmup >= 1); with --count-ops also the kernels the compiled parts launch")
+    p.add_argument("--tower-graphs", action="store_true",
+                   help="with --compile: compile the vision tower with mode reduce-overhead (CUDA graphs on a GPU) "
+                        "on every arm")
     p.add_argument("--count-ops", action="store_true",
                    help="count the top-level aten ops of one decode step per method (torch.profiler)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -88,6 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
                         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
                         seed=args.seed, vision_only=args.vision_only, threads=args.threads, progress=not args.quiet,
                         interleave=args.interleave, memory=args.memory, compile=args.compile,
+                        tower_graphs=args.tower_graphs,
                         count_ops=args.count_ops, clock=args.clock, profile=args.profile)
     report = run_bench(opts)
     command = "focusvlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("focusvlm", "__main__.py")) \

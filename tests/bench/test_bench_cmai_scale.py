@@ -102,9 +102,9 @@ def test_compiled_arms_time_a_compiled_tower_and_prefill(monkeypatch):
     entered = []
     real = harness._compiled_prefill
 
-    def spy(model, on):
-        entered.append(on)
-        return real(model, on)
+    def spy(model, opts):
+        entered.append(opts.compile)
+        return real(model, opts)
 
     monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(harness, "_compiled_prefill", spy)
@@ -114,6 +114,33 @@ def test_compiled_arms_time_a_compiled_tower_and_prefill(monkeypatch):
         run_bench(opts)
         assert entered and all(entered)
     torch._dynamo.reset()
+
+
+def test_tower_graphs_compile_the_tower_with_cuda_graph_mode(monkeypatch):
+    """--tower-graphs: every arm's tower is compiled with mode reduce-overhead (CUDA graphs on a GPU; a no-op
+    for CPU tensors), and the report says so; without --compile it is refused."""
+    import focusvlm.compiling as compiling
+
+    modes = []
+    real = compiling.tower_compiled
+
+    def spy(model, backend="inductor", mode=None):
+        modes.append(mode)
+        return real(model, backend, mode)
+
+    monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiling, "tower_compiled", spy)
+    report = run_bench(_opts(compile=True, tower_graphs=True, new_tokens=2, warmup=1))
+    torch._dynamo.reset()
+    assert modes and set(modes) == {"reduce-overhead"}
+    assert report["meta"]["tower_graphs"] is True
+    assert "vision tower (CUDA graphs)" in markdown_tables(report)
+    modes.clear()
+    run_bench(_opts(compile=True, new_tokens=2, warmup=1))
+    torch._dynamo.reset()
+    assert modes and set(modes) == {None}
+    with pytest.raises(ValueError, match="--tower-graphs needs --compile"):
+        _opts(tower_graphs=True)
 
 
 def test_targets_know_prompt_lengths_and_absolute_limits():
@@ -139,8 +166,9 @@ def test_cli_accepts_the_new_options():
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--prompt-tokens", "64,256,1024", "--memory", "process", "--compile",
-                              "--count-ops", "--clock", "cpu"])
+                              "--count-ops", "--clock", "cpu", "--tower-graphs"])
     assert args.prompt_tokens == [64, 256, 1024] and args.memory == "process" and args.compile
+    assert args.tower_graphs
     assert args.count_ops and args.clock == "cpu"
     with pytest.raises(ValueError, match="--memory"):
         _opts(memory="rss")

@@ -158,6 +158,8 @@ def _demo_recipe(args: argparse.Namespace) -> int:
         raise ValueError("--recipe demo runs every stage on easy-VQA itself; drop --stage / --data")
     out = args.output_dir or Path("runs/demo-model")
     recipe = R.DemoRecipe.quick() if args.demo_quick else R.DemoRecipe()
+    if args.bf16 is not None:   # else the recipe's own choice (measured on this CPU)
+        recipe.bf16 = args.bf16
     times = R.run(out, recipe, ship_to=R.PACKAGE_DIR if args.ship else None, progress=not args.no_progress)
     print(f"demo model recipe finished in {times['total']:.0f} s (steps: {out / 'times.json'}); packed weights in "
           f"{out / 'ship'}" + ("" if args.ship else "; add --ship to install them as --model demo"), file=sys.stderr)

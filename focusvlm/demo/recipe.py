@@ -12,9 +12,13 @@ continues where it stopped):
    ``<twin>/pretrain`` (stage 1, projector only, ``plain`` captions) then ``<twin>/finetune`` (stage 2,
    LoRA on every LM linear layer + the projector, ChatML conversations), both through
    ``focusvlm.train.train`` - the same code as ``focusvlm train``.
+   Then ``<twin>/stage2/`` (stage 2 packed) and, with ``refresh_steps``, stage 2b: a second stage-2 pass
+   (``<twin>/refresh``) with a fresh LoRA and a fresh cosine rate (a warm restart) from the packed stage-2
+   model (``<twin>/refresh_base``), on a mix with more of the base LM's text answers and no sentence answers.
    After the stock twin a quick accuracy check on ``check_sample`` test questions fails the run early
    when training went wrong (``check_floor``), before the second twin spends its time.
-5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors; ``models.demo.ship.pack_demo``);
+5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors: stage 2's and stage 2b's side by side,
+   one rank-16 LoRA whose product is their sum; ``models.demo.ship.pack_demo``);
    with ``ship_to`` they are copied into the package (``focusvlm/assets/demo_model``).
 
 ``times.json`` records every step's wall time; ``recipe.json`` the settings.
@@ -26,7 +30,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,13 +101,28 @@ class DemoRecipe:
     lora_r: int = 8                # fp16 factors: ~4.9 MB per twin, far under the 25 MB budget
     lora_alpha: int = 16
     # bf16 autocast: twice as fast as fp32 on a CPU with AVX512-BF16; the shipped model is then merged
-    # onto the fp32 GGUF weights, and that fp32 model is what every accuracy figure measures
-    bf16: bool = True
+    # onto the fp32 GGUF weights, and that fp32 model is what every accuracy figure measures. None: measured at
+    # the start of a run (``bf16_is_faster``): on an AMD EPYC with AVX2 alone a bf16 matmul's backward ran 16x
+    # slower than fp32 (torch's scalar fallback GEMM), on another AVX2 machine stage 2 was 1.7x faster in bf16
+    bf16: bool | None = None
+    # stage 2 and 2b keep their newest checkpoint (LoRA, projector, optimizer) every checkpoint_steps, and a
+    # stopped stage resumes from it: a stage takes hours on a slow 2-core machine, longer than a working session
+    checkpoint_steps: int = 25
     check_sample: int = 200        # quick check after the stock twin (0 = none)
     # fail the run when the stock twin is below this on the quick check: issue 31's validity floor (>= 90 % on
     # easy-VQA). At 0.6 a 900-step 256-token stock twin that had not learned yes/no (64.5 %: colour 100 %, shape
     # 94.7 %, yes/no 54.5 %) passed and the run went on to the second twin (RESULTS.md, issue 31)
     check_floor: float = 0.9
+    # stage 2b: refresh_steps more stage-2 steps from the packed stage-2 twin, a fresh LoRA (same rank) and a
+    # fresh cosine rate. At 256 image tokens 900 cosine steps left yes/no at chance (54.5 %) and the VLM's text
+    # IF at 13.5 % against the base LM's 24.8 % (sentence-style answers everywhere; RESULTS.md, issue 31); the
+    # 64-token history: 300 more cosine steps from 2e-3 completed the yes/no comparison. The mix moves towards
+    # the base LM's own text answers (refresh_text_per_batch) and drops the fixed-wording sentence answers
+    refresh_steps: int = 300
+    refresh_lr: float = 2e-3
+    refresh_sentence_per_batch: int = 0
+    refresh_text_per_batch: int = 3
+    refresh_yes_no_share: float = 0.9
     focus: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(FOCUS_TWIN)))
     # 4-pixel patches: 256 image tokens per 64x64 picture, a LLaVA-like share of the prompt (LLaVA-1.5: 576
     # before a 20-60 token question), so that there is redundancy to reduce (issue 31)
@@ -113,7 +132,7 @@ class DemoRecipe:
     def quick(cls) -> "DemoRecipe":
         """A few steps of everything (minutes): checks the path, learns little."""
         return cls(train_images=40, test_sample=40, pretrain_steps=2, pretrain_batch=4, finetune_steps=2,
-                   finetune_batch=4, lead_steps=1, check_sample=8, check_floor=0.0, text_prompts=16,
+                   finetune_batch=4, lead_steps=1, refresh_steps=2, refresh_text_per_batch=1, check_sample=8, check_floor=0.0, text_prompts=16,
                    text_max_new_tokens=48,
                    tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5,
                                      tower={"patch_size": 4}))
@@ -121,14 +140,47 @@ class DemoRecipe:
     @property
     def short_per_batch(self) -> int:
         """Short-answer easy-VQA questions per stage-2 batch (the rest of the batch is the mix's extras)."""
-        short = self.finetune_batch - self.sentence_per_batch - self.text_per_batch
-        if short < 1 or self.sentence_per_batch < 0 or self.text_per_batch < 0:
-            raise ValueError(f"a stage-2 batch of {self.finetune_batch} cannot hold {self.sentence_per_batch} "
-                             f"sentence and {self.text_per_batch} text-only records and a short-answer question")
+        return self._short(self.sentence_per_batch, self.text_per_batch)
+
+    @property
+    def refresh_short_per_batch(self) -> int:
+        """The same for stage 2b's batches."""
+        return self._short(self.refresh_sentence_per_batch, self.refresh_text_per_batch)
+
+    def _short(self, sentences: int, texts: int) -> int:
+        short = self.finetune_batch - sentences - texts
+        if short < 1 or sentences < 0 or texts < 0:
+            raise ValueError(f"a stage-2 batch of {self.finetune_batch} cannot hold {sentences} "
+                             f"sentence and {texts} text-only records and a short-answer question")
         return short
 
 
+def bf16_is_faster(rows: int = 256, width: int = 576, out: int = 1536, repeats: int = 3) -> bool:
+    """Whether a linear layer's forward and backward at the demo LM's width run faster under CPU bf16 autocast
+    than in fp32 on this machine (best of ``repeats``). CPUs without native bf16 can be many times slower."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen, requires_grad=True)
+    w = torch.randn(out, width, generator=gen, requires_grad=True)
+
+    def best(bf16: bool) -> float:
+        times = []
+        for _ in range(repeats + 1):   # the first call warms up
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = x @ w.t()
+            y.float().sum().backward()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(True) < best(False)
+
+
 def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
+    if stage == "refresh":
+        return {**_stage_overrides(recipe, "finetune"), "learning_rate": recipe.refresh_lr,
+                "max_steps": recipe.refresh_steps}
     if stage == "pretrain":
         return {"learning_rate": recipe.pretrain_lr, "per_device_batch_size": recipe.pretrain_batch,
                 "global_batch_size": recipe.pretrain_batch, "max_steps": recipe.pretrain_steps,
@@ -139,7 +191,8 @@ def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
             "per_device_batch_size": recipe.finetune_batch, "global_batch_size": recipe.finetune_batch,
             "max_steps": recipe.finetune_steps, "gradient_checkpointing": False, "bf16": recipe.bf16,
             "lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, "merge_lora": False,
-            "seed": recipe.seed, "save_steps": 10_000, "group_by_modality_length": False, "shuffle": False}
+            "seed": recipe.seed, "save_steps": recipe.checkpoint_steps, "save_total_limit": 1,
+            "group_by_modality_length": False, "shuffle": False}
 
 
 def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Path | None = None,
@@ -152,6 +205,9 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if recipe.bf16 is None:
+        recipe = replace(recipe, bf16=bf16_is_faster())
+        say(f"demo recipe: training in {'bf16 autocast' if recipe.bf16 else 'fp32'} (measured faster on this CPU)")
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     times_path = out / "times.json"
     times: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
@@ -183,6 +239,9 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     timed("text answers", out / "data" / "text_answers.done", lambda: _answer_text(recipe, text_answers, say))
     mix = out / "data" / "stage2_mix.json"
     timed("stage 2 mix", mix, lambda: _write_mix(recipe, Path(files["instruct"]), text_answers, mix))
+    refresh_mix = out / "data" / "stage2b_mix.json"
+    if recipe.refresh_steps:
+        timed("stage 2b mix", refresh_mix, lambda: _write_refresh_mix(recipe, text_answers, refresh_mix))
 
     def save_base() -> None:
         from ..models.demo.assemble import build_trainable
@@ -197,19 +256,34 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     for twin in TWINS:
         cfg = focus_configs[twin]
         pt, ft = out / twin / "pretrain", out / twin / "finetune"
+        stage2, rb, rf = out / twin / "stage2", out / twin / "refresh_base", out / twin / "refresh"
         ship = out / "ship" / twin
         if (ship / META_FILE).is_file() and not (ft / "train_summary.json").is_file():
             # a packed twin carried over without its training folders (they hold full model copies, too big
             # to keep): the packed weights are the twin's result, so its stages are not run again
             say(f"demo recipe: {twin} twin: packed before ({ship}), its stages skipped")
             continue
-        timed(f"{twin} stage 1", pt / "train_summary.json", lambda: train(
-            stage="pretrain", data=files["captions"], image_folder=image_folder, output_dir=pt, model=str(out / "base"),
-            focus_config=cfg, overrides=_stage_overrides(recipe, "pretrain"), progress=progress))
-        timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
-            stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
-            focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress))
-        timed(f"{twin} pack", ship / META_FILE, lambda: _pack(pt, ft, ship, twin, cfg, recipe, times))
+        if (stage2 / META_FILE).is_file() and not (ft / "train_summary.json").is_file():
+            say(f"demo recipe: {twin} twin: stage 2 packed before ({stage2}), stages 1 and 2 skipped")
+        else:
+            timed(f"{twin} stage 1", pt / "train_summary.json", lambda: train(
+                stage="pretrain", data=files["captions"], image_folder=image_folder, output_dir=pt,
+                model=str(out / "base"), focus_config=cfg, overrides=_stage_overrides(recipe, "pretrain"),
+                progress=progress))
+            timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
+                stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
+                focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress,
+                resume=_checkpoint_in(ft)))
+            timed(f"{twin} stage 2 pack", stage2 / META_FILE, lambda: _pack(pt, ft, stage2, twin, cfg, recipe))
+        if recipe.refresh_steps:
+            timed(f"{twin} stage 2b base", rb / "config.json", lambda: _unpack_trainable(stage2, rb))
+            timed(f"{twin} stage 2b", rf / "train_summary.json", lambda: train(
+                stage="finetune", data=str(refresh_mix), image_folder=image_folder, output_dir=rf, model=str(rb),
+                focus_config=cfg, overrides=_stage_overrides(recipe, "refresh"), lora=True, progress=progress,
+                resume=_checkpoint_in(rf)))
+            timed(f"{twin} pack", ship / META_FILE, lambda: _pack_refreshed(out / "base", stage2, rf, ship))
+        else:
+            timed(f"{twin} pack", ship / META_FILE, lambda: shutil.copytree(stage2, ship, dirs_exist_ok=True))
         if twin == "stock" and recipe.check_sample:
             timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
@@ -256,8 +330,82 @@ def _write_mix(recipe: DemoRecipe, instruct: Path, answers: Path, mix: Path) -> 
     mix.write_text(json.dumps(records, indent=1))
 
 
-def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: Any, recipe: DemoRecipe,
-          times: dict[str, float]) -> None:
+def _checkpoint_in(folder: Path) -> bool | None:
+    """True (resume from the newest) when a stopped training stage left a checkpoint in ``folder``."""
+    return True if any(folder.glob("checkpoint-*")) else None
+
+
+def _write_refresh_mix(recipe: DemoRecipe, answers: Path, mix: Path) -> None:
+    """Stage 2b's records in training order: a new curriculum (another seed, no colour/shape lead: the
+    picture's colour and shape are known by then) of short answers, then the mix's extras per batch."""
+    from .textdata import read_answers, text_prompts, text_records
+
+    seed, short = recipe.seed + 1, recipe.refresh_short_per_batch
+    train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
+    questions = D.curriculum(D.balance_yes_no(train, seed) if recipe.balance else train,
+                             recipe.refresh_steps * short, 0, recipe.refresh_yes_no_share, seed)
+    records = D.stage2_records(questions, seed, turns=1)
+    position = {it.qid: n for n, it in enumerate(questions)}
+    records.sort(key=lambda r: position[r["question_ids"][0]])
+    streams = []
+    if recipe.refresh_sentence_per_batch:
+        sentences = D.sentence_records(train, recipe.refresh_steps * recipe.refresh_sentence_per_batch, seed)
+        streams += [sentences[k::recipe.refresh_sentence_per_batch] for k in range(recipe.refresh_sentence_per_batch)]
+    if recipe.refresh_text_per_batch:
+        rows = read_answers(answers)
+        texts = text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])
+        # start where stage 2's cycle stands so the first batches do not repeat its last ones
+        texts = texts[recipe.finetune_steps * recipe.text_per_batch % len(texts):] + \
+            texts[:recipe.finetune_steps * recipe.text_per_batch % len(texts)]
+        streams += [texts[k::recipe.refresh_text_per_batch] for k in range(recipe.refresh_text_per_batch)]
+    mix.write_text(json.dumps(D.interleave(records, short, streams, recipe.refresh_steps), indent=1))
+
+
+def _unpack_trainable(packed: Path, out: Path) -> None:
+    """The packed stage-2 twin (its fp16 LoRA merged, as ``load_demo`` gives it) saved as a model folder that
+    ``focusvlm train`` starts from: stage 2b trains on exactly the model stage 2 shipped."""
+    from ..models.demo.load import load_demo
+
+    model, processor = load_demo(packed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path) -> None:
+    """Ship stage 2's and stage 2b's LoRA factors side by side: A = [A2; A2b], B = [B2, B2b] is one LoRA of
+    twice the rank whose product B @ A is the sum of the two (same scale), so ``load_demo`` merges both."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..models.demo.ship import WEIGHTS_FILE, pack_demo, read_meta, read_peft_adapter
+    from ..runtime import load_model
+
+    meta = read_meta(stage2)
+    first = load_file(str(stage2 / WEIGHTS_FILE))
+    second, scale, projector = read_peft_adapter(refresh / "adapter")
+    if abs(scale - float(meta["lora"]["scale"])) > 1e-12:
+        raise DemoRecipeError(f"stage 2b's LoRA scale {scale} differs from stage 2's {meta['lora']['scale']}: "
+                              f"their factors cannot be shipped as one LoRA")
+    if not projector:
+        raise DemoRecipeError(f"{refresh / 'adapter'} holds no projector weights: stage 2b did not train it")
+    pairs = {}
+    for name, (a, b) in second.items():
+        a1, b1 = first[f"lora.{name}.A"], first[f"lora.{name}.B"]
+        pairs[name] = (torch.cat([a1.to(a.dtype), a]), torch.cat([b1.to(b.dtype), b], dim=1))
+    if len(pairs) != sum(k.endswith(".A") and k.startswith("lora.") for k in first):
+        raise DemoRecipeError(f"stage 2b's adapter names other layers than stage 2's ({len(pairs)} pairs)")
+    info = dict(meta["info"])
+    summary = json.loads((refresh / "train_summary.json").read_text())
+    info["training"] = {**info.get("training", {}), "refresh": {
+        k: summary[k] for k in ("steps", "samples", "final_loss", "runtime_s")}}
+    base, _ = load_model(str(base_dir), "cpu", torch.float32)
+    pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info, lora_dtype=torch.float16)
+    for extra in stage2.iterdir():  # the focus twin's focus_config.yaml
+        if extra.name not in (WEIGHTS_FILE, META_FILE):
+            shutil.copy2(extra, ship / extra.name)
+
+
+def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: Any, recipe: DemoRecipe) -> None:
     import torch
 
     from ..models.demo.ship import pack_demo, read_peft_adapter

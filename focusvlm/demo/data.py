@@ -432,6 +432,14 @@ def train_subset(items: list[VQAItem], images: int | None, seed: int = 0) -> lis
     return [it for it in items if it.image_id in keep]
 
 
+def ordered_records(questions: list[VQAItem], seed: int = 0) -> list[dict]:
+    """One single-question record per item, in the items' order (a curriculum is a training order;
+    ``stage2_records`` groups by image)."""
+    records = stage2_records(questions, seed, turns=1)
+    position = {it.qid: n for n, it in enumerate(questions)}
+    return sorted(records, key=lambda r: position[r["question_ids"][0]])
+
+
 def write_easyvqa(folder: str | Path, seed: int = 0, turns: int = 4, train_images: int | None = None,
                   test_sample: int | None = 2000, balance: bool = False,
                   curriculum_size: int | None = None, curriculum_lead: int = 0,
@@ -455,10 +463,8 @@ def write_easyvqa(folder: str | Path, seed: int = 0, turns: int = 4, train_image
         if turns != 1:
             raise ValueError(f"a curriculum orders single questions: turns must be 1, got {turns}")
         questions = curriculum(questions, curriculum_size, curriculum_lead, yes_no_share, seed)
-    captions, instruct = stage1_records(train, seed), stage2_records(questions, seed, turns)
-    if curriculum_size is not None:  # stage2_records groups by image: put the records back in training order
-        position = {it.qid: n for n, it in enumerate(questions)}
-        instruct.sort(key=lambda r: position[r["question_ids"][0]])
+    captions = stage1_records(train, seed)
+    instruct = ordered_records(questions, seed) if curriculum_size is not None else stage2_records(questions, seed, turns)
     files = EasyVQAFiles(image_folder=root, captions=folder / "easyvqa_captions.json",
                          instruct=folder / "easyvqa_instruct.json", test=folder / "easyvqa_test.json",
                          test_questions=folder / "easyvqa_test_questions.jsonl", manifest=folder / "easyvqa_manifest.json")

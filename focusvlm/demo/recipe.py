@@ -315,19 +315,31 @@ def _answer_text(recipe: DemoRecipe, answers: Path, say: Callable[[str], None]) 
 
 def _write_mix(recipe: DemoRecipe, instruct: Path, answers: Path, mix: Path) -> None:
     """Stage 2's records in training order: per batch, short-answer questions then the mix's extras."""
-    from .textdata import read_answers, text_prompts, text_records
-
-    streams = []  # interleave takes one record per stream and batch: a kind with n per batch gives n streams
-    if recipe.sentence_per_batch:
-        train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
-        sentences = D.sentence_records(train, recipe.finetune_steps * recipe.sentence_per_batch, recipe.seed)
-        streams += [sentences[k::recipe.sentence_per_batch] for k in range(recipe.sentence_per_batch)]
-    if recipe.text_per_batch:
-        rows = read_answers(answers)
-        texts = text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])
-        streams += [texts[k::recipe.text_per_batch] for k in range(recipe.text_per_batch)]
+    streams = _extra_streams(recipe, answers, recipe.finetune_steps, recipe.sentence_per_batch, recipe.text_per_batch,
+                             recipe.seed, text_start=0)
     records = D.interleave(json.loads(instruct.read_text()), recipe.short_per_batch, streams, recipe.finetune_steps)
     mix.write_text(json.dumps(records, indent=1))
+
+
+def _extra_streams(recipe: DemoRecipe, answers: Path, steps: int, sentences: int, texts: int, seed: int,
+                   text_start: int) -> list[list[dict]]:
+    """The mix's extras for ``steps`` batches: ``sentences`` sentence answers and ``texts`` of the base LM's text
+    answers per batch (``interleave`` takes one record per stream and batch, so n per batch are n streams); the
+    text answers are taken from ``text_start`` on in their cycle."""
+    from .textdata import read_answers, text_prompts, text_records
+
+    streams = []
+    if sentences:
+        train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
+        found = D.sentence_records(train, steps * sentences, seed)
+        streams += [found[k::sentences] for k in range(sentences)]
+    if texts:
+        rows = read_answers(answers)
+        found = text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])
+        start = text_start % len(found)
+        found = found[start:] + found[:start]
+        streams += [found[k::texts] for k in range(texts)]
+    return streams
 
 
 def _checkpoint_in(folder: Path) -> bool | None:
@@ -338,27 +350,16 @@ def _checkpoint_in(folder: Path) -> bool | None:
 def _write_refresh_mix(recipe: DemoRecipe, answers: Path, mix: Path) -> None:
     """Stage 2b's records in training order: a new curriculum (another seed, no colour/shape lead: the
     picture's colour and shape are known by then) of short answers, then the mix's extras per batch."""
-    from .textdata import read_answers, text_prompts, text_records
-
     seed, short = recipe.seed + 1, recipe.refresh_short_per_batch
     train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
     questions = D.curriculum(D.balance_yes_no(train, seed) if recipe.balance else train,
                              recipe.refresh_steps * short, 0, recipe.refresh_yes_no_share, seed)
-    records = D.stage2_records(questions, seed, turns=1)
-    position = {it.qid: n for n, it in enumerate(questions)}
-    records.sort(key=lambda r: position[r["question_ids"][0]])
-    streams = []
-    if recipe.refresh_sentence_per_batch:
-        sentences = D.sentence_records(train, recipe.refresh_steps * recipe.refresh_sentence_per_batch, seed)
-        streams += [sentences[k::recipe.refresh_sentence_per_batch] for k in range(recipe.refresh_sentence_per_batch)]
-    if recipe.refresh_text_per_batch:
-        rows = read_answers(answers)
-        texts = text_records([rows[p["key"]] for p in text_prompts(recipe.text_prompts, recipe.seed)])
-        # start where stage 2's cycle stands so the first batches do not repeat its last ones
-        texts = texts[recipe.finetune_steps * recipe.text_per_batch % len(texts):] + \
-            texts[:recipe.finetune_steps * recipe.text_per_batch % len(texts)]
-        streams += [texts[k::recipe.refresh_text_per_batch] for k in range(recipe.refresh_text_per_batch)]
-    mix.write_text(json.dumps(D.interleave(records, short, streams, recipe.refresh_steps), indent=1))
+    # the text answers start where stage 2's cycle stands, so the first batches do not repeat its last ones
+    streams = _extra_streams(recipe, answers, recipe.refresh_steps, recipe.refresh_sentence_per_batch,
+                             recipe.refresh_text_per_batch, seed,
+                             text_start=recipe.finetune_steps * recipe.text_per_batch)
+    records = D.interleave(D.ordered_records(questions, seed), short, streams, recipe.refresh_steps)
+    mix.write_text(json.dumps(records, indent=1))
 
 
 def _unpack_trainable(packed: Path, out: Path) -> None:

@@ -472,7 +472,9 @@ def _decode_focus_score(plan: CallPlan, layer: int, compiling: bool) -> torch.Te
             rows.index_copy_(1, step.write_index, views.a_img[layer])
         return focus.score(a_img, views.a_text[layer], rows, plan.relation).unsqueeze(1)
     if compiling:
-        return torch.baddbmm(a_img, weights, views.rows[layer]).unsqueeze(1)
+        # a sum over the rows, not a bmm: inductor fuses it into the kernel that computes the weights (C1, C2),
+        # where a bmm would be one more kernel launch per layer
+        return (a_img + (weights.transpose(-1, -2) * views.rows[layer]).sum(dim=1, keepdim=True)).unsqueeze(1)
     # C4 + C5 (C11, C12): a_img + weights @ earlier rows, one fused op into a buffer of fixed shape
     torch.baddbmm(a_img, weights, views.rows[layer], out=views.score3)
     return views.score

@@ -165,6 +165,7 @@ class DecodeViews:
     """
 
     index: torch.Tensor
+    pos: torch.Tensor                     # (B, C) its tail: every slot's position (the store's ``pos``)
     found_all: torch.Tensor               # (L', B, N + C) the buffers below, one tensor
     found: dict[int, torch.Tensor]
     a_img: dict[int, torch.Tensor]
@@ -268,34 +269,56 @@ class RowStore:
         images = self.images
         batch, n, capacity, device = self.pos.shape[0], images.count, self.capacity, self.pos.device
         index = torch.cat([self.decode.img_index.view(batch, n), self.pos], dim=1)
-        self.pos = index[:, n:]      # later writes of a slot's position reach the gather index
-        layers = [l for l in self.layers if l in self.rows] + [l for l in self.rows if l not in self.layers]
-        found_all = torch.zeros(len(layers), batch, n + capacity, device=device)
-        found = dict(zip(layers, found_all.unbind(0)))
-        found3 = found_all.view(len(layers), batch, 1, n + capacity)
-        a_img_all, a_text_all = found3.split([n, capacity], dim=-1)
-        shared = len(self.layers) if self.all_rows is not None else 0
+        found_all = torch.zeros(len(self._view_layers()), batch, n + capacity, device=device)
         score = torch.empty(batch, 1, 1, n, device=device)
-        self.views = DecodeViews(
-            index=index, found_all=found_all, found=found, a_img=dict(zip(layers, a_img_all.unbind(0))),
-            a_text=dict(zip(layers, a_text_all.unbind(0))),
-            a_img4=dict(zip(layers, a_img_all.unsqueeze(2).unbind(0))), rows={l: self.rows[l] for l in layers},
-            score=score, score3=score.view(batch, 1, n),
-            step_img=found_all[:shared, :, :n] if shared else None,
-            slot_rows=None if self.static or not shared else self.all_rows.unbind(2),
-            slot_pos=None if self.static else self.pos.unbind(1),
-            slot_valid=None if self.static else self.valid.unbind(1),
-            slot_rank=None if self.static or self.rank is None else self.rank.unbind(1),
-            ones=None if key_len is None else torch.ones(batch, 1, 1, key_len, dtype=torch.bool, device=device))
+        ones = None if key_len is None else torch.ones(batch, 1, 1, key_len, dtype=torch.bool, device=device)
+        self.views = self._derive_views(index, found_all, score, ones)
+        self.pos = self.views.pos    # a view of the gather index: a slot's position written once reaches both
         if self.static and self.pending_index is None:
             # the first step "moves" the zero buffer into its own, still empty, slot: harmless, and it lets every
             # compiled step run the same graph
             self.pending_index = torch.full((1,), self.length, dtype=torch.long, device=device)
         return self.views
 
-    def flush(self) -> None:
-        """Move the last decode step's rows into the store (one copy for the shared layers)."""
-        views = self.views
+    def traced_views(self) -> DecodeViews:
+        """A compiled step's views: the same ones, taken inside its graph from the buffers themselves.
+
+        ``torch.compile`` lifts every tensor a step reads from Python state as its own graph input. Views held in
+        the store would enter as inputs aliasing the buffers the step writes, and AOTAutograd then rebuilds their
+        common base on the host at every call (a "synthetic base": an ``empty`` and a ``set_`` per buffer, 6 host
+        ops per decode step); views taken inside the graph cost nothing."""
+        views = self.decode_views()
+        return self._derive_views(views.index, views.found_all, views.score, views.ones)
+
+    def _view_layers(self) -> list[int]:
+        return [l for l in self.layers if l in self.rows] + [l for l in self.rows if l not in self.layers]
+
+    def _derive_views(self, index, found_all, score, ones) -> DecodeViews:
+        """Every view decode steps take of the store's buffers (``index``, ``found_all``, ``all_rows``)."""
+        batch, n, capacity = index.shape[0], self.images.count, self.capacity
+        layers = self._view_layers()
+        found3 = found_all.view(len(layers), batch, 1, n + capacity)
+        a_img_all, a_text_all = found3.split([n, capacity], dim=-1)
+        shared = len(self.layers) if self.all_rows is not None else 0
+        rows = dict(zip(self.layers, self.all_rows.unbind(0))) if shared else {}
+        rows.update((l, self.rows[l]) for l in layers if l not in rows)   # layers outside the shared tensor
+        pos = index[:, n:]
+        return DecodeViews(
+            index=index, pos=pos, found_all=found_all, found=dict(zip(layers, found_all.unbind(0))),
+            a_img=dict(zip(layers, a_img_all.unbind(0))), a_text=dict(zip(layers, a_text_all.unbind(0))),
+            a_img4=dict(zip(layers, a_img_all.unsqueeze(2).unbind(0))), rows=rows,
+            score=score, score3=score.view(batch, 1, n),
+            step_img=found_all[:shared, :, :n] if shared else None,
+            slot_rows=None if self.static or not shared else self.all_rows.unbind(2),
+            slot_pos=None if self.static else pos.unbind(1),
+            slot_valid=None if self.static else self.valid.unbind(1),
+            slot_rank=None if self.static or self.rank is None else self.rank.unbind(1),
+            ones=ones)
+
+    def flush(self, views: DecodeViews | None = None) -> None:
+        """Move the last decode step's rows into the store (one copy for the shared layers); ``views``: a compiled
+        step's own (``traced_views``)."""
+        views = views or self.views
         if views is None:
             return
         if self.static:
@@ -862,8 +885,8 @@ class CMAIState:
         images = store.images
         batch = image_mask.shape[0]
         device = store.pos.device
-        views = store.decode_views()
-        store.flush()
+        views = store.traced_views() if torch.compiler.is_compiling() else store.decode_views()
+        store.flush(views)
         if isinstance(past_len, torch.Tensor):
             new_pos = past_len.to(device=device, dtype=torch.long).reshape(1, 1).expand(batch, 1)
         else:
@@ -871,10 +894,11 @@ class CMAIState:
         # copies, not views: the store's counters move on below, the plan's facts must not
         query = TextPositions(new_pos, store.text_count.view(batch, 1).clone(), images.has_image.view(batch, 1))
         write_index = store.fill.view(1).clone()
-        for dst, src in ((store.pos, query.pos), (store.rank, query.rank), (store.valid, query.valid)):
+        known = TextPositions(views.pos, store.rank, store.valid)
+        for dst, src in ((known.pos, query.pos), (known.rank, query.rank), (known.valid, query.valid)):
             if dst is not None:
                 dst.index_copy_(1, write_index, src)
-        relation = self.focus.relation(query, store.known(), self.discount) if self._needs_step_relation() else None
+        relation = self.focus.relation(query, known, self.discount) if self._needs_step_relation() else None
         store.pending_index.copy_(write_index)
         store.fill.add_(1)
         store.text_count.add_(1)

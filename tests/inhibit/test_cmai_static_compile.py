@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -312,3 +314,46 @@ def test_every_buffer_a_decode_step_writes_is_a_static_address(model, layouts):
     assert store_ptrs & set(written), "the decode step wrote none of CMAI's store (the check would prove nothing)"
     unmarked = [tuple(t.shape) for ts in written.values() for t in ts if not hasattr(t, "_dynamo_static_input_type")]
     assert not unmarked, f"written in place but not static addresses: {unmarked}"
+
+
+def _compiled_decode_step_kernels(model, inputs) -> tuple[int, collections.Counter]:
+    """Kernels one inductor-compiled decode step launches (the bench's count), and the eager ops around them."""
+    from focusvlm.bench.opcount import kernel_profiling, launched_kernels, top_level_aten_ops
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    batch, prompt = ids.shape
+    cache = hfcompat.static_cache(model, prompt + 4)
+    forward = torch.compile(model.forward, fullgraph=True)
+    with kernel_profiling(), torch.inference_mode():
+        out = model(**inputs, **hfcompat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        full = torch.cat([mask, mask.new_zeros(batch, 4)], dim=1)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(3):      # the first compiles, the second runs what was compiled, the third is counted
+            full = full.clone()
+            full[:, prompt + step] = 1
+
+            def one_step(token=token, full=full):
+                return forward(input_ids=token, attention_mask=full, **hfcompat.cache_kwargs(cache), use_cache=True,
+                               logits_to_keep=1)
+
+            if step < 2:
+                token = one_step().logits[:, -1:].argmax(-1)
+        kernels, host_ops = launched_kernels(one_step), top_level_aten_ops(one_step)
+    torch._dynamo.reset()
+    return kernels, host_ops
+
+
+def test_compiled_decode_step_costs_at_most_three_kernels_per_inhibited_layer(model):
+    """Issue 29's count: an inhibited layer's compiled decode step adds its text-row product (C1), one fused
+    kernel (the softmax, head mean, gathers, the focus score's sum over the rows) and the quantile's selection.
+    The step leaves no tensor in Python state and reads no view of a buffer it writes, so AOTAutograd adds no
+    host op around the graph (before: 6 kernels per inhibited layer on this preset; the view replays and
+    synthetic bases 9 host ops per step)."""
+    inputs = make_inputs(model, [[5, "img", 7]], seed=17)
+    stock, _ = _compiled_decode_step_kernels(model, inputs)
+    with patched(model, FocusConfig(cmai=CMAIConfig())) as handle:
+        inhibited = len(handle.cmai.state.inhibited)
+        kernels, ops = _compiled_decode_step_kernels(model, inputs)
+    assert inhibited >= 2
+    assert not {"aten::empty", "aten::set_", "aten::view", "aten::expand", "aten::as_strided"} & set(ops), ops
+    assert (kernels - stock) / inhibited <= 3, (kernels, stock, ops)

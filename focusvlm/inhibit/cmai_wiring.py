@@ -115,9 +115,9 @@ class CMAIBinding:
         if self.state.plan is not None:
             self.state.plan.workspace.masks.clear()
         if torch.compiler.is_compiling():
-            # a compiled step leaves no tensor of its own in a Python object: each one would be a graph output
-            # that AOTAutograd rebuilds after the graph (view replays, `empty` + `set_`: 9 host ops per decode
-            # step, ~1 kernel launch per layer at 8 layers). The plan is the call's only such object.
+            # a compiled step leaves no tensor of its own in a Python object: each one would be a graph output,
+            # and those that are views of an input AOTAutograd replays on the host after the graph (3 ops per
+            # decode step). The plan is the call's only such object.
             self.state.plan = None
         return None
 

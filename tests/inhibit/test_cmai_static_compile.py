@@ -345,10 +345,11 @@ def _compiled_decode_step_kernels(model, inputs) -> tuple[int, collections.Count
 
 def test_compiled_decode_step_costs_at_most_three_kernels_per_inhibited_layer(model):
     """Issue 29's count: an inhibited layer's compiled decode step adds its text-row product (C1), one fused
-    kernel (the softmax, head mean, gathers, the focus score's sum over the rows) and the quantile's selection.
-    The step leaves no tensor in Python state and reads no view of a buffer it writes, so AOTAutograd adds no
-    host op around the graph (before: 6 kernels per inhibited layer on this preset; the view replays and
-    synthetic bases 9 host ops per step)."""
+    kernel (the softmax, head mean, gathers, the focus score's sum over the rows) and the quantile's selection;
+    the step itself at most one kernel (the new row's position, rank and validity, and the last row moved into
+    the store: inductor fuses them into the first layer's kernels with torch 2.13, not with 2.14). The step
+    leaves no tensor in Python state and reads no view of a buffer it writes, so AOTAutograd adds no host op
+    around the graph (before: 6 kernels per inhibited layer on this preset, 9 host ops per step)."""
     inputs = make_inputs(model, [[5, "img", 7]], seed=17)
     stock, _ = _compiled_decode_step_kernels(model, inputs)
     with patched(model, FocusConfig(cmai=CMAIConfig())) as handle:
@@ -356,4 +357,4 @@ def test_compiled_decode_step_costs_at_most_three_kernels_per_inhibited_layer(mo
         kernels, ops = _compiled_decode_step_kernels(model, inputs)
     assert inhibited >= 2
     assert not {"aten::empty", "aten::set_", "aten::view", "aten::expand", "aten::as_strided"} & set(ops), ops
-    assert (kernels - stock) / inhibited <= 3, (kernels, stock, ops)
+    assert kernels - stock <= 3 * inhibited + 1, (kernels, stock, ops)

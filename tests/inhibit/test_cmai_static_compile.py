@@ -316,14 +316,16 @@ def test_every_buffer_a_decode_step_writes_is_a_static_address(model, layouts):
     assert not unmarked, f"written in place but not static addresses: {unmarked}"
 
 
-def _compiled_decode_step_kernels(model, inputs) -> tuple[int, collections.Counter]:
-    """Kernels one inductor-compiled decode step launches (the bench's count), and the eager ops around them."""
+def _decode_step_kernels(model, inputs, compiled: bool = True) -> tuple[int, collections.Counter, torch.Tensor]:
+    """Three greedy decode steps after a static-cache prefill, the forward inductor-compiled or eager: the kernels
+    the third launches (the bench's count), the eager ops around them, and every step's logits."""
     from focusvlm.bench.opcount import kernel_profiling, launched_kernels, top_level_aten_ops
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, prompt = ids.shape
     cache = hfcompat.static_cache(model, prompt + 4)
-    forward = torch.compile(model.forward, fullgraph=True)
+    forward = torch.compile(model.forward, fullgraph=True) if compiled else model.forward
+    logits = []
     with kernel_profiling(), torch.inference_mode():
         out = model(**inputs, **hfcompat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         full = torch.cat([mask, mask.new_zeros(batch, 4)], dim=1)
@@ -337,10 +339,12 @@ def _compiled_decode_step_kernels(model, inputs) -> tuple[int, collections.Count
                                logits_to_keep=1)
 
             if step < 2:
-                token = one_step().logits[:, -1:].argmax(-1)
-        kernels, host_ops = launched_kernels(one_step), top_level_aten_ops(one_step)
+                logits.append(one_step().logits[:, -1])
+                token = logits[-1].argmax(-1, keepdim=True)
+        kernels = launched_kernels(lambda: logits.append(one_step().logits[:, -1]))
+        host_ops = top_level_aten_ops(one_step)   # a fourth step, into the cache's last slot
     torch._dynamo.reset()
-    return kernels, host_ops
+    return kernels, host_ops, torch.stack(logits)
 
 
 def test_compiled_decode_step_costs_at_most_three_kernels_per_inhibited_layer(model):
@@ -351,10 +355,12 @@ def test_compiled_decode_step_costs_at_most_three_kernels_per_inhibited_layer(mo
     leaves no tensor in Python state and reads no view of a buffer it writes, so AOTAutograd adds no host op
     around the graph (before: 6 kernels per inhibited layer on this preset, 9 host ops per step)."""
     inputs = make_inputs(model, [[5, "img", 7]], seed=17)
-    stock, _ = _compiled_decode_step_kernels(model, inputs)
+    stock, _, _ = _decode_step_kernels(model, inputs)
     with patched(model, FocusConfig(cmai=CMAIConfig())) as handle:
         inhibited = len(handle.cmai.state.inhibited)
-        kernels, ops = _compiled_decode_step_kernels(model, inputs)
+        kernels, ops, logits = _decode_step_kernels(model, inputs)
+        _, _, eager = _decode_step_kernels(model, inputs, compiled=False)
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-5)   # inductor's code computes what eager does
     assert inhibited >= 2
     assert not {"aten::empty", "aten::set_", "aten::view", "aten::expand", "aten::as_strided"} & set(ops), ops
     assert kernels - stock <= 3 * inhibited + 1, (kernels, stock, ops)

@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/focusvlm demo
 
 # Retrain the embedded demo model from scratch and install its weights into the package. Issue 31's recipe
-# (256 image tokens, the mixed stage 2 and stage 2b): ~5 hours on 2 CPU cores with fast bf16 (6-8 s per step), ~17
+# (256 image tokens, the mixed stage 2, then the warm restarts 2b and 2c): ~5.5 hours on 2 CPU cores with fast bf16 (6-8 s per step), ~19
 # hours on 2 AVX2 cores without it (25 s per step, fp32); resumable, stages checkpoint every 25 steps:
 # rerun after a stop, and pieces carried over in benchmarks/demo/recipe_state/ (README) are not redone. CI never runs this.
 demo-model: install

@@ -14,11 +14,13 @@ continues where it stopped):
    ``focusvlm.train.train`` - the same code as ``focusvlm train``.
    Then ``<twin>/stage2/`` (stage 2 packed) and, with ``refresh_steps``, stage 2b: a second stage-2 pass
    (``<twin>/refresh``) with a fresh LoRA and a fresh cosine rate (a warm restart) from the packed stage-2
-   model (``<twin>/refresh_base``), on a mix with more of the base LM's text answers and no sentence answers.
+   model (``<twin>/refresh_base``), on a mix with more of the base LM's text answers and no sentence answers;
+   with ``consolidate_steps``, stage 2c: one more warm restart from stage 2b's pack (``<twin>/stage2b/``) into
+   ``<twin>/refresh_2c``, with colour and shape questions back in the mix.
    After the stock twin a quick accuracy check on ``check_sample`` test questions fails the run early
    when training went wrong (``check_floor``), before the second twin spends its time.
-5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors: stage 2's and stage 2b's side by side,
-   one rank-16 LoRA whose product is their sum; ``models.demo.ship.pack_demo``);
+5. ``ship/<twin>/``: the shipped parts (tower, projector, fp16 LoRA factors: stage 2's, 2b's and 2c's side by side,
+   one LoRA of their summed rank whose product is their sum; ``models.demo.ship.pack_demo``);
    with ``ship_to`` they are copied into the package (``focusvlm/assets/demo_model``).
 
 ``times.json`` records every step's wall time; ``recipe.json`` the settings.
@@ -123,6 +125,15 @@ class DemoRecipe:
     refresh_sentence_per_batch: int = 0
     refresh_text_per_batch: int = 3
     refresh_yes_no_share: float = 0.9
+    # stage 2c: another warm restart (fresh LoRA of the same rank, fresh cosine rate) from the packed stage-2b twin,
+    # on a mix that brings colour and shape back. Stage 2b (90 % yes/no) lifted the 256-token stock twin from
+    # 64.5 % to 76.5 % (yes/no 54.5 -> 72.1 %, its loss still falling in its last 100 steps) while shape fell
+    # from 94.7 % to 78.9 % (RESULTS.md, issue 31). 0 steps = no stage 2c
+    consolidate_steps: int = 200
+    consolidate_lr: float = 1e-3
+    consolidate_sentence_per_batch: int = 0
+    consolidate_text_per_batch: int = 2
+    consolidate_yes_no_share: float = 0.7
     focus: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(FOCUS_TWIN)))
     # 4-pixel patches: 256 image tokens per 64x64 picture, a LLaVA-like share of the prompt (LLaVA-1.5: 576
     # before a 20-60 token question), so that there is redundancy to reduce (issue 31)
@@ -132,7 +143,8 @@ class DemoRecipe:
     def quick(cls) -> "DemoRecipe":
         """A few steps of everything (minutes): checks the path, learns little."""
         return cls(train_images=40, test_sample=40, pretrain_steps=2, pretrain_batch=4, finetune_steps=2,
-                   finetune_batch=4, lead_steps=1, refresh_steps=2, refresh_text_per_batch=1, check_sample=8, check_floor=0.0, text_prompts=16,
+                   finetune_batch=4, lead_steps=1, refresh_steps=2, refresh_text_per_batch=1, consolidate_steps=2,
+                   consolidate_text_per_batch=1, check_sample=8, check_floor=0.0, text_prompts=16,
                    text_max_new_tokens=48,
                    tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5,
                                      tower={"patch_size": 4}))
@@ -147,12 +159,36 @@ class DemoRecipe:
         """The same for stage 2b's batches."""
         return self._short(self.refresh_sentence_per_batch, self.refresh_text_per_batch)
 
+    def refresh_rounds(self) -> list["RefreshRound"]:
+        """The warm restarts after stage 2, in order (those with steps)."""
+        rounds = [RefreshRound("2b", "refresh", self.refresh_steps, self.refresh_lr, self.refresh_sentence_per_batch,
+                               self.refresh_text_per_batch, self.refresh_yes_no_share),
+                  RefreshRound("2c", "refresh_2c", self.consolidate_steps, self.consolidate_lr,
+                               self.consolidate_sentence_per_batch, self.consolidate_text_per_batch,
+                               self.consolidate_yes_no_share)]
+        for r in rounds:
+            self._short(r.sentence_per_batch, r.text_per_batch)  # a batch that cannot be filled fails here
+        return [r for r in rounds if r.steps]
+
     def _short(self, sentences: int, texts: int) -> int:
         short = self.finetune_batch - sentences - texts
         if short < 1 or sentences < 0 or texts < 0:
             raise ValueError(f"a stage-2 batch of {self.finetune_batch} cannot hold {sentences} "
                              f"sentence and {texts} text-only records and a short-answer question")
         return short
+
+
+@dataclass(frozen=True)
+class RefreshRound:
+    """One warm restart after stage 2: a fresh LoRA and a fresh cosine rate from the previous stage's packed twin,
+    trained into ``<twin>/<folder>`` from ``<twin>/<folder>_base`` on ``data/stage<name>_mix.json``."""
+    name: str
+    folder: str
+    steps: int
+    lr: float
+    sentence_per_batch: int
+    text_per_batch: int
+    yes_no_share: float
 
 
 def bf16_is_faster(rows: int = 256, width: int = 576, out: int = 1536, repeats: int = 3) -> bool:
@@ -177,10 +213,9 @@ def bf16_is_faster(rows: int = 256, width: int = 576, out: int = 1536, repeats: 
     return best(True) < best(False)
 
 
-def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
-    if stage == "refresh":
-        return {**_stage_overrides(recipe, "finetune"), "learning_rate": recipe.refresh_lr,
-                "max_steps": recipe.refresh_steps}
+def _stage_overrides(recipe: DemoRecipe, stage: str, round_: RefreshRound | None = None) -> dict[str, Any]:
+    if stage == "refresh":  # a warm restart: stage 2's settings, the round's rate and length
+        return {**_stage_overrides(recipe, "finetune"), "learning_rate": round_.lr, "max_steps": round_.steps}
     if stage == "pretrain":
         return {"learning_rate": recipe.pretrain_lr, "per_device_batch_size": recipe.pretrain_batch,
                 "global_batch_size": recipe.pretrain_batch, "max_steps": recipe.pretrain_steps,
@@ -239,9 +274,10 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     timed("text answers", out / "data" / "text_answers.done", lambda: _answer_text(recipe, text_answers, say))
     mix = out / "data" / "stage2_mix.json"
     timed("stage 2 mix", mix, lambda: _write_mix(recipe, Path(files["instruct"]), text_answers, mix))
-    refresh_mix = out / "data" / "stage2b_mix.json"
-    if recipe.refresh_steps:
-        timed("stage 2b mix", refresh_mix, lambda: _write_refresh_mix(recipe, text_answers, refresh_mix))
+    rounds = recipe.refresh_rounds()
+    for k, rnd in enumerate(rounds):
+        timed(f"stage {rnd.name} mix", out / "data" / f"stage{rnd.name}_mix.json",
+              lambda: _write_refresh_mix(recipe, rounds, k, text_answers, out / "data" / f"stage{rnd.name}_mix.json"))
 
     def save_base() -> None:
         from ..models.demo.assemble import build_trainable
@@ -256,7 +292,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
     for twin in TWINS:
         cfg = focus_configs[twin]
         pt, ft = out / twin / "pretrain", out / twin / "finetune"
-        stage2, rb, rf = out / twin / "stage2", out / twin / "refresh_base", out / twin / "refresh"
+        stage2 = out / twin / "stage2"
         ship = out / "ship" / twin
         if (ship / META_FILE).is_file() and not (ft / "train_summary.json").is_file():
             # a packed twin carried over without its training folders (they hold full model copies, too big
@@ -275,14 +311,23 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
                 focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress,
                 resume=_checkpoint_in(ft)))
             timed(f"{twin} stage 2 pack", stage2 / META_FILE, lambda: _pack(pt, ft, stage2, twin, cfg, recipe))
-        if recipe.refresh_steps:
-            timed(f"{twin} stage 2b base", rb / "config.json", lambda: _unpack_trainable(stage2, rb))
-            timed(f"{twin} stage 2b", rf / "train_summary.json", lambda: train(
-                stage="finetune", data=str(refresh_mix), image_folder=image_folder, output_dir=rf, model=str(rb),
-                focus_config=cfg, overrides=_stage_overrides(recipe, "refresh"), lora=True, progress=progress,
-                resume=_checkpoint_in(rf)))
-            timed(f"{twin} pack", ship / META_FILE, lambda: _pack_refreshed(out / "base", stage2, rf, ship))
-        else:
+        previous = stage2
+        for k, rnd in enumerate(rounds):
+            last = k == len(rounds) - 1
+            pack = ship if last else out / twin / f"stage{rnd.name}"
+            rb, rf = out / twin / f"{rnd.folder}_base", out / twin / rnd.folder
+            if not last and (pack / META_FILE).is_file() and not (rf / "train_summary.json").is_file():
+                say(f"demo recipe: {twin} twin: stage {rnd.name} packed before ({pack}), skipped")
+            else:
+                timed(f"{twin} stage {rnd.name} base", rb / "config.json", lambda: _unpack_trainable(previous, rb))
+                timed(f"{twin} stage {rnd.name}", rf / "train_summary.json", lambda: train(
+                    stage="finetune", data=str(out / "data" / f"stage{rnd.name}_mix.json"), image_folder=image_folder,
+                    output_dir=rf, model=str(rb), focus_config=cfg, overrides=_stage_overrides(recipe, "refresh", rnd),
+                    lora=True, progress=progress, resume=_checkpoint_in(rf)))
+                timed(f"{twin} pack" if last else f"{twin} stage {rnd.name} pack", pack / META_FILE,
+                      lambda: _pack_refreshed(out / "base", previous, rf, pack, rnd.folder))
+            previous = pack
+        if not rounds:
             timed(f"{twin} pack", ship / META_FILE, lambda: shutil.copytree(stage2, ship, dirs_exist_ok=True))
         if twin == "stock" and recipe.check_sample:
             timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))
@@ -347,18 +392,19 @@ def _checkpoint_in(folder: Path) -> bool | None:
     return True if any(folder.glob("checkpoint-*")) else None
 
 
-def _write_refresh_mix(recipe: DemoRecipe, answers: Path, mix: Path) -> None:
-    """Stage 2b's records in training order: a new curriculum (another seed, no colour/shape lead: the
+def _write_refresh_mix(recipe: DemoRecipe, rounds: list[RefreshRound], k: int, answers: Path, mix: Path) -> None:
+    """Round ``k``'s records in training order: a new curriculum (seed + 1 + k, no colour/shape lead: the
     picture's colour and shape are known by then) of short answers, then the mix's extras per batch."""
-    seed, short = recipe.seed + 1, recipe.refresh_short_per_batch
+    rnd = rounds[k]
+    seed, short = recipe.seed + 1 + k, recipe._short(rnd.sentence_per_batch, rnd.text_per_batch)
     train = D.train_subset(D.read_split("train"), recipe.train_images, recipe.seed)
     questions = D.curriculum(D.balance_yes_no(train, seed) if recipe.balance else train,
-                             recipe.refresh_steps * short, 0, recipe.refresh_yes_no_share, seed)
-    # the text answers start where stage 2's cycle stands, so the first batches do not repeat its last ones
-    streams = _extra_streams(recipe, answers, recipe.refresh_steps, recipe.refresh_sentence_per_batch,
-                             recipe.refresh_text_per_batch, seed,
-                             text_start=recipe.finetune_steps * recipe.text_per_batch)
-    records = D.interleave(D.ordered_records(questions, seed), short, streams, recipe.refresh_steps)
+                             rnd.steps * short, 0, rnd.yes_no_share, seed)
+    # the text answers start where the previous stages left their cycle, so no round repeats the last ones
+    text_start = recipe.finetune_steps * recipe.text_per_batch + sum(r.steps * r.text_per_batch for r in rounds[:k])
+    streams = _extra_streams(recipe, answers, rnd.steps, rnd.sentence_per_batch, rnd.text_per_batch, seed,
+                             text_start=text_start)
+    records = D.interleave(D.ordered_records(questions, seed), short, streams, rnd.steps)
     mix.write_text(json.dumps(records, indent=1))
 
 
@@ -372,9 +418,10 @@ def _unpack_trainable(packed: Path, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path) -> None:
-    """Ship stage 2's and stage 2b's LoRA factors side by side: A = [A2; A2b], B = [B2, B2b] is one LoRA of
-    twice the rank whose product B @ A is the sum of the two (same scale), so ``load_demo`` merges both."""
+def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path, key: str = "refresh") -> None:
+    """Ship the previous pack's LoRA factors and a warm restart's side by side: A = [A2; A2b], B = [B2, B2b] is one
+    LoRA of the summed rank whose product B @ A is the sum of the two (same scale), so ``load_demo`` merges both.
+    The restart's training summary goes under ``info.training.<key>``."""
     import torch
     from safetensors.torch import load_file
 
@@ -385,19 +432,19 @@ def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path) -> 
     first = load_file(str(stage2 / WEIGHTS_FILE))
     second, scale, projector = read_peft_adapter(refresh / "adapter")
     if abs(scale - float(meta["lora"]["scale"])) > 1e-12:
-        raise DemoRecipeError(f"stage 2b's LoRA scale {scale} differs from stage 2's {meta['lora']['scale']}: "
+        raise DemoRecipeError(f"{refresh}'s LoRA scale {scale} differs from {stage2}'s {meta['lora']['scale']}: "
                               f"their factors cannot be shipped as one LoRA")
     if not projector:
-        raise DemoRecipeError(f"{refresh / 'adapter'} holds no projector weights: stage 2b did not train it")
+        raise DemoRecipeError(f"{refresh / 'adapter'} holds no projector weights: the warm restart did not train it")
     pairs = {}
     for name, (a, b) in second.items():
         a1, b1 = first[f"lora.{name}.A"], first[f"lora.{name}.B"]
         pairs[name] = (torch.cat([a1.to(a.dtype), a]), torch.cat([b1.to(b.dtype), b], dim=1))
     if len(pairs) != sum(k.endswith(".A") and k.startswith("lora.") for k in first):
-        raise DemoRecipeError(f"stage 2b's adapter names other layers than stage 2's ({len(pairs)} pairs)")
+        raise DemoRecipeError(f"{refresh / 'adapter'} names other layers than {stage2} ({len(pairs)} pairs)")
     info = dict(meta["info"])
     summary = json.loads((refresh / "train_summary.json").read_text())
-    info["training"] = {**info.get("training", {}), "refresh": {
+    info["training"] = {**info.get("training", {}), key: {
         k: summary[k] for k in ("steps", "samples", "final_loss", "runtime_s")}}
     base, _ = load_model(str(base_dir), "cpu", torch.float32)
     pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info, lora_dtype=torch.float16)

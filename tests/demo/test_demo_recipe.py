@@ -18,8 +18,9 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     out = tmp_path / "demo-model"
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     times = json.loads((out / "times.json").read_text())
-    twin_steps = ["stage 1", "stage 2", "stage 2 pack", "stage 2b base", "stage 2b", "pack"]
-    steps = (["tower", "data", "text answers", "stage 2 mix", "stage 2b mix", "base"]
+    twin_steps = ["stage 1", "stage 2", "stage 2 pack", "stage 2b base", "stage 2b", "stage 2b pack",
+                  "stage 2c base", "stage 2c", "pack"]
+    steps = (["tower", "data", "text answers", "stage 2 mix", "stage 2b mix", "stage 2c mix", "base"]
              + [f"stock {s}" for s in twin_steps] + ["stock check"] + [f"focus {s}" for s in twin_steps])
     assert list(times) == steps + ["total"]
     assert times["total"] == pytest.approx(sum(times[s] for s in steps), abs=0.2)
@@ -28,8 +29,10 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
         assert meta["bytes"] <= S.BUDGET_BYTES and meta["lora"]["dtype"] == "torch.float16"
         assert meta["info"]["twin"] == twin and meta["info"]["training"]["finetune"]["steps"] == 2
         assert meta["info"]["training"]["refresh"]["steps"] == 2
-        assert meta["lora"]["ranks"] == [16]   # stage 2's rank-8 factors and stage 2b's, side by side
-    _shipped_lm_is_stage2_plus_stage2b(out / "stock")
+        assert meta["info"]["training"]["refresh_2c"]["steps"] == 2
+        assert meta["lora"]["ranks"] == [24]   # stage 2's rank-8 factors, stage 2b's and 2c's, side by side
+    _shipped_lm_is_previous_plus_restart(out / "stock", "stage2", "refresh", "stage2b")
+    _shipped_lm_is_previous_plus_restart(out / "stock", "stage2b", "refresh_2c", "../ship/stock")
     # the focus twin trained with the methods on (fewer image tokens per sample) and ships its config
     assert (out / "ship" / "focus" / "focus_config.yaml").is_file()
     assert not (out / "ship" / "stock" / "focus_config.yaml").exists()
@@ -44,10 +47,15 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     assert ["image" in r for r in mix] == [True, True, True, False] * 2
     assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in mix[:2])
     assert R.D.SHORT_ANSWER not in mix[2]["conversations"][0]["value"] and mix[3]["id"].startswith("text-")
-    # stage 2b's: three short answers and one text-only conversation, no sentence answers
-    refresh = json.loads((out / "data" / "stage2b_mix.json").read_text())
-    assert ["image" in r for r in refresh] == [True, True, True, False] * 2
-    assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in refresh if "image" in r)
+    # stage 2b's and 2c's: three short answers and one text-only conversation, no sentence answers; each round
+    # takes the next text answers of the cycle and its own questions
+    texts = [r["id"] for r in mix if r["id"].startswith("text-")]
+    for name in ("2b", "2c"):
+        refresh = json.loads((out / "data" / f"stage{name}_mix.json").read_text())
+        assert ["image" in r for r in refresh] == [True, True, True, False] * 2
+        assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in refresh if "image" in r)
+        assert not set(texts) & {r["id"] for r in refresh}
+        texts += [r["id"] for r in refresh if r["id"].startswith("text-")]
     # rerun: every step is found done, nothing retrains
     capsys.readouterr()
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
@@ -56,33 +64,43 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     # a packed twin carried over without its training folders (another machine) is not trained again
     import shutil
 
-    for folder in ("pretrain", "finetune", "refresh", "refresh_base"):
+    for folder in ("pretrain", "finetune", "refresh", "refresh_base", "refresh_2c", "refresh_2c_base"):
         shutil.rmtree(out / "stock" / folder)
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "stock twin: packed before" in err and "stock stage 1 ..." not in err
     assert not (out / "stock" / "refresh").exists()
-    # a stage-2 twin carried over packed (stage2/ alone): stages 1 and 2 are skipped, stage 2b runs from it
+    # a stage-2b twin carried over packed (stage2/ and stage2b/ alone): stages 1, 2 and 2b are skipped, 2c runs
     shutil.rmtree(out / "ship" / "stock")
     (out / "stock_check.json").unlink()
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "stock twin: stage 2 packed before" in err and "stock stage 1 ..." not in err
-    assert "stock stage 2b ..." in err and (out / "ship" / "stock" / S.META_FILE).is_file()
-    _shipped_lm_is_stage2_plus_stage2b(out / "stock")
+    assert "stock twin: stage 2b packed before" in err and "stock stage 2b ..." not in err
+    assert "stock stage 2c ..." in err and (out / "ship" / "stock" / S.META_FILE).is_file()
+    _shipped_lm_is_previous_plus_restart(out / "stock", "stage2b", "refresh_2c", "../ship/stock")
+    # a stage-2 twin alone: stage 2b runs from it, then 2c from 2b's new pack
+    for folder in ("ship/stock", "stock/stage2b", "stock/refresh_2c", "stock/refresh_2c_base"):
+        shutil.rmtree(out / folder)
+    (out / "stock_check.json").unlink()
+    assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "stock stage 2b ..." in err and "stock stage 2c ..." in err
+    _shipped_lm_is_previous_plus_restart(out / "stock", "stage2", "refresh", "stage2b")
+    _shipped_lm_is_previous_plus_restart(out / "stock", "stage2b", "refresh_2c", "../ship/stock")
     # installing copies both twins where load("demo") looks (here: a scratch package folder)
     R.install(out / "ship", tmp_path / "pkg")
     model, processor = L.load_demo(tmp_path / "pkg" / "stock")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
-def _shipped_lm_is_stage2_plus_stage2b(twin_dir):
-    """The shipped twin's LM = the packed stage-2 twin's LM + stage 2b's LoRA product (factors stored in fp16)."""
+def _shipped_lm_is_previous_plus_restart(twin_dir, previous, restart, packed):
+    """A warm restart's pack: its LM = the previous pack's LM + the restart's LoRA product (factors stored in fp16)."""
     import torch
 
-    shipped, _ = L.load_demo(twin_dir.parent / "ship" / twin_dir.name)
-    stage2, _ = L.load_demo(twin_dir / "stage2")
-    pairs, scale, _ = S.read_peft_adapter(twin_dir / "refresh" / "adapter")
+    shipped, _ = L.load_demo(twin_dir / packed)
+    stage2, _ = L.load_demo(twin_dir / previous)
+    pairs, scale, _ = S.read_peft_adapter(twin_dir / restart / "adapter")
     modules2, modules = dict(stage2.named_modules()), dict(shipped.named_modules())
     assert pairs
     for name, (a, b) in pairs.items():

@@ -3,7 +3,8 @@ the twins shipped since learn them from the picture: benchmarks/RESULTS.md, "Dem
 
     python benchmarks/demo/yesno_diagnosis.py text  [--steps 150]   # ~9 min on 2 cores
     python benchmarks/demo/yesno_diagnosis.py embed [--model demo]  # seconds
-    python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno|tail --out DIR [--model demo|RUN/ship/stock] [--steps 150] [--lr 2e-3] [--batch 8]  # ~13-30 min
+    python benchmarks/demo/yesno_diagnosis.py continue --data mix|yesno|tail|refresh --out DIR [--model demo|RUN/ship/stock] [--steps 150] [--lr 2e-3] [--batch 8] [--texts 1] [--yes-no-share 0.9] [--focus JSON]  # ~13-30 min
+    python benchmarks/demo/yesno_diagnosis.py split [--model demo|PACKED] [--n 400] [--mode given-description] [--focus JSON]  # ~2 min
 
 ``text``: the same LM (SmolLM2-135M-Instruct with a fresh LoRA r 8 on every linear layer, the first
 recipe's rank and learning rate, 4e-4) trained on the yes/no questions with the picture written out as a caption
@@ -20,8 +21,16 @@ words by the LM's token-matching attention, the route the ``text`` run finds.
 recipe, a fresh LoRA) on ``mix`` (every train question with its picture, plus half as many captioned
 text-only yes/no questions, so the comparison is learned in words alongside), ``yesno`` (only yes/no
 questions with their picture, balanced per question form) or ``tail`` (the recipe's curriculum after its
-colour/shape lead: balanced yes/no at 90 %, colour and shape at 10 %), then the recipe's 200-question quick check
+colour/shape lead: balanced yes/no at 90 %, colour and shape at 10 %) or ``refresh`` (a warm restart's mix as the
+recipe writes it, ``DemoRecipe.refresh_rounds``: short answers with yes/no at ``--yes-no-share`` and ``--texts``
+of the base LM's text answers per batch; ``--texts 0``: short answers only), with ``--focus`` a FocusConfig on
+while training (``{"spd": {"factor": 2}}``: 64 image tokens), then the recipe's 200-question quick check
 and ``yesno_probe.swap_probe`` on 120 yes/no questions.
+
+``split``: a twin's yes/no accuracy on the first ``--n`` yes/no questions of the fixed 2,000 sample, split by
+question form (plain or negated, ``data.is_negated``) and true answer, with how often it says "no": a twin that
+answers from a bias scores near chance in every cell; ``--mode given-description`` gives the true description
+instead of the picture (does the trained LM compare words?), ``--focus`` a method at inference.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import time
 
 import torch
 
-from focusvlm.demo import build as B
+from focusvlm.models.demo.ship import lora_target_names
 from focusvlm.demo import data as D
 
 import yesno_probe  # the picture-swap probe, beside this script
@@ -53,7 +62,7 @@ def cmd_text(args: argparse.Namespace) -> None:
     model, processor = load_model(args.base, "cpu", "float32")
     tok = processor.tokenizer
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                       target_modules=B.lora_target_names(model)))
+                                                       target_modules=lora_target_names(model)))
     train_items = D.read_split("train")
     test_sample = D.test_items(2000, seed=0)
     labels = D.image_labels(train_items)
@@ -152,6 +161,54 @@ def continue_records(kind: str, seed: int = 0) -> list[dict]:
     return records
 
 
+def refresh_records(texts: int, yes_no_share: float, steps: int, text_answers: str) -> list[dict]:
+    """A warm restart's records in training order, as the recipe writes them (``recipe._write_refresh_mix``)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from focusvlm.demo import recipe as R
+
+    round_ = R.RefreshRound("diagnosis", "diagnosis", steps, 1e-3, 0, texts, yes_no_share)
+    with tempfile.TemporaryDirectory() as tmp:
+        mix = Path(tmp) / "mix.json"
+        R._write_refresh_mix(R.DemoRecipe(), [round_], 0, Path(text_answers), mix)
+        return json.loads(mix.read_text())
+
+
+def load_twin(name: str):
+    from pathlib import Path
+
+    if (Path(name) / "demo.json").is_file():  # a packed twin: a recipe run's ship/<twin>, or recipe_state's packed/
+        from focusvlm.models.demo.load import load_demo
+        return load_demo(name)
+    from focusvlm.runtime import load_model
+    return load_model(name, "cpu", "float32")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    import collections
+    import json
+
+    from focusvlm.config import FocusConfig
+    from focusvlm.demo import evaluate as E
+
+    model, processor = load_twin(args.model)
+    focus = FocusConfig.from_dict(json.loads(args.focus)) if args.focus else None
+    items = [it for it in D.test_items(2000, seed=0) if it.qtype == "yes/no"][:args.n]
+    report = E.evaluate(model, processor, items, focus=focus, batch_size=16, max_new_tokens=3, mode=args.mode)
+    cells = collections.Counter(("negated" if D.is_negated(r["question"]) else "plain", r["answer"], r["correct"])
+                                for r in report.rows)
+    says_no = sum(E.normalize_answer(r["prediction"]) == "no" for r in report.rows) / report.n
+    print(f"{args.model} ({args.mode}, focus {args.focus or 'none'}, {report.image_tokens:.0f} image tokens): yes/no "
+          f"{report.accuracy:.1%} of {report.n}, says no to {says_no:.0%}")
+    for form in ("plain", "negated"):
+        for answer in ("yes", "no"):
+            right, wrong = cells[(form, answer, True)], cells[(form, answer, False)]
+            if right + wrong:
+                print(f"  {form:>7}, answer {answer:>3}: {right / (right + wrong):.1%} of {right + wrong}")
+
+
 def cmd_continue(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -161,27 +218,25 @@ def cmd_continue(args: argparse.Namespace) -> None:
     from focusvlm.config import FocusConfig
     from focusvlm.demo import evaluate as E
     from focusvlm.demo.recipe import DemoRecipe, _stage_overrides
-    from focusvlm.runtime import load_model
     from focusvlm.train.runner import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if (Path(args.model) / "demo.json").is_file():  # a packed twin from a recipe run's ship/<twin>
-        from focusvlm.models.demo.load import load_demo
-        twin, processor = load_demo(args.model)
-    else:
-        twin, processor = load_model(args.model, "cpu", "float32")
+    twin, processor = load_twin(args.model)
     twin.save_pretrained(out / "twin")
     processor.save_pretrained(out / "twin")
     data = out / f"{args.data}.json"
-    data.write_text(json.dumps(continue_records(args.data)))
+    records = (refresh_records(args.texts, args.yes_no_share, args.steps, args.text_answers) if args.data == "refresh"
+               else continue_records(args.data))
+    data.write_text(json.dumps(records))
     overrides = {**_stage_overrides(DemoRecipe(), "finetune"), "max_steps": args.steps, "projector_lr": args.projector_lr}
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
     if args.batch is not None:
         overrides["per_device_batch_size"] = overrides["global_batch_size"] = args.batch
     train(stage="finetune", data=str(data), image_folder=str(D.data_root()), output_dir=out / "finetune",
-          model=str(out / "twin"), focus_config=FocusConfig(), overrides=overrides, lora=True, progress=False)
+          model=str(out / "twin"), focus_config=FocusConfig.from_dict(json.loads(args.focus)) if args.focus else FocusConfig(),
+          overrides=overrides, lora=True, progress=False)
     model = peft.PeftModel.from_pretrained(twin, out / "finetune" / "adapter").merge_and_unload().eval()
     check = E.evaluate(model, processor, D.test_items(200, seed=1), batch_size=16, max_new_tokens=3)
     print(f"quick check: {check.accuracy:.1%} " + ", ".join(f"{t} {v['accuracy']:.1%}" for t, v in check.per_type.items()))
@@ -201,15 +256,25 @@ def main() -> int:
     e.add_argument("--model", default="demo")
     e.add_argument("--images", type=int, default=4)
     c = sub.add_parser("continue", help="train the shipped stock twin further, then check and probe it")
-    c.add_argument("--data", choices=("mix", "yesno", "tail"), required=True)
+    c.add_argument("--data", choices=("mix", "yesno", "tail", "refresh"), required=True)
+    c.add_argument("--texts", type=int, default=1, help="refresh: base-LM text answers per batch")
+    c.add_argument("--yes-no-share", type=float, default=0.9, help="refresh: yes/no share of the short answers")
+    c.add_argument("--text-answers", default="benchmarks/demo/recipe_state/data/text_answers.jsonl",
+                   help="refresh: the recipe's text answers (data/text_answers.jsonl)")
+    c.add_argument("--focus", help='a FocusConfig as JSON, on while training (e.g. \'{"spd": {"factor": 2}}\')')
     c.add_argument("--out", required=True)
     c.add_argument("--model", default="demo")
     c.add_argument("--steps", type=int, default=150)
     c.add_argument("--projector-lr", type=float, default=1e-4)
     c.add_argument("--batch", type=int, help="batch size (default: the recipe's stage 2 batch)")
     c.add_argument("--lr", type=float, help="LoRA learning rate (default: the recipe's stage 2 rate)")
+    sp = sub.add_parser("split", help="yes/no accuracy by question form and true answer")
+    sp.add_argument("--model", default="demo")
+    sp.add_argument("--n", type=int, default=400, help="the first n yes/no questions of the fixed 2,000 sample")
+    sp.add_argument("--mode", default="direct", choices=("direct", "given-description", "describe-then-answer"))
+    sp.add_argument("--focus", help="a FocusConfig as JSON, on at inference")
     args = ap.parse_args()
-    {"text": cmd_text, "embed": cmd_embed, "continue": cmd_continue}[args.cmd](args)
+    {"text": cmd_text, "embed": cmd_embed, "continue": cmd_continue, "split": cmd_split}[args.cmd](args)
     return 0
 
 

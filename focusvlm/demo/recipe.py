@@ -330,7 +330,8 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
         if not rounds:
             timed(f"{twin} pack", ship / META_FILE, lambda: shutil.copytree(stage2, ship, dirs_exist_ok=True))
         if twin == "stock" and recipe.check_sample:
-            timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say))
+            last_stage = out / twin / (rounds[-1].folder if rounds else "finetune")
+            timed("stock check", out / "stock_check.json", lambda: _check(out, ship, recipe, say, last_stage))
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
     times_path.write_text(json.dumps(times, indent=1))
     if ship_to is not None:
@@ -475,7 +476,7 @@ def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: An
         cfg.save(ship / "focus_config.yaml")
 
 
-def _check(out: Path, ship: Path, recipe: DemoRecipe, say: Callable[[str], None]) -> None:
+def _check(out: Path, ship: Path, recipe: DemoRecipe, say: Callable[[str], None], last_stage: Path) -> None:
     from ..models.demo.load import load_demo
     from .evaluate import evaluate
 
@@ -487,7 +488,7 @@ def _check(out: Path, ship: Path, recipe: DemoRecipe, say: Callable[[str], None]
     if report.accuracy < recipe.check_floor:
         raise DemoRecipeError(f"the stock twin answers {report.accuracy:.1%} of {report.n} test questions, under "
                               f"the recipe's floor {recipe.check_floor:.0%}: training went wrong; see "
-                              f"{out / 'stock' / 'finetune' / 'metrics.jsonl'}")
+                              f"{last_stage / 'metrics.jsonl'}")
     (out / "stock_check.json").write_text(json.dumps({"n": report.n, "accuracy": report.accuracy,
                                                       "per_type": report.per_type}, indent=1))
 

@@ -61,6 +61,15 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("done before") == len(steps)
+    # a stock twin under the floor stops the run and names the last trained stage's loss curve
+    from dataclasses import replace
+
+    (out / "stock_check.json").unlink()
+    with pytest.raises(R.DemoRecipeError, match=r"under the recipe's floor .*refresh_2c/metrics\.jsonl"):
+        R.run(out, replace(R.DemoRecipe.quick(), check_floor=1.01), log=lambda msg: None)
+    assert not (out / "stock_check.json").exists()
+    R.run(out, R.DemoRecipe.quick(), log=lambda msg: None)  # the quick recipe's floor (0) passes: check written
+    assert (out / "stock_check.json").is_file()
     # a packed twin carried over without its training folders (another machine) is not trained again
     import shutil
 

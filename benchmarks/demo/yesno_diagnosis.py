@@ -162,18 +162,13 @@ def continue_records(kind: str, seed: int = 0) -> list[dict]:
 
 
 def refresh_records(texts: int, yes_no_share: float, steps: int, text_answers: str) -> list[dict]:
-    """A warm restart's records in training order, as the recipe writes them (``recipe._write_refresh_mix``)."""
-    import json
-    import tempfile
+    """A warm restart's records in training order, as the recipe writes them (``recipe.refresh_records``)."""
     from pathlib import Path
 
     from focusvlm.demo import recipe as R
 
     round_ = R.RefreshRound("diagnosis", "diagnosis", steps, 1e-3, 0, texts, yes_no_share)
-    with tempfile.TemporaryDirectory() as tmp:
-        mix = Path(tmp) / "mix.json"
-        R._write_refresh_mix(R.DemoRecipe(), [round_], 0, Path(text_answers), mix)
-        return json.loads(mix.read_text())
+    return R.refresh_records(R.DemoRecipe(), [round_], 0, Path(text_answers))
 
 
 def load_twin(name: str):

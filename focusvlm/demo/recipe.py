@@ -154,11 +154,6 @@ class DemoRecipe:
         """Short-answer easy-VQA questions per stage-2 batch (the rest of the batch is the mix's extras)."""
         return self._short(self.sentence_per_batch, self.text_per_batch)
 
-    @property
-    def refresh_short_per_batch(self) -> int:
-        """The same for stage 2b's batches."""
-        return self._short(self.refresh_sentence_per_batch, self.refresh_text_per_batch)
-
     def refresh_rounds(self) -> list["RefreshRound"]:
         """The warm restarts after stage 2, in order (those with steps)."""
         rounds = [RefreshRound("2b", "refresh", self.refresh_steps, self.refresh_lr, self.refresh_sentence_per_batch,
@@ -213,9 +208,12 @@ def bf16_is_faster(rows: int = 256, width: int = 576, out: int = 1536, repeats: 
     return best(True) < best(False)
 
 
-def _stage_overrides(recipe: DemoRecipe, stage: str, round_: RefreshRound | None = None) -> dict[str, Any]:
-    if stage == "refresh":  # a warm restart: stage 2's settings, the round's rate and length
-        return {**_stage_overrides(recipe, "finetune"), "learning_rate": round_.lr, "max_steps": round_.steps}
+def _round_overrides(recipe: DemoRecipe, round_: RefreshRound) -> dict[str, Any]:
+    """A warm restart trains with stage 2's settings at the round's own rate and length."""
+    return {**_stage_overrides(recipe, "finetune"), "learning_rate": round_.lr, "max_steps": round_.steps}
+
+
+def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
     if stage == "pretrain":
         return {"learning_rate": recipe.pretrain_lr, "per_device_batch_size": recipe.pretrain_batch,
                 "global_batch_size": recipe.pretrain_batch, "max_steps": recipe.pretrain_steps,
@@ -322,7 +320,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
                 timed(f"{twin} stage {rnd.name} base", rb / "config.json", lambda: _unpack_trainable(previous, rb))
                 timed(f"{twin} stage {rnd.name}", rf / "train_summary.json", lambda: train(
                     stage="finetune", data=str(out / "data" / f"stage{rnd.name}_mix.json"), image_folder=image_folder,
-                    output_dir=rf, model=str(rb), focus_config=cfg, overrides=_stage_overrides(recipe, "refresh", rnd),
+                    output_dir=rf, model=str(rb), focus_config=cfg, overrides=_round_overrides(recipe, rnd),
                     lora=True, progress=progress, resume=_checkpoint_in(rf)))
                 timed(f"{twin} pack" if last else f"{twin} stage {rnd.name} pack", pack / META_FILE,
                       lambda: _pack_refreshed(out / "base", previous, rf, pack, rnd.folder))
@@ -394,6 +392,10 @@ def _checkpoint_in(folder: Path) -> bool | None:
 
 
 def _write_refresh_mix(recipe: DemoRecipe, rounds: list[RefreshRound], k: int, answers: Path, mix: Path) -> None:
+    mix.write_text(json.dumps(refresh_records(recipe, rounds, k, answers), indent=1))
+
+
+def refresh_records(recipe: DemoRecipe, rounds: list[RefreshRound], k: int, answers: Path) -> list[dict]:
     """Round ``k``'s records in training order: a new curriculum (seed + 1 + k, no colour/shape lead: the
     picture's colour and shape are known by then) of short answers, then the mix's extras per batch."""
     rnd = rounds[k]
@@ -405,8 +407,7 @@ def _write_refresh_mix(recipe: DemoRecipe, rounds: list[RefreshRound], k: int, a
     text_start = recipe.finetune_steps * recipe.text_per_batch + sum(r.steps * r.text_per_batch for r in rounds[:k])
     streams = _extra_streams(recipe, answers, rnd.steps, rnd.sentence_per_batch, rnd.text_per_batch, seed,
                              text_start=text_start)
-    records = D.interleave(D.ordered_records(questions, seed), short, streams, rnd.steps)
-    mix.write_text(json.dumps(records, indent=1))
+    return D.interleave(D.ordered_records(questions, seed), short, streams, rnd.steps)
 
 
 def _unpack_trainable(packed: Path, out: Path) -> None:
@@ -419,7 +420,7 @@ def _unpack_trainable(packed: Path, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path, key: str = "refresh") -> None:
+def _pack_refreshed(base_dir: Path, previous: Path, refresh: Path, ship: Path, key: str = "refresh") -> None:
     """Ship the previous pack's LoRA factors and a warm restart's side by side: A = [A2; A2b], B = [B2, B2b] is one
     LoRA of the summed rank whose product B @ A is the sum of the two (same scale), so ``load_demo`` merges both.
     The restart's training summary goes under ``info.training.<key>``."""
@@ -429,11 +430,11 @@ def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path, key
     from ..models.demo.ship import WEIGHTS_FILE, pack_demo, read_meta, read_peft_adapter
     from ..runtime import load_model
 
-    meta = read_meta(stage2)
-    first = load_file(str(stage2 / WEIGHTS_FILE))
+    meta = read_meta(previous)
+    first = load_file(str(previous / WEIGHTS_FILE))
     second, scale, projector = read_peft_adapter(refresh / "adapter")
     if abs(scale - float(meta["lora"]["scale"])) > 1e-12:
-        raise DemoRecipeError(f"{refresh}'s LoRA scale {scale} differs from {stage2}'s {meta['lora']['scale']}: "
+        raise DemoRecipeError(f"{refresh}'s LoRA scale {scale} differs from {previous}'s {meta['lora']['scale']}: "
                               f"their factors cannot be shipped as one LoRA")
     if not projector:
         raise DemoRecipeError(f"{refresh / 'adapter'} holds no projector weights: the warm restart did not train it")
@@ -442,14 +443,14 @@ def _pack_refreshed(base_dir: Path, stage2: Path, refresh: Path, ship: Path, key
         a1, b1 = first[f"lora.{name}.A"], first[f"lora.{name}.B"]
         pairs[name] = (torch.cat([a1.to(a.dtype), a]), torch.cat([b1.to(b.dtype), b], dim=1))
     if len(pairs) != sum(k.endswith(".A") and k.startswith("lora.") for k in first):
-        raise DemoRecipeError(f"{refresh / 'adapter'} names other layers than {stage2} ({len(pairs)} pairs)")
+        raise DemoRecipeError(f"{refresh / 'adapter'} names other layers than {previous} ({len(pairs)} pairs)")
     info = dict(meta["info"])
     summary = json.loads((refresh / "train_summary.json").read_text())
     info["training"] = {**info.get("training", {}), key: {
         k: summary[k] for k in ("steps", "samples", "final_loss", "runtime_s")}}
     base, _ = load_model(str(base_dir), "cpu", torch.float32)
     pack_demo(base, ship, lora=pairs, lora_scale=scale, projector=projector, info=info, lora_dtype=torch.float16)
-    for extra in stage2.iterdir():  # the focus twin's focus_config.yaml
+    for extra in previous.iterdir():  # the focus twin's focus_config.yaml
         if extra.name not in (WEIGHTS_FILE, META_FILE):
             shutil.copy2(extra, ship / extra.name)
 

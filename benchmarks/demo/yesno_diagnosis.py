@@ -28,8 +28,8 @@ while training (``{"spd": {"factor": 2}}``: 64 image tokens), then the recipe's 
 and ``yesno_probe.swap_probe`` on 120 yes/no questions.
 
 ``split``: a twin's yes/no accuracy on the first ``--n`` yes/no questions of the fixed 2,000 sample, split by
-question form (plain or negated, ``data.is_negated``) and true answer, with how often it says "no": a twin that
-answers from a bias scores near chance in every cell; ``--mode given-description`` gives the true description
+question form (plain or negated, ``data.is_negated``) and true answer, with how often it says "no" (a twin that
+answers from a bias scores near chance in every cell), and by what the question asks (colour or shape); ``--mode given-description`` gives the true description
 instead of the picture (does the trained LM compare words?), ``--focus`` a method at inference.
 """
 
@@ -202,6 +202,12 @@ def cmd_split(args: argparse.Namespace) -> None:
             right, wrong = cells[(form, answer, True)], cells[(form, answer, False)]
             if right + wrong:
                 print(f"  {form:>7}, answer {answer:>3}: {right / (right + wrong):.1%} of {right + wrong}")
+    # a twin that reads colour but not shape off the picture answers the colour questions and guesses the others
+    by_attribute = collections.Counter((D.question_attribute(r["question"]), r["correct"]) for r in report.rows)
+    for attribute in ("color", "shape"):
+        right, wrong = by_attribute[(attribute, True)], by_attribute[(attribute, False)]
+        if right + wrong:
+            print(f"  asks the {attribute:>5}: {right / (right + wrong):.1%} of {right + wrong}")
 
 
 def cmd_continue(args: argparse.Namespace) -> None:

@@ -339,6 +339,16 @@ def is_negated(question: str) -> bool:
     return bool(_NEGATION_RE.search(question.lower()))
 
 
+def question_attribute(question: str) -> str:
+    """What an easy-VQA yes/no question asks about, "color" or "shape": it names one colour ("Is there a red
+    shape?") or one shape ("Does the image contain a circle?"), never both."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    colors, shapes = words & set(COLORS), words & set(SHAPES)
+    if len(colors) + len(shapes) != 1:
+        raise ValueError(f"not an easy-VQA yes/no question about one colour or one shape: {question!r}")
+    return "color" if colors else "shape"
+
+
 def balance_yes_no(items: list[VQAItem], seed: int = 0) -> list[VQAItem]:
     """The items with, among positive and among negated yes/no questions separately, as many "yes" as "no".
 

@@ -245,6 +245,16 @@ def test_negation_forms():
         assert not D.is_negated(q)
 
 
+def test_question_attribute_of_every_yes_no_test_question():
+    assert D.question_attribute("Is there not a red shape?") == "color"
+    assert D.question_attribute("Does the image contain a circle?") == "shape"
+    with pytest.raises(ValueError, match="one colour or one shape"):
+        D.question_attribute("Is there a red circle?")
+    # every yes/no question of the fixed sample names exactly one of them (else the call raises), and both occur
+    kinds = {D.question_attribute(it.question) for it in D.test_items(2000) if it.qtype == "yes/no"}
+    assert kinds == {"color", "shape"}
+
+
 def test_sentence_records_alternate_descriptions_and_sentence_answers(train_items):
     labels = D.image_labels(train_items)
     recs = D.sentence_records(train_items, 40, seed=0)

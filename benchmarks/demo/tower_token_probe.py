@@ -22,9 +22,10 @@ from focusvlm.demo import tower as T
 
 def load_vision(name: str):
     if name == "demo":
+        from focusvlm.models.demo import DEMO_WEIGHTS_DIR
         from focusvlm.models.demo.load import load_demo
 
-        model, processor = load_demo("focusvlm/assets/demo_model/stock")
+        model, processor = load_demo(DEMO_WEIGHTS_DIR / "stock")
         return model.model.vision_tower, processor.image_processor
     from focusvlm.models.demo.vision import load_tower
 
@@ -37,9 +38,10 @@ def token_views(vision, pixels: torch.Tensor, gen: torch.Generator, batch: int =
     for k in range(0, len(pixels), batch):
         hidden = vision(pixel_values=pixels[k:k + batch], output_hidden_states=True).hidden_states[-2][:, 1:]
         pick = torch.randint(hidden.shape[1], (hidden.shape[0],), generator=gen)
-        views["mean"].append(hidden.mean(1))
+        mean = hidden.mean(1)
+        views["mean"].append(mean)
         views["one random token"].append(hidden[torch.arange(hidden.shape[0]), pick])
-        views["mean and max"].append(torch.cat([hidden.mean(1), hidden.amax(1)], dim=-1))
+        views["mean and max"].append(torch.cat([mean, hidden.amax(1)], dim=-1))  # as tower.llava_features
     return {k: torch.cat(v) for k, v in views.items()}
 
 
@@ -56,10 +58,9 @@ def main() -> int:
         test_px, test_y, _ = T.load_split_pixels("test", processor)
         train = token_views(vision, train_px, torch.Generator().manual_seed(0))
         test = token_views(vision, test_px, torch.Generator().manual_seed(1))
-        tokens = vision(pixel_values=test_px[:1], output_hidden_states=True).hidden_states[-2].shape[1] - 1
         for view in train:
             acc = T.linear_probe(train[view], train_y, test[view], test_y)
-            print(f"{name} ({tokens} tokens), {view:>16}: colour {acc['color']:.1%}, shape {acc['shape']:.1%}",
+            print(f"{name}, {view:>16}: colour {acc['color']:.1%}, shape {acc['shape']:.1%}",
                   flush=True)
     return 0
 

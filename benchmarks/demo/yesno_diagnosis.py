@@ -29,8 +29,9 @@ and ``yesno_probe.swap_probe`` on 120 yes/no questions.
 
 ``split``: a twin's yes/no accuracy on the first ``--n`` yes/no questions of the fixed 2,000 sample, split by
 question form (plain or negated, ``data.is_negated``) and true answer, with how often it says "no" (a twin that
-answers from a bias scores near chance in every cell), and by what the question asks (colour or shape); ``--mode given-description`` gives the true description
-instead of the picture (does the trained LM compare words?), ``--focus`` a method at inference.
+answers from a bias scores near chance in every cell), and by what the question asks (colour or shape,
+``data.question_attribute``); ``--mode given-description`` gives the true description instead of the picture (does
+the trained LM compare words?), ``--focus`` a method at inference.
 """
 
 from __future__ import annotations

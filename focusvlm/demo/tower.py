@@ -267,7 +267,7 @@ def _pooled(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def llava_features(vision_model, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """(N, 2 * hidden): the 64 patch tokens of encoder layer -2 (what LLaVA's projector reads), mean and max."""
+    """(N, 2 * hidden): the patch tokens of encoder layer -2 (what LLaVA's projector reads), mean and max."""
     vision_model.eval()
     out = []
     for k in range(0, len(pixels), batch):

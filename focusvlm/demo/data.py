@@ -297,6 +297,27 @@ SENTENCE_ANSWERS = {
 }
 
 
+def _conversation(it: VQAItem, n: int, kind: str, prompt: str, answer: str) -> dict:
+    return {"id": f"easyvqa-{it.split}-{it.image_id}-{kind}-{n}", "image": it.image,
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
+                              {"from": "gpt", "value": answer}]}
+
+
+def description_records(items: list[VQAItem], count: int, seed: int = 0) -> list[dict]:
+    """``count`` single-turn conversations asking for a description of one of ``items``' pictures (drawn with
+    ``random.Random(f"{seed}/descriptions")``), answered by a sentence naming its colour and shape: what
+    describe-then-answer asks the model for, without the question answers' fixed sentences."""
+    labels = image_labels(items)
+    rng = random.Random(f"{seed}/descriptions")
+    records = []
+    for n in range(count):
+        it = items[rng.randrange(len(items))]
+        color, shape = labels[it.image_id]
+        prompt, answer = rng.choice(DESCRIBE_PROMPTS), rng.choice(DESCRIPTIONS)
+        records.append(_conversation(it, n, "description", prompt, answer.format(color=color, shape=shape)))
+    return records
+
+
 def sentence_records(items: list[VQAItem], count: int, seed: int = 0) -> list[dict]:
     """``count`` single-turn conversations answered in sentences, alternately a description of an image and
     one of ``items``' questions (without the short-answer instruction) answered in a sentence; the question
@@ -312,9 +333,7 @@ def sentence_records(items: list[VQAItem], count: int, seed: int = 0) -> list[di
         else:
             kind = it.answer if it.qtype == "yes/no" else it.qtype
             prompt, answer = it.question, rng.choice(SENTENCE_ANSWERS[kind])
-        records.append({"id": f"easyvqa-{it.split}-{it.image_id}-sentence-{n}", "image": it.image,
-                        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
-                                          {"from": "gpt", "value": answer.format(color=color, shape=shape)}]})
+        records.append(_conversation(it, n, "sentence", prompt, answer.format(color=color, shape=shape)))
     return records
 
 
@@ -350,25 +369,30 @@ def question_attribute(question: str) -> str:
 
 
 def balance_yes_no(items: list[VQAItem], seed: int = 0) -> list[VQAItem]:
-    """The items with, among positive and among negated yes/no questions separately, as many "yes" as "no".
+    """The items with as many "yes" as "no" within each kind of yes/no question: positive or negated, asking
+    about a colour or about a shape (``question_attribute``).
 
     easy-VQA asks mostly about absent attributes: 82 % of its positive yes/no questions are answered "no"
-    and 82 % of its negated ones "yes", so the question's form alone scores 82 %. A model trained on that
-    mix learned the form and not the picture (yes/no 86 %, colour and shape 100 %). Here the majority
-    answer of each form is sampled down (seeded) to the minority's count; colour and shape questions and
-    the order of what is kept are unchanged. Measured once on the demo recipe: worse, not better (yes/no
-    45.5 % on the 200-question check, against 85.7 % without it), so the recipe leaves it off.
+    and 82 % of its negated ones "yes", so the question's form alone scores 82 %; a model trained on that
+    mix learned the form and not the picture (yes/no 86 %, colour and shape 100 %). Balancing per form alone
+    is not enough: colour questions outnumber shape questions 4 to 1 and are mostly "no", so the form's
+    balance left 69 % of positive shape questions answered "yes" (and 70 % of negated ones "no"), and a
+    256-token twin learned the comparison for colour (100 %) while answering every shape question from that
+    prior (27 % on the test sample, whose shapes are mostly absent; RESULTS.md, issue 31). Here, per form
+    and attribute, the majority answer is sampled down (seeded) to the minority's count; colour and shape
+    questions and the order of what is kept are unchanged.
     """
-    groups: dict[tuple[bool, str], list[int]] = {}
+    groups: dict[tuple[str, bool, str], list[int]] = {}
     for n, it in enumerate(items):
         if it.qtype == "yes/no":
-            groups.setdefault((is_negated(it.question), it.answer), []).append(n)
+            groups.setdefault((question_attribute(it.question), is_negated(it.question), it.answer), []).append(n)
     drop: set[int] = set()
-    for negated in (False, True):
-        yes, no = groups.get((negated, "yes"), []), groups.get((negated, "no"), [])
-        major, minor = (yes, no) if len(yes) > len(no) else (no, yes)
-        keep = set(random.Random(f"{seed}/balance/{negated}").sample(major, len(minor)))
-        drop.update(n for n in major if n not in keep)
+    for attribute in ("color", "shape"):
+        for negated in (False, True):
+            yes, no = groups.get((attribute, negated, "yes"), []), groups.get((attribute, negated, "no"), [])
+            major, minor = (yes, no) if len(yes) > len(no) else (no, yes)
+            keep = set(random.Random(f"{seed}/balance/{attribute}/{negated}").sample(major, len(minor)))
+            drop.update(n for n in major if n not in keep)
     return [it for n, it in enumerate(items) if n not in drop]
 
 

@@ -184,19 +184,28 @@ def test_write_easyvqa_files(tmp_path):
         D.write_easyvqa(tmp_path / "bad", train_images=0)
 
 
-def test_balance_yes_no_evens_each_question_form_and_keeps_the_rest():
+def test_balance_yes_no_evens_each_question_form_and_attribute_and_keeps_the_rest():
     items = D.read_split("train")
     kept = D.balance_yes_no(items, seed=0)
-    counts = {}
-    for it in kept:
-        if it.qtype == "yes/no":
-            key = (D.is_negated(it.question), it.answer)
-            counts[key] = counts.get(key, 0) + 1
-    assert counts[(False, "yes")] == counts[(False, "no")] > 0
-    assert counts[(True, "yes")] == counts[(True, "no")] > 0
-    # the unbalanced source: the form alone predicts the answer most of the time
+
+    def counts(among):
+        found = {}
+        for it in among:
+            if it.qtype == "yes/no":
+                key = (D.question_attribute(it.question), D.is_negated(it.question), it.answer)
+                found[key] = found.get(key, 0) + 1
+        return found
+
+    after = counts(kept)
+    for attribute in ("color", "shape"):
+        for negated in (False, True):
+            assert after[(attribute, negated, "yes")] == after[(attribute, negated, "no")] > 0, (attribute, negated)
+    # the unbalanced source: the form alone predicts the answer most of the time, and balancing the form alone
+    # would leave the shape questions' answer predictable from form + attribute (colour questions dominate)
     source = [it for it in items if it.qtype == "yes/no" and not D.is_negated(it.question)]
     assert sum(it.answer == "no" for it in source) / len(source) > 0.75
+    before = counts(items)
+    assert before[("color", False, "no")] > 3 * before[("shape", False, "no")]
     # colour and shape questions all kept, order preserved, deterministic
     assert [it for it in kept if it.qtype != "yes/no"] == [it for it in items if it.qtype != "yes/no"]
     positions = {it.qid: n for n, it in enumerate(items)}
@@ -253,6 +262,21 @@ def test_question_attribute_of_every_yes_no_test_question():
     # every yes/no question of the fixed sample names exactly one of them (else the call raises), and both occur
     kinds = {D.question_attribute(it.question) for it in D.test_items(2000) if it.qtype == "yes/no"}
     assert kinds == {"color", "shape"}
+
+
+def test_description_records_name_the_pictures_colour_and_shape(train_items):
+    labels = D.image_labels(train_items)
+    recs = D.description_records(train_items, 30, seed=0)
+    assert len(recs) == 30 and recs == D.description_records(train_items, 30, seed=0)
+    assert recs != D.description_records(train_items, 30, seed=1)
+    by_image = {it.image: it.image_id for it in train_items}
+    assert len({r["image"] for r in recs}) > 10 and len({r["id"] for r in recs}) == 30
+    for r in recs:
+        human, gpt = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        color, shape = labels[by_image[r["image"]]]
+        assert human.split("\n", 1) == [D.IMAGE_TOKEN, human.split("\n", 1)[1]]
+        assert human.split("\n", 1)[1] in D.DESCRIBE_PROMPTS
+        assert gpt in {d.format(color=color, shape=shape) for d in D.DESCRIPTIONS}
 
 
 def test_sentence_records_alternate_descriptions_and_sentence_answers(train_items):

@@ -41,21 +41,25 @@ def test_quick_recipe_runs_every_step_then_resumes(tmp_path, capsys):
     tokens = {t: yaml.safe_load((out / t / "finetune" / "recipe.yaml").read_text())["resolved"]["image_tokens_per_image"]
               for t in R.TWINS}
     assert tokens["stock"] == 256 and tokens["focus"] < 256  # 4-pixel patches: a LLaVA-like share of the prompt
-    # stage 2's mix: per batch of 4, two short-answer questions, one sentence answer, one text-only conversation
+    # stage 2's mix: short-answer questions alone (2 batches of 4)
     mix = json.loads((out / "data" / "stage2_mix.json").read_text())
     assert len(mix) == 2 * 4
-    assert ["image" in r for r in mix] == [True, True, True, False] * 2
-    assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in mix[:2])
-    assert R.D.SHORT_ANSWER not in mix[2]["conversations"][0]["value"] and mix[3]["id"].startswith("text-")
-    # stage 2b's and 2c's: three short answers and one text-only conversation, no sentence answers; each round
-    # takes the next text answers of the cycle and its own questions
-    texts = [r["id"] for r in mix if r["id"].startswith("text-")]
-    for name in ("2b", "2c"):
+    assert all("image" in r and R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in mix)
+    # stage 2b's: three short answers and one of the base LM's text answers per batch; 2c's: two short answers, a
+    # text answer and a description request; no sentence answers; each round takes the next text answers of the
+    # cycle and its own questions
+    texts: list[str] = []
+    for name, layout in (("2b", ["short", "short", "short", "text"]), ("2c", ["short", "short", "text", "describe"])):
         refresh = json.loads((out / "data" / f"stage{name}_mix.json").read_text())
-        assert ["image" in r for r in refresh] == [True, True, True, False] * 2
-        assert all(R.D.SHORT_ANSWER in r["conversations"][0]["value"] for r in refresh if "image" in r)
+        kinds = ["text" if "image" not in r else "short" if R.D.SHORT_ANSWER in r["conversations"][0]["value"]
+                 else "describe" for r in refresh]
+        assert kinds == layout * 2, name
+        for r in refresh:
+            if "-description-" in r["id"]:
+                assert r["conversations"][0]["value"].split("\n", 1)[1] in R.D.DESCRIBE_PROMPTS
         assert not set(texts) & {r["id"] for r in refresh}
         texts += [r["id"] for r in refresh if r["id"].startswith("text-")]
+    assert (out / "data" / "text_answers.jsonl").is_file()  # answered for the restarts although stage 2 has none
     # rerun: every step is found done, nothing retrains
     capsys.readouterr()
     assert main(["train", "--recipe", "demo", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
@@ -121,3 +125,14 @@ def test_recipe_demo_refuses_stage_and_data(tmp_path, capsys):
     code = main(["train", "--recipe", "demo", "--stage", "pretrain", "--output-dir", str(tmp_path)])
     assert code == 2
     assert "--recipe demo runs every stage on easy-VQA itself" in capsys.readouterr().err
+
+
+def test_a_batch_that_cannot_hold_its_extras_and_a_short_answer_is_refused():
+    recipe = R.DemoRecipe(finetune_batch=4, consolidate_text_per_batch=2, consolidate_describe_per_batch=2)
+    with pytest.raises(ValueError, match="cannot hold 0 sentence, 2 text-only and 2 description records"):
+        recipe.refresh_rounds()
+    with pytest.raises(ValueError, match="description"):
+        R.DemoRecipe(describe_per_batch=8).short_per_batch
+    assert R.DemoRecipe().short_per_batch == 8     # stage 2: short answers alone
+    assert [(r.name, r.text_per_batch, r.describe_per_batch) for r in R.DemoRecipe().refresh_rounds()] == [
+        ("2b", 3, 0), ("2c", 2, 1)]

@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..models import IMAGE_TOKEN
 
@@ -297,44 +297,44 @@ SENTENCE_ANSWERS = {
 }
 
 
-def _conversation(it: VQAItem, n: int, kind: str, prompt: str, answer: str) -> dict:
-    return {"id": f"easyvqa-{it.split}-{it.image_id}-{kind}-{n}", "image": it.image,
-            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
-                              {"from": "gpt", "value": answer}]}
+def _picture_conversations(items: list[VQAItem], count: int, rng: random.Random, kind: str,
+                           pick: Callable[[int, VQAItem, random.Random], tuple[str, str]]) -> list[dict]:
+    """``count`` single-turn conversations about pictures of ``items`` drawn with ``rng``; ``pick(n, item, rng)``
+    gives the n-th one's prompt and answer template (``{color}``, ``{shape}`` filled from the picture's labels)."""
+    labels = image_labels(items)
+    records = []
+    for n in range(count):
+        it = items[rng.randrange(len(items))]
+        color, shape = labels[it.image_id]
+        prompt, answer = pick(n, it, rng)
+        records.append({"id": f"easyvqa-{it.split}-{it.image_id}-{kind}-{n}", "image": it.image,
+                        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
+                                          {"from": "gpt", "value": answer.format(color=color, shape=shape)}]})
+    return records
+
+
+def _description(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(DESCRIBE_PROMPTS), rng.choice(DESCRIPTIONS)
 
 
 def description_records(items: list[VQAItem], count: int, seed: int = 0) -> list[dict]:
     """``count`` single-turn conversations asking for a description of one of ``items``' pictures (drawn with
     ``random.Random(f"{seed}/descriptions")``), answered by a sentence naming its colour and shape: what
     describe-then-answer asks the model for, without the question answers' fixed sentences."""
-    labels = image_labels(items)
-    rng = random.Random(f"{seed}/descriptions")
-    records = []
-    for n in range(count):
-        it = items[rng.randrange(len(items))]
-        color, shape = labels[it.image_id]
-        prompt, answer = rng.choice(DESCRIBE_PROMPTS), rng.choice(DESCRIPTIONS)
-        records.append(_conversation(it, n, "description", prompt, answer.format(color=color, shape=shape)))
-    return records
+    return _picture_conversations(items, count, random.Random(f"{seed}/descriptions"), "description",
+                                  lambda n, it, rng: _description(rng))
 
 
 def sentence_records(items: list[VQAItem], count: int, seed: int = 0) -> list[dict]:
     """``count`` single-turn conversations answered in sentences, alternately a description of an image and
     one of ``items``' questions (without the short-answer instruction) answered in a sentence; the question
     (and its image) drawn with ``random.Random(f"{seed}/sentences")``."""
-    labels = image_labels(items)
-    rng = random.Random(f"{seed}/sentences")
-    records = []
-    for n in range(count):
-        it = items[rng.randrange(len(items))]
-        color, shape = labels[it.image_id]
+    def pick(n: int, it: VQAItem, rng: random.Random) -> tuple[str, str]:
         if n % 2 == 0:
-            prompt, answer = rng.choice(DESCRIBE_PROMPTS), rng.choice(DESCRIPTIONS)
-        else:
-            kind = it.answer if it.qtype == "yes/no" else it.qtype
-            prompt, answer = it.question, rng.choice(SENTENCE_ANSWERS[kind])
-        records.append(_conversation(it, n, "sentence", prompt, answer.format(color=color, shape=shape)))
-    return records
+            return _description(rng)
+        return it.question, rng.choice(SENTENCE_ANSWERS[it.answer if it.qtype == "yes/no" else it.qtype])
+
+    return _picture_conversations(items, count, random.Random(f"{seed}/sentences"), "sentence", pick)
 
 
 def interleave(short: list[dict], per_batch: int, extras: list[list[dict]], steps: int) -> list[dict]:

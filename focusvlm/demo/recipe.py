@@ -182,7 +182,7 @@ class DemoRecipe:
             self._short(r.sentence_per_batch, r.text_per_batch, r.describe_per_batch)  # an unfillable batch fails here
         return [r for r in rounds if r.steps]
 
-    def _short(self, sentences: int, texts: int, descriptions: int = 0) -> int:
+    def _short(self, sentences: int, texts: int, descriptions: int) -> int:
         short = self.finetune_batch - sentences - texts - descriptions
         if short < 1 or min(sentences, texts, descriptions) < 0:
             raise ValueError(f"a stage-2 batch of {self.finetune_batch} cannot hold {sentences} sentence, "
@@ -384,7 +384,7 @@ def _write_mix(recipe: DemoRecipe, instruct: Path, answers: Path, mix: Path) -> 
 
 
 def _extra_streams(recipe: DemoRecipe, answers: Path, steps: int, sentences: int, texts: int, seed: int,
-                   text_start: int, descriptions: int = 0) -> list[list[dict]]:
+                   text_start: int, descriptions: int) -> list[list[dict]]:
     """The mix's extras for ``steps`` batches: ``sentences`` sentence answers, ``texts`` of the base LM's text
     answers and ``descriptions`` picture descriptions per batch (``interleave`` takes one record per stream and
     batch, so n per batch are n streams); the text answers are taken from ``text_start`` on in their cycle."""

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for retry hints
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _leave_process_group()
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -40,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"focusvlm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """A rank started by ``accelerate launch`` leaves its process group once its command has succeeded. Left to
+    the interpreter's exit, gloo's worker threads can still hold tensors while Python is torn down, and the rank
+    then aborts (SIGABRT, "terminate called without an active exception") after its work is saved, which fails
+    the whole launch: seen now and then with DeepSpeed ZeRO-2 on 2 CPU processes (pytorch/pytorch#190489). Not
+    after an error: a rank that failed must not wait in a teardown for ranks still inside a collective."""
+    dist = sys.modules.get("torch.distributed")  # imported only by commands that can have started a group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 BOOL = argparse.BooleanOptionalAction
+# --recipe names that run focusvlm.demo.recipe (any other --recipe is a file of recipe fields)
+DEMO_RECIPES = ("demo", "demo-frozen-lm")
 
 # flag -> recipe field (every one of them overrides the stage default and the --recipe file)
 RECIPE_FLAGS = {
@@ -50,7 +52,8 @@ def register(subparsers) -> None:
     r.add_argument("--recipe", type=Path, help="YAML/JSON file of recipe fields (a previous run's recipe.yaml works); "
                                                "'demo': the whole demo-model recipe (tower pretraining, both stages "
                                                "of both twins on easy-VQA, packing; resumable) into --output-dir "
-                                               "(default runs/demo-model)")
+                                               "(default runs/demo-model); 'demo-frozen-lm': the same with "
+                                               "the LM frozen in stage 2 (the projector alone learns)")
     r.add_argument("--lora", action="store_true", default=None,
                    help="stage 2 with LoRA (r 128, alpha 256, lr 2e-4, projector lr 2e-5, projector fully trained)")
     r.add_argument("--format", choices=["plain", "vicuna_v1", "chat_template"],
@@ -120,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
         for f in sorted(Path(args.copy_configs).iterdir()):
             print(f)
         return 0
-    if args.recipe is not None and str(args.recipe) == "demo":
+    if args.recipe is not None and str(args.recipe) in DEMO_RECIPES:
         return _demo_recipe(args)
     if args.validate:
         return _validate(args)
@@ -155,9 +158,11 @@ def _demo_recipe(args: argparse.Namespace) -> int:
     from ..demo import recipe as R
 
     if args.stage or args.data:
-        raise ValueError("--recipe demo runs every stage on easy-VQA itself; drop --stage / --data")
+        raise ValueError(f"--recipe {args.recipe} runs every stage on easy-VQA itself; drop --stage / --data")
     out = args.output_dir or Path("runs/demo-model")
     recipe = R.DemoRecipe.quick() if args.demo_quick else R.DemoRecipe()
+    if str(args.recipe) == "demo-frozen-lm":
+        recipe = recipe.with_frozen_lm()
     if args.bf16 is not None:   # else the recipe's own choice (measured on this CPU)
         recipe.bf16 = args.bf16
     times = R.run(out, recipe, ship_to=R.PACKAGE_DIR if args.ship else None, progress=not args.no_progress)

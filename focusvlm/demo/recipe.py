@@ -10,8 +10,9 @@ continues where it stopped):
    both twins start from the same weights.
 4. per twin (``stock``: no method; ``focus``: VMTC + CMAI on in both stages, as the paper trains):
    ``<twin>/pretrain`` (stage 1, projector only, ``plain`` captions) then ``<twin>/finetune`` (stage 2,
-   LoRA on every LM linear layer + the projector, ChatML conversations), both through
-   ``focusvlm.train.train`` - the same code as ``focusvlm train``.
+   LoRA on every LM linear layer + the projector, ChatML conversations; with ``finetune_train_lm=False``,
+   ``--recipe demo-frozen-lm``, the projector alone), both through ``focusvlm.train.train`` - the same code
+   as ``focusvlm train``.
    Then ``<twin>/stage2/`` (stage 2 packed) and, with ``refresh_steps``, stage 2b: a second stage-2 pass
    (``<twin>/refresh``) with a fresh LoRA and a fresh cosine rate (a warm restart) from the packed stage-2
    model (``<twin>/refresh_base``), on a mix with more of the base LM's text answers and no sentence answers;
@@ -99,7 +100,12 @@ class DemoRecipe:
     pretrain_steps: int = 40
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-4
-    # stage 2: LoRA on the LM + the projector
+    # stage 2: LoRA on the LM + the projector (LLaVA-1.5 trains its LM in stage 2). False: the projector alone, the
+    # LM stays the base LM bit for bit (``DemoRecipe.frozen_lm()``). Issue 31: the only way found that keeps the
+    # 135M LM's instruction following (any LoRA step took its text IF from 24.8 % to 12-14 % within 100 steps),
+    # at the cost of the yes/no comparison, which the frozen LM cannot make even from the true description in
+    # words (RESULTS.md, issue 31)
+    finetune_train_lm: bool = True
     # batch 8 buys more optimizer steps in the hour (about 2 s per step here against about 4 s at 16); the
     # yes/no comparison needs several hundred steps of it (RESULTS.md, "Demo model")
     finetune_steps: int = 900
@@ -166,6 +172,15 @@ class DemoRecipe:
                    tower=TowerRecipe(epochs=1, batch_size=16, train_images=64, test_images=64, probe_steps=5,
                                      tower={"patch_size": 4}))
 
+    def with_frozen_lm(self) -> "DemoRecipe":
+        """This recipe with the LM frozen in stage 2 (``--recipe demo-frozen-lm``): the projector alone learns, at
+        1e-3 (LLaVA's stage-1 rate) on the same short-answer mix and schedule, and no warm restarts (they retrain
+        a LoRA). Its twins learn colour and shape but answer yes/no at about chance: the frozen base LM's own
+        level when told the picture's true description in words. So the quick check's floor is lowered to the
+        level that shows the projector learned, not issue 31's 90 % (RESULTS.md, issue 31)."""
+        return replace(self, finetune_train_lm=False, finetune_lr=1e-3, projector_lr=1e-3, refresh_steps=0,
+                       consolidate_steps=0, check_floor=min(self.check_floor, 0.55))
+
     @property
     def short_per_batch(self) -> int:
         """Short-answer easy-VQA questions per stage-2 batch (the rest of the batch is the mix's extras)."""
@@ -180,7 +195,11 @@ class DemoRecipe:
                                self.consolidate_yes_no_share, self.consolidate_describe_per_batch)]
         for r in rounds:
             self._short(r.sentence_per_batch, r.text_per_batch, r.describe_per_batch)  # an unfillable batch fails here
-        return [r for r in rounds if r.steps]
+        rounds = [r for r in rounds if r.steps]
+        if rounds and not self.finetune_train_lm:
+            raise ValueError(f"stage {rounds[0].name} is a warm restart of stage 2's LoRA, which a recipe with the LM "
+                             f"frozen (finetune_train_lm=False) has not: set refresh_steps=0 and consolidate_steps=0")
+        return rounds
 
     def _short(self, sentences: int, texts: int, descriptions: int) -> int:
         short = self.finetune_batch - sentences - texts - descriptions
@@ -237,13 +256,17 @@ def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
                 "global_batch_size": recipe.pretrain_batch, "max_steps": recipe.pretrain_steps,
                 "gradient_checkpointing": False, "bf16": recipe.bf16, "seed": recipe.seed, "save_steps": 10_000,
                 "group_by_modality_length": False}
-    return {"format": "chat_template", "learning_rate": recipe.finetune_lr, "lr_scheduler": recipe.finetune_scheduler,
-            "projector_lr": recipe.projector_lr,
-            "per_device_batch_size": recipe.finetune_batch, "global_batch_size": recipe.finetune_batch,
-            "max_steps": recipe.finetune_steps, "gradient_checkpointing": False, "bf16": recipe.bf16,
-            "lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0, "merge_lora": False,
-            "seed": recipe.seed, "save_steps": recipe.checkpoint_steps, "save_total_limit": 1,
-            "group_by_modality_length": False, "shuffle": False}
+    overrides = {"format": "chat_template", "learning_rate": recipe.finetune_lr,
+                 "lr_scheduler": recipe.finetune_scheduler, "projector_lr": recipe.projector_lr,
+                 "per_device_batch_size": recipe.finetune_batch, "global_batch_size": recipe.finetune_batch,
+                 "max_steps": recipe.finetune_steps, "gradient_checkpointing": False, "bf16": recipe.bf16,
+                 "merge_lora": False, "seed": recipe.seed, "save_steps": recipe.checkpoint_steps,
+                 "save_total_limit": 1, "group_by_modality_length": False, "shuffle": False}
+    if recipe.finetune_train_lm:
+        overrides.update({"lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0})
+    else:
+        overrides["train_lm"] = False
+    return overrides
 
 
 def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Path | None = None,
@@ -324,7 +347,8 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
                 progress=progress))
             timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
                 stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
-                focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=True, progress=progress,
+                focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=recipe.finetune_train_lm,
+                progress=progress,
                 resume=_checkpoint_in(ft)))
             timed(f"{twin} stage 2 pack", stage2 / META_FILE, lambda: _pack(pt, ft, stage2, twin, cfg, recipe))
         previous = stage2
@@ -485,9 +509,14 @@ def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: An
     # the untrained model in fp32: its tower and LM are exactly what load_demo rebuilds (the trained
     # projector comes from the adapter, which holds stage 2's copy of it)
     base, _ = load_model(str(pretrain_dir.parent.parent / "base"), "cpu", torch.float32)
-    pairs, scale, projector = read_peft_adapter(finetune_dir / "adapter")
-    if not projector:
-        raise DemoRecipeError(f"{finetune_dir / 'adapter'} holds no projector weights: stage 2 did not train it")
+    if recipe.finetune_train_lm:
+        pairs, scale, projector = read_peft_adapter(finetune_dir / "adapter")
+        if not projector:
+            raise DemoRecipeError(f"{finetune_dir / 'adapter'} holds no projector weights: stage 2 did not train it")
+    else:  # the LM frozen: stage 2 saved the whole model, of which only the projector changed
+        trained, _ = load_model(str(finetune_dir), "cpu", torch.float32)
+        pairs, scale = {}, 1.0
+        projector = {k: v.clone() for k, v in trained.model.multi_modal_projector.state_dict().items()}
     summary = {stage: json.loads((d / "train_summary.json").read_text())
                for stage, d in (("pretrain", pretrain_dir), ("finetune", finetune_dir))}
     info = {"twin": twin, "focus_config": cfg.to_dict(), "recipe": asdict(recipe),

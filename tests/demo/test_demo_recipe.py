@@ -136,3 +136,51 @@ def test_a_batch_that_cannot_hold_its_extras_and_a_short_answer_is_refused():
     assert R.DemoRecipe().short_per_batch == 8     # stage 2: short answers alone
     assert [(r.name, r.text_per_batch, r.describe_per_batch) for r in R.DemoRecipe().refresh_rounds()] == [
         ("2b", 3, 0), ("2c", 2, 1)]
+
+
+def test_frozen_lm_recipe_trains_the_projector_alone(tmp_path, capsys):
+    """`--recipe demo-frozen-lm`: stage 2 without LoRA, the shipped LM is the base LM bit for bit, the projector
+    is stage 2's, and no warm restart runs."""
+    import torch
+    import yaml
+
+    out = tmp_path / "frozen"
+    assert main(["train", "--recipe", "demo-frozen-lm", "--demo-quick", "--output-dir", str(out), "--no-progress"]) == 0
+    times = json.loads((out / "times.json").read_text())
+    assert not any("2b" in k or "2c" in k for k in times)
+    assert [k for k in times if k.startswith("stock")] == ["stock stage 1", "stock stage 2", "stock stage 2 pack",
+                                                           "stock pack", "stock check"]
+    resolved = yaml.safe_load((out / "stock" / "finetune" / "recipe.yaml").read_text())
+    assert resolved["train_lm"] is False and resolved["lora"] is False
+    assert not (out / "stock" / "finetune" / "adapter").exists()
+    from focusvlm.runtime import load_model
+
+    base, _ = load_model(str(out / "base"), "cpu", torch.float32)
+    stage1, _ = load_model(str(out / "stock" / "pretrain"), "cpu", torch.float32)
+    stage2, _ = load_model(str(out / "stock" / "finetune"), "cpu", torch.float32)
+    for twin in R.TWINS:
+        meta = json.loads((out / "ship" / twin / S.META_FILE).read_text())
+        assert meta["lora"]["layers"] == 0 and meta["info"]["recipe"]["finetune_train_lm"] is False
+        shipped, _ = L.load_demo(out / "ship" / twin)
+        lm, base_lm = shipped.model.language_model.state_dict(), base.model.language_model.state_dict()
+        assert lm.keys() == base_lm.keys() and all(torch.equal(lm[k], base_lm[k]) for k in lm)
+        if twin == "stock":
+            proj = shipped.model.multi_modal_projector.state_dict()
+            trained = stage2.model.multi_modal_projector.state_dict()
+            assert all(torch.equal(proj[k], trained[k]) for k in proj)
+            before = stage1.model.multi_modal_projector.state_dict()
+            assert any(not torch.equal(proj[k], before[k]) for k in proj)   # stage 2 moved it
+
+
+def test_frozen_lm_settings():
+    recipe = R.DemoRecipe().with_frozen_lm()
+    overrides = R._stage_overrides(recipe, "finetune")
+    assert overrides["train_lm"] is False and not any(k.startswith("lora_") for k in overrides)
+    assert overrides["learning_rate"] == overrides["projector_lr"] == 1e-3
+    assert recipe.refresh_rounds() == [] and recipe.check_floor == 0.55
+    assert R.DemoRecipe.quick().with_frozen_lm().check_floor == 0.0   # a quick run's floor stays off
+    assert "lora_r" in R._stage_overrides(R.DemoRecipe(), "finetune")
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="warm restart of stage 2's LoRA"):
+        replace(recipe, refresh_steps=10).refresh_rounds()

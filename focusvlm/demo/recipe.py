@@ -101,7 +101,7 @@ class DemoRecipe:
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-4
     # stage 2: LoRA on the LM + the projector (LLaVA-1.5 trains its LM in stage 2). False: the projector alone, the
-    # LM stays the base LM bit for bit (``DemoRecipe.frozen_lm()``). Issue 31: the only way found that keeps the
+    # LM stays the base LM bit for bit (``DemoRecipe.with_frozen_lm()``). Issue 31: the only way found that keeps the
     # 135M LM's instruction following (any LoRA step took its text IF from 24.8 % to 12-14 % within 100 steps),
     # at the cost of the yes/no comparison, which the frozen LM cannot make even from the true description in
     # words (RESULTS.md, issue 31)
@@ -348,8 +348,7 @@ def run(out_dir: str | Path, recipe: DemoRecipe | None = None, ship_to: str | Pa
             timed(f"{twin} stage 2", ft / "train_summary.json", lambda: train(
                 stage="finetune", data=str(mix), image_folder=image_folder, output_dir=ft, model=str(pt),
                 focus_config=cfg, overrides=_stage_overrides(recipe, "finetune"), lora=recipe.finetune_train_lm,
-                progress=progress,
-                resume=_checkpoint_in(ft)))
+                progress=progress, resume=_checkpoint_in(ft)))
             timed(f"{twin} stage 2 pack", stage2 / META_FILE, lambda: _pack(pt, ft, stage2, twin, cfg, recipe))
         previous = stage2
         for k, rnd in enumerate(rounds):

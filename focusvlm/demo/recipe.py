@@ -505,8 +505,8 @@ def _pack(pretrain_dir: Path, finetune_dir: Path, ship: Path, twin: str, cfg: An
     from ..models.demo.ship import pack_demo, read_peft_adapter
     from ..runtime import load_model
 
-    # the untrained model in fp32: its tower and LM are exactly what load_demo rebuilds (the trained
-    # projector comes from the adapter, which holds stage 2's copy of it)
+    # the untrained model in fp32: its tower and LM are exactly what load_demo rebuilds; the trained projector
+    # comes from stage 2 (the adapter's copy with LoRA, the saved model's with the LM frozen)
     base, _ = load_model(str(pretrain_dir.parent.parent / "base"), "cpu", torch.float32)
     if recipe.finetune_train_lm:
         pairs, scale, projector = read_peft_adapter(finetune_dir / "adapter")

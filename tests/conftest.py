@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +31,25 @@ def _no_deprecated_calls():
     found = RECORDER.take()
     if found:
         pytest.fail("deprecated transformers API called by focusvlm:\n" + "\n".join(dict.fromkeys(found)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.focusvlm_call_passed = report.passed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _free_tmp_path_of_passed_test(request):
+    """A passed test's tmp_path is removed at once: the recipe tests save the real 135M LM several times
+    (~3 GB each), and pytest keeps a session's folders until later sessions, so CI's two suites (floor and
+    newest) filled the disk. A failed test's folder stays, for reading."""
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None and getattr(request.node, "focusvlm_call_passed", False):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

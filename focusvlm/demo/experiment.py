@@ -228,6 +228,11 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
                if is_complete(out / arm.key, bench) and measured_on(out / arm.key) == arm_weights(arm, fingerprints)}
     for key, r in results.items():
         r["seconds"] = times.get(key, {})
+        if PAIRED_REFERENCE in results and key != PAIRED_REFERENCE:
+            gap = paired_if_difference(out / key, out / PAIRED_REFERENCE, settings)
+            r["if_strict_vs_stock"], r["if_strict_vs_stock_ci"] = signed_points(gap), asdict(gap)
+        elif key == PAIRED_REFERENCE:
+            r["if_strict_vs_stock"] = "0 (the reference)"
     (out / "results.json").write_text(json.dumps(results, indent=1))
     missing = [arm.title for arm in ARMS if arm.key not in results]
     (out / "table.md").write_text(table_markdown(results, settings, missing))
@@ -364,22 +369,58 @@ def summarize(arm: Arm, folder: Path, settings: ExperimentSettings) -> dict[str,
             "mean_response_words": sum(len((r.get("response") or "").split()) for r in records) / len(records)}
 
 
+PAIRED_REFERENCE = "stock"  # every arm's IF is also compared with the stock twin's, prompt by prompt
+
+
+def strict_by_prompt(folder: Path) -> dict[str, tuple[str, float]]:
+    """One arm's IF strict verdict per prompt id, with the prompt's task: ``{id: (task, 0.0 | 1.0)}``."""
+    from ..eval.ifreport import score_predictions
+    from ..eval.runs import PREDICTIONS, read_jsonl_records
+
+    verdicts = score_predictions(read_jsonl_records(folder / "if" / PREDICTIONS))["verdicts"]
+    return {v["id"]: (v["task"], float(v["strict"])) for v in verdicts}
+
+
+def paired_if_difference(folder: Path, reference: Path, settings: ExperimentSettings):
+    """IF strict of the arm in ``folder`` minus the arm in ``reference`` on the same prompts, with its interval:
+    the bootstrap resamples the per-prompt differences within each task. Pairing removes what the two arms share
+    (the prompts' difficulty), so the difference's interval is much narrower than the two arms' intervals
+    suggest; the runs must hold the same prompts."""
+    from ..eval.intervals import stratified_bootstrap
+
+    arm, ref = strict_by_prompt(folder), strict_by_prompt(reference)
+    if arm.keys() != ref.keys():
+        raise ValueError(f"{folder} and {reference} do not hold the same IF prompts; they cannot be paired")
+    by_task: dict[str, list[float]] = {}
+    for key, (task, strict) in arm.items():
+        by_task.setdefault(task, []).append(strict - ref[key][1])
+    return stratified_bootstrap(list(by_task.values()), settings.resamples, seed=settings.seed)
+
+
+def signed_points(interval) -> str:
+    """``"+3.2 [0.8, 6.0]"``: a difference of rates, in points."""
+    return f"{100 * interval.value:+.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
 def table_markdown(results: dict[str, Any], settings: ExperimentSettings, missing: list[str] = ()) -> str:
     lines = [f"**PARTIAL: not run yet: {'; '.join(missing)}.**", ""] if missing else []
     lines += [f"| arm | image tokens | IF strict % [95 % CI] | IF loose % [95 % CI] | easy-VQA % [95 % CI] "
-             f"(n={settings.vqa_sample}) | words per IF answer | wall min (IF + VQA) |",
-             "|---|---|---|---|---|---|---|"]
+             f"(n={settings.vqa_sample}) | IF strict minus stock picture, paired, points [95 % CI] | "
+             f"words per IF answer | wall min (IF + VQA) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         tokens = f"{r['image_tokens']:.0f}" if r["mode"] == "direct" else ("0 (text)" if r["mode"] != "describe-then-answer"
                                                                            else "0 (its own description)")
         spent = r.get("seconds") or {}
         minutes = f"{spent.get('if', 0) / 60:.0f} + {spent.get('vqa', 0) / 60:.0f}" if spent else "not recorded"
-        lines.append(f"| {r['title']} | {tokens} | {r['if_strict']} | {r['if_loose']} | {r['vqa']} | "
+        paired = r.get("if_strict_vs_stock") or "not run yet"
+        lines.append(f"| {r['title']} | {tokens} | {r['if_strict']} | {r['if_loose']} | {r['vqa']} | {paired} | "
                      f"{r['mean_response_words']:.1f} | {minutes} |")
     prompts = next(iter(results.values()))["prompts"] if results else 0
     lines += ["", f"IF: {SUITE}, {prompts} prompts ({settings.if_questions} held-out test questions x 16 tasks), "
               f"greedy, at most {settings.max_new_tokens} new tokens; average of the task rates; intervals: "
-              f"stratified percentile bootstrap, {settings.resamples} resamples."]
+              f"stratified percentile bootstrap, {settings.resamples} resamples (paired: the per-prompt differences "
+              f"from the stock twin's own verdicts, resampled within each task)."]
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
     settings = X.ExperimentSettings.quick()
     arms = tuple(a for a in X.ARMS if a.key in ("lm-text", "stock"))
     results = X.run(out, settings, arms=arms[:1], progress=False)
-    assert list(results) == ["lm-text"]
+    assert list(results) == ["lm-text"] and "if_strict_vs_stock" not in results["lm-text"]  # no stock yet
     table = (out / "table.md").read_text()
     assert table.startswith("**PARTIAL: not run yet:") and "stock VLM, picture" in table.split("\n")[0]
     results = X.run(out, settings, arms=arms, progress=False)  # lm-text found done, stock added
@@ -56,6 +56,13 @@ def test_quick_experiment_runs_arms_resumes_and_reports_partial(tmp_path):
         for key in ("if_strict_ci", "if_loose_ci", "vqa_ci"):
             ci = r[key]
             assert ci["low"] <= ci["value"] <= ci["high"]
+    # the paired difference: its value is the difference of the two averages of task rates (same prompts per
+    # task), its interval holds it; the reference row says it is the reference
+    assert stock["if_strict_vs_stock"] == "0 (the reference)"
+    paired, lm = results["lm-text"]["if_strict_vs_stock_ci"], results["lm-text"]["if_strict_ci"]
+    assert paired["value"] == pytest.approx(lm["value"] - stock["if_strict_ci"]["value"], abs=1e-12)
+    assert paired["low"] <= paired["value"] <= paired["high"]
+    assert results["lm-text"]["if_strict_vs_stock"] in (out / "table.md").read_text()
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "if_vs_tokens.png").stat().st_size > 1000
     summary = json.loads((out / X.SHIPPED_SUMMARY).read_text())
@@ -124,3 +131,17 @@ def test_an_arm_measured_on_other_weights_is_refused_and_left_out(tmp_path):
     with pytest.raises(ValueError, match="no packed focus twin"):
         check(tmp_path / "exp" / "focus", X.ARM_BY_KEY["focus"], tmp_path / "nothing")
     check(tmp_path / "exp" / "lm-text", X.ARM_BY_KEY["lm-text"], tmp_path / "nothing")  # the base LM
+
+
+def test_paired_difference_needs_the_same_prompts(tmp_path):
+    for name, ids in (("a", ("q1/T1", "q2/T1")), ("b", ("q1/T1", "q3/T1"))):
+        (tmp_path / name / "if").mkdir(parents=True)
+        rows = [{"id": i, "index": n, "prompt": "Answer in lowercase.", "response": "yes", "error": None,
+                 "meta": {"task": "T1", "instruction_id": "change_case:english_lowercase", "kwargs": {}}}
+                for n, i in enumerate(ids)]
+        (tmp_path / name / "if" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = X.ExperimentSettings.quick()
+    same = X.paired_if_difference(tmp_path / "a", tmp_path / "a", settings)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same IF prompts"):
+        X.paired_if_difference(tmp_path / "a", tmp_path / "b", settings)

@@ -226,13 +226,14 @@ def run(out: str | Path, settings: ExperimentSettings | None = None, twins: str 
     # every finished arm, this call's and earlier ones' (a run may do a few arms at a time)
     results = {arm.key: summarize(arm, out / arm.key, settings) for arm in ARMS
                if is_complete(out / arm.key, bench) and measured_on(out / arm.key) == arm_weights(arm, fingerprints)}
+    reference = strict_by_prompt(out / PAIRED_REFERENCE) if PAIRED_REFERENCE in results else None
     for key, r in results.items():
         r["seconds"] = times.get(key, {})
-        if PAIRED_REFERENCE in results and key != PAIRED_REFERENCE:
-            gap = paired_if_difference(out / key, out / PAIRED_REFERENCE, settings)
-            r["if_strict_vs_stock"], r["if_strict_vs_stock_ci"] = signed_points(gap), asdict(gap)
-        elif key == PAIRED_REFERENCE:
+        if key == PAIRED_REFERENCE:
             r["if_strict_vs_stock"] = "0 (the reference)"
+        elif reference is not None:
+            gap = paired_if_difference(strict_by_prompt(out / key), reference, settings)
+            r["if_strict_vs_stock"], r["if_strict_vs_stock_ci"] = gap.signed_points(), asdict(gap)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     missing = [arm.title for arm in ARMS if arm.key not in results]
     (out / "table.md").write_text(table_markdown(results, settings, missing))
@@ -381,25 +382,20 @@ def strict_by_prompt(folder: Path) -> dict[str, tuple[str, float]]:
     return {v["id"]: (v["task"], float(v["strict"])) for v in verdicts}
 
 
-def paired_if_difference(folder: Path, reference: Path, settings: ExperimentSettings):
-    """IF strict of the arm in ``folder`` minus the arm in ``reference`` on the same prompts, with its interval:
-    the bootstrap resamples the per-prompt differences within each task. Pairing removes what the two arms share
-    (the prompts' difficulty), so the difference's interval is much narrower than the two arms' intervals
-    suggest; the runs must hold the same prompts."""
+def paired_if_difference(arm: dict[str, tuple[str, float]], reference: dict[str, tuple[str, float]],
+                         settings: ExperimentSettings):
+    """IF strict of one arm minus another on the same prompts (both as ``strict_by_prompt`` gives them), with its
+    interval: the bootstrap resamples the per-prompt differences within each task. Pairing removes what the two
+    arms share (the prompts' difficulty), so the difference's interval is much narrower than the two arms'
+    intervals suggest; the runs must hold the same prompts."""
     from ..eval.intervals import stratified_bootstrap
 
-    arm, ref = strict_by_prompt(folder), strict_by_prompt(reference)
-    if arm.keys() != ref.keys():
-        raise ValueError(f"{folder} and {reference} do not hold the same IF prompts; they cannot be paired")
+    if arm.keys() != reference.keys():
+        raise ValueError("the two arms do not hold the same IF prompts; they cannot be paired")
     by_task: dict[str, list[float]] = {}
     for key, (task, strict) in arm.items():
-        by_task.setdefault(task, []).append(strict - ref[key][1])
+        by_task.setdefault(task, []).append(strict - reference[key][1])
     return stratified_bootstrap(list(by_task.values()), settings.resamples, seed=settings.seed)
-
-
-def signed_points(interval) -> str:
-    """``"+3.2 [0.8, 6.0]"``: a difference of rates, in points."""
-    return f"{100 * interval.value:+.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
 def table_markdown(results: dict[str, Any], settings: ExperimentSettings, missing: list[str] = ()) -> str:

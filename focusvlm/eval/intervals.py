@@ -23,6 +23,10 @@ class Interval:
         """``"44.1 [39.0, 49.3]"`` (values as percentages)."""
         return f"{100 * self.value:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
 
+    def signed_points(self) -> str:
+        """``"+3.2 [0.8, 6.0]"``: a difference of two rates, in points."""
+        return f"{100 * self.value:+.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+
 
 def stratified_bootstrap(groups: Sequence[Sequence[float]], resamples: int = 2000, level: float = 0.95,
                          seed: int = 0) -> Interval:

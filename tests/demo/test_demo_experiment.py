@@ -141,7 +141,7 @@ def test_paired_difference_needs_the_same_prompts(tmp_path):
                 for n, i in enumerate(ids)]
         (tmp_path / name / "if" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = X.ExperimentSettings.quick()
-    same = X.paired_if_difference(tmp_path / "a", tmp_path / "a", settings)
+    same = X.paired_if_difference(X.strict_by_prompt(tmp_path / "a"), X.strict_by_prompt(tmp_path / "a"), settings)
     assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same IF prompts"):
-        X.paired_if_difference(tmp_path / "a", tmp_path / "b", settings)
+        X.paired_if_difference(X.strict_by_prompt(tmp_path / "a"), X.strict_by_prompt(tmp_path / "b"), settings)

@@ -4,9 +4,11 @@ python paired_if.py REF_DIR NAME=ARM_DIR ..."""
 import sys
 from pathlib import Path
 
-from focusvlm.demo.experiment import ExperimentSettings, paired_if_difference, signed_points
+from focusvlm.demo.experiment import ExperimentSettings, paired_if_difference, strict_by_prompt
 
+reference = strict_by_prompt(Path(sys.argv[1]))
 print("| arm | IF strict minus reference, points [95 % CI] |\n|---|---|")
 for arg in sys.argv[2:]:
     name, folder = arg.split("=", 1)
-    print(f"| {name} | {signed_points(paired_if_difference(Path(folder), Path(sys.argv[1]), ExperimentSettings()))} |")
+    gap = paired_if_difference(strict_by_prompt(Path(folder)), reference, ExperimentSettings())
+    print(f"| {name} | {gap.signed_points()} |")

@@ -9,7 +9,7 @@ log P(yes) - log P(no) at the first answer token (either case) is read. Reported
 best single threshold over the margins (the most any constant bias, e.g. one a projector could learn, could add),
 for plain and negated questions, with 95 % bootstrap intervals.
 
-    python benchmarks/demo/recipe_state/stock_r3/yesno_text_ceiling.py runs/r3 > yesno_text_ceiling.json   # ~3 min
+    python benchmarks/demo/recipe_state/stock_r3/yesno_text_ceiling.py runs/r3 > yesno_text_ceiling.json   # ~20 min alone
 """
 import json, random, sys
 from pathlib import Path

@@ -19,6 +19,7 @@ RECIPE_FLAGS = {
     "gradient_checkpointing": "gradient_checkpointing", "group_by_modality_length": "group_by_modality_length",
     "shuffle": "shuffle",
     "train_lm": "train_lm", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "merge_lora": "merge_lora",
+    "text_distill": "text_distill",
     "seed": "seed", "save_steps": "save_steps", "num_workers": "dataloader_num_workers",
     "report_to": "report_to", "deepspeed": "deepspeed", "skip_bad": "skip_bad",
 }
@@ -78,6 +79,9 @@ def register(subparsers) -> None:
     r.add_argument("--train-lm", action=BOOL, help="train the language model too (default: stage 2 only)")
     r.add_argument("--lora-r", type=int)
     r.add_argument("--lora-alpha", type=int)
+    r.add_argument("--text-distill", type=float, metavar="WEIGHT",
+                   help="with --lora: add WEIGHT x the KL divergence from the LM without its adapters on the text-only "
+                        "samples (keeps the LM's own behaviour on text; default 0, off)")
     r.add_argument("--merge-lora-weights", dest="merge_lora", action=BOOL,
                    help="with --lora, also save the merged full model (default on)")
     r.add_argument("--seed", type=int)

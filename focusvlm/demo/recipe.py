@@ -120,6 +120,10 @@ class DemoRecipe:
     projector_lr: float = 1e-4
     lora_r: int = 8                # fp16 factors: ~4.9 MB per twin, far under the 25 MB budget
     lora_alpha: int = 16
+    # stage 2 and its restarts (LoRA): weight of the KL term from the base LM on the mix's text-only records
+    # (``Recipe.text_distill``); 0 = none. Issue 31: whether keeping the LM's output distribution on text, not
+    # just its answer tokens, keeps its instruction following while the LoRA learns the pictures
+    text_distill: float = 0.0
     # bf16 autocast: twice as fast as fp32 on a CPU with AVX512-BF16; the shipped model is then merged
     # onto the fp32 GGUF weights, and that fp32 model is what every accuracy figure measures. None: measured at
     # the start of a run (``bf16_is_faster``): on an AMD EPYC with AVX2 alone a bf16 matmul's backward ran 16x
@@ -263,7 +267,8 @@ def _stage_overrides(recipe: DemoRecipe, stage: str) -> dict[str, Any]:
                  "merge_lora": False, "seed": recipe.seed, "save_steps": recipe.checkpoint_steps,
                  "save_total_limit": 1, "group_by_modality_length": False, "shuffle": False}
     if recipe.finetune_train_lm:
-        overrides.update({"lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0})
+        overrides.update({"lora_r": recipe.lora_r, "lora_alpha": recipe.lora_alpha, "lora_dropout": 0.0,
+                          "text_distill": recipe.text_distill})
     else:
         overrides["train_lm"] = False
     return overrides

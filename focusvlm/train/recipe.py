@@ -61,6 +61,11 @@ class Recipe:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     merge_lora: bool = True                 # also save the merged full model (the adapter is always saved)
+    # > 0 (LoRA only): on the batch's text-only samples, add this weight x the KL divergence from the LM without
+    # its adapters (the base LM) to the trained one at every supervised token, so that the LoRA learns the
+    # image answers without moving what the LM does on text alone (self-distillation; the base is the same
+    # weights with the adapters switched off, so it costs one no-grad forward of the text rows, no second model)
+    text_distill: float = 0.0
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int = 1
@@ -123,6 +128,11 @@ class Recipe:
         if not self.shuffle and self.group_by_modality_length:
             bad("shuffle", "in-order batches (shuffle: false) exclude group_by_modality_length, which reorders "
                            "the data; turn that off too")
+        if not isinstance(self.text_distill, (int, float)) or self.text_distill < 0:
+            bad("text_distill", f"must be a number >= 0, got {self.text_distill!r}")
+        if self.text_distill and not self.lora:
+            bad("text_distill", "the distillation's reference is the LM with its LoRA adapters switched off: it needs "
+                                "lora: true")
         if self.lora and self.stage != "finetune":
             bad("lora", "LoRA is a stage-2 (finetune) option")
 

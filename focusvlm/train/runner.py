@@ -187,6 +187,37 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None:
                 inputs = supervised_logits_only(inputs)
+            text = self._distilled_rows(model, inputs, return_outputs)
+            if text is None:
+                return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = self._task_loss(model, inputs, True, num_items_in_batch)
+            return loss + self.recipe.text_distill * self._text_distillation(model, inputs, text, outputs.logits,
+                                                                              num_items_in_batch)
+
+        def _distilled_rows(self, model, inputs, return_outputs) -> torch.Tensor | None:
+            """The batch rows the distillation term covers (text-only samples), or None when it has none."""
+            if not (self.recipe.text_distill and model.training and not return_outputs and "logits_to_keep" in inputs):
+                return None
+            text = ~(inputs["input_ids"] == self.train_dataset.image_token_id).any(dim=1)
+            text &= inputs["logits_to_keep"].any(dim=1)
+            return text if bool(text.any()) else None
+
+        def _text_distillation(self, model, inputs, text, logits, num_items_in_batch) -> torch.Tensor:
+            """KL(base LM || trained) summed over the text rows' supervised tokens, normalised as the Trainer
+            normalises the task loss (by the supervised tokens of the whole optimizer step, when it counts them)."""
+            keep = inputs["logits_to_keep"]
+            student = logits[text[:, None].expand_as(keep)[keep]]  # the flat (token, vocab) logits, text rows only
+            peft_model = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), peft_model.disable_adapter():
+                reference = peft_model(input_ids=inputs["input_ids"][text], attention_mask=inputs["attention_mask"][text],
+                                       logits_to_keep=keep[text]).logits
+            kl = distillation_kl(student, reference)
+            if num_items_in_batch is None:
+                return kl / keep.sum()
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            return kl * scale / num_items_in_batch
+
+        def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
             if "pixel_values" in inputs:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -219,6 +250,14 @@ def projector_param_groups(model: torch.nn.Module, decay: set[str], weight_decay
             group["lr"] = projector_lr
         param_groups.append(group)
     return param_groups
+
+
+def distillation_kl(student_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """sum over positions of KL(p_reference || p_student), each p the softmax of a (positions, vocab) row, in
+    float32; no gradient flows into the reference."""
+    reference = torch.log_softmax(reference_logits.detach().float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(student, reference, log_target=True, reduction="sum")
 
 
 def supervised_logits_only(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -184,3 +184,6 @@ def test_frozen_lm_settings():
 
     with pytest.raises(ValueError, match="warm restart of stage 2's LoRA"):
         replace(recipe, refresh_steps=10).refresh_rounds()
+    # the distillation term rides on the LoRA stages only (its reference is the LM without adapters)
+    assert R._stage_overrides(replace(R.DemoRecipe(), text_distill=0.5), "finetune")["text_distill"] == 0.5
+    assert "text_distill" not in overrides

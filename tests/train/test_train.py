@@ -2,6 +2,7 @@
 checkpointing, loss falls, stop/resume, LoRA, saved output."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -241,3 +242,100 @@ def test_training_loss_from_supervised_positions_only_equals_the_full_logits_los
         assert full_grads.keys() == fast_grads.keys() and len(full_grads) > 10
         for name, grad in full_grads.items():
             assert torch.allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def slow_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """sum over rows of sum_v p(v) (log p(v) - log q(v)), one probability at a time, in float64."""
+    total = 0.0
+    for p_row, q_row in zip(p_logits.double(), q_logits.double()):
+        p, q = p_row.exp() / p_row.exp().sum(), q_row.exp() / q_row.exp().sum()
+        total += sum(float(p[v]) * (math.log(float(p[v])) - math.log(float(q[v]))) for v in range(len(p)))
+    return total
+
+
+def test_distillation_kl_is_the_kl_from_the_reference_to_the_student():
+    from focusvlm.train.runner import distillation_kl
+
+    gen = torch.Generator().manual_seed(0)
+    student, reference = torch.randn(5, 11, generator=gen) * 3, torch.randn(5, 11, generator=gen) * 3
+    assert float(distillation_kl(student, reference)) == pytest.approx(slow_kl(reference, student), rel=1e-5)
+    assert float(distillation_kl(reference, reference)) == pytest.approx(0.0, abs=1e-6)
+    student.requires_grad_(True)
+    reference.requires_grad_(True)
+    distillation_kl(student, reference).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and reference.grad is None
+
+
+@pytest.mark.parametrize("rows", [4, 3], ids=["with-a-text-row", "images-only"])
+def test_text_distillation_adds_the_kl_to_the_base_lm_on_text_rows_only(base, tmp_path, rows):
+    """The trainer's loss with text_distill = w is the task loss (all rows) plus w x KL(LM without adapters ||
+    LM with them) summed over the text-only rows' supervised tokens, over the batch's supervised tokens,
+    computed here from full logits at every position, one row and one token at a time."""
+    pytest.importorskip("peft")
+    from focusvlm.train.recipe import Recipe
+    from focusvlm.train.runner import _trainer_class, supervised_logits_only, training_arguments, wrap_lora
+
+    weight = 0.7
+    recipe = Recipe.build("finetune", lora=True, overrides={**FAST, "lora_r": 4, "lora_alpha": 8, "text_distill": weight,
+                                                             "lora_dropout": 0.0})
+    proc = tiny.processor()
+    model = wrap_lora(tiny.model(), recipe)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at 0 (no change, no KL): move it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.train()
+    ds = SupervisedDataset(base / "data.json", base / "images", proc, tiny.IMAGE_ID, "vicuna_v1", 2048)
+    batch = Collator(0)([ds[i] for i in range(rows)])
+    text_rows = [r for r in range(rows) if not (batch["input_ids"][r] == tiny.IMAGE_ID).any()]
+    assert text_rows == ([3] if rows == 4 else [])
+    trainer = _trainer_class()(model=model, args=training_arguments(recipe, tmp_path, cuda=False, world_size=1),
+                               train_dataset=ds, data_collator=Collator(0), recipe=recipe)
+    got = trainer.compute_loss(model, batch)
+
+    with torch.no_grad():
+        task = model(**batch).loss.item()
+        supervised = int((batch["labels"][:, 1:] != -100).sum())
+        kl = 0.0
+        for r in text_rows:
+            one = {"input_ids": batch["input_ids"][r:r + 1], "attention_mask": batch["attention_mask"][r:r + 1]}
+            student = model(**one).logits[0]
+            with model.disable_adapter():
+                reference = model(**one).logits[0]
+            for t in range(batch["input_ids"].shape[1] - 1):
+                if batch["labels"][r, t + 1] != -100:
+                    kl += slow_kl(reference[t:t + 1], student[t:t + 1])
+    assert (kl > 1e-3) == bool(text_rows)
+    assert got.item() == pytest.approx(task + weight * kl / supervised, rel=1e-4)
+    # the same batch without the term: the task loss alone
+    plain = _trainer_class()(model=model, args=training_arguments(recipe, tmp_path, cuda=False, world_size=1),
+                             train_dataset=ds, data_collator=Collator(0),
+                             recipe=Recipe.build("finetune", lora=True, overrides={**FAST, "lora_dropout": 0.0}))
+    assert plain.compute_loss(model, batch).item() == pytest.approx(task, rel=1e-5)
+    assert "logits_to_keep" in supervised_logits_only(batch)
+
+
+def test_text_distillation_needs_lora_and_a_weight_of_zero_or_more():
+    from focusvlm.train.recipe import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match="text_distill.*lora"):
+        Recipe.build("finetune", overrides={"text_distill": 1.0})
+    with pytest.raises(RecipeError, match="text_distill: must be a number >= 0"):
+        Recipe.build("finetune", lora=True, overrides={"text_distill": -1.0})
+    assert Recipe.build("finetune", lora=True, overrides={"text_distill": 0.5}).text_distill == 0.5
+
+
+def test_text_distill_flag_reaches_the_recipe(base, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from focusvlm.cli import main as cli
+
+    common = ["train", "--stage", "finetune", "--model", str(base / "base"), "--data", str(base / "data.json"),
+              "--image-folder", str(base / "images"), "--global-batch-size", "4", "--per-device-batch-size", "4",
+              "--max-steps", "1", "--no-gradient-checkpointing", "--no-progress", "--text-distill", "0.5"]
+    assert cli([*common, "--lora", "--lora-r", "4", "--output-dir", str(tmp_path / "ft")]) == 0
+    assert "text_distill: 0.5" in (tmp_path / "ft" / "recipe.yaml").read_text()
+    capsys.readouterr()
+    assert cli([*common, "--output-dir", str(tmp_path / "no-lora")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text_distill" in err[0] and "lora" in err[0]

@@ -207,10 +207,11 @@ def _trainer_class():
             normalises the task loss (by the supervised tokens of the whole optimizer step, when it counts them)."""
             keep = inputs["logits_to_keep"]
             student = logits[text[:, None].expand_as(keep)[keep]]  # the flat (token, vocab) logits, text rows only
-            peft_model = self.accelerator.unwrap_model(model)
-            with torch.no_grad(), peft_model.disable_adapter():
-                reference = peft_model(input_ids=inputs["input_ids"][text], attention_mask=inputs["attention_mask"][text],
-                                       logits_to_keep=keep[text]).logits
+            # through the wrapped model, as the task loss's forward: a sharding wrapper gathers what it shards
+            # there (FSDP: its root unit's embeddings); disable_adapter only flips flags on the LoRA layers
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                reference = model(input_ids=inputs["input_ids"][text], attention_mask=inputs["attention_mask"][text],
+                                  logits_to_keep=keep[text]).logits
             kl = distillation_kl(student, reference)
             if num_items_in_batch is None:
                 return kl / keep.sum()
@@ -314,6 +315,13 @@ def _deepspeed_path(value: str | None) -> str | None:
     return value
 
 
+def _fsdp_version(trainer) -> int | None:
+    """The FSDP version the run is sharded with, or None without FSDP."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    return int(getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -392,6 +400,10 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
     net, processor = _trainable_model(model, vision, lm, recipe, args)
     image_token_id = net.config.image_token_id
     handle = None if focus_config.is_stock else patch(net, focus_config, processor=processor)
+    if recipe.lora:
+        # peft draws the adapters' initial weights from torch's global generator, which nothing had seeded
+        # yet: without this, two runs of one recipe (or two ranks of one run) started from different adapters
+        torch.manual_seed(recipe.seed)
     trained = wrap_lora(net, recipe) if recipe.lora else net
 
     dataset = SupervisedDataset(data, image_folder, processor, image_token_id, recipe.format, recipe.max_length,
@@ -404,6 +416,13 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
 
     trainer = _make_trainer(trained, args, dataset, processor.tokenizer, recipe, output_dir, progress, stop_at_step,
                             callbacks)
+    if recipe.lora and _fsdp_version(trainer) == 1:
+        # peft 0.21 picks the adapter's tensors by module name, and FSDP1 puts `_fsdp_wrapped_module.` into the
+        # names of the units it wraps (the Trainer wraps every LoRA layer): the saved adapter held the projector
+        # and no LoRA weight (measured, 2 CPU processes). Refused before training rather than found after it.
+        raise RecipeError("LoRA under FSDP (fsdp_version 1) saves adapters without their LoRA weights (peft picks them "
+                          "by module name); use DeepSpeed (configs/accelerate_zero2.yaml or accelerate_zero3.yaml), "
+                          "as LLaVA-1.5 trains LoRA, or DDP")
     if resume is True:
         resume = _latest_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -99,7 +99,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S) -> float:
+def _run(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S,
+         expect_failure: bool = False) -> "float | subprocess.CompletedProcess":
     # one thread per rank (2 ranks share the cores); no GPU even where there is one, since the CPU / gloo
     # path is what this test is about (DS_ACCELERATOR: DeepSpeed's own device choice)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -107,6 +108,8 @@ def _run(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S) -> float:
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if expect_failure:
+        return proc
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return time.perf_counter() - started
 
@@ -176,6 +179,24 @@ def test_fsdp_two_cpu_processes_match_one(reference):
                     "--output-dir", str(root / "fsdp")], root)
     # written only by accelerate's FSDP saving (DDP writes optimizer.pt, no model file)
     _check_matches(root, "fsdp", seconds, one_seconds, ["pytorch_model_fsdp.bin", "optimizer.bin"])
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp1_is_refused_before_training(reference):
+    """peft 0.21 picks an adapter's tensors by module name, FSDP1 renames the units it wraps, and the adapter
+    this launch saved held the projector and no LoRA weight: the run now stops before its first step."""
+    pytest.importorskip("peft")
+    root, common, _ = reference
+    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML),
+                 "--num_processes", "2", "--main_process_port", str(_free_port()),
+                 "--fsdp_sync_module_states", "false", "--mixed_precision", "no",
+                 str(Path(__file__).resolve()), *common, "--lora", "--per-device-batch-size", "1",
+                 "--output-dir", str(root / "fsdp-lora")], root, expect_failure=True)
+    assert proc.returncode != 0
+    assert "focusvlm train: error: LoRA under FSDP (fsdp_version 1) saves adapters without their LoRA weights" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert not (root / "fsdp-lora" / "metrics.jsonl").is_file() or \
+        not (root / "fsdp-lora" / "metrics.jsonl").read_text().strip()
 
 
 @pytest.mark.slow

@@ -315,11 +315,12 @@ def _deepspeed_path(value: str | None) -> str | None:
     return value
 
 
-def _fsdp_version(trainer) -> int | None:
-    """The FSDP version the run is sharded with, or None without FSDP."""
+def _fsdp_renames_modules(trainer) -> bool:
+    """Whether the run's FSDP wraps modules under new names: FSDP1's units, FSDP's activation checkpointing."""
     if not trainer.is_fsdp_enabled:
-        return None
-    return int(getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
+        return False
+    plugin = trainer.accelerator.state.fsdp_plugin
+    return int(getattr(plugin, "fsdp_version", 1) or 1) == 1 or bool(getattr(plugin, "activation_checkpointing", False))
 
 
 def _world_size() -> int:
@@ -416,13 +417,13 @@ def train(*, stage: str, data: str | Path, output_dir: str | Path, image_folder:
 
     trainer = _make_trainer(trained, args, dataset, processor.tokenizer, recipe, output_dir, progress, stop_at_step,
                             callbacks)
-    if recipe.lora and _fsdp_version(trainer) == 1:
-        # peft 0.21 picks the adapter's tensors by module name, and FSDP1 puts `_fsdp_wrapped_module.` into the
-        # names of the units it wraps (the Trainer wraps every LoRA layer): the saved adapter held the projector
-        # and no LoRA weight (measured, 2 CPU processes). Refused before training rather than found after it.
-        raise RecipeError("LoRA under FSDP (fsdp_version 1) saves adapters without their LoRA weights (peft picks them "
-                          "by module name); use DeepSpeed (configs/accelerate_zero2.yaml or accelerate_zero3.yaml), "
-                          "as LLaVA-1.5 trains LoRA, or DDP")
+    if recipe.lora and _fsdp_renames_modules(trainer):
+        # peft 0.21 picks the adapter's tensors by module name, and these wrappers put `_fsdp_wrapped_module.` or
+        # `_checkpoint_wrapped_module.` into the names (the Trainer wraps every LoRA layer): the adapter such a run
+        # saved held the projector and no LoRA weight (measured, 2 CPU processes). Refused before training.
+        raise RecipeError("LoRA under FSDP needs fsdp_version 2 with fsdp_activation_checkpointing false (use "
+                          "--gradient-checkpointing instead): FSDP1 and FSDP's activation checkpointing rename the "
+                          "modules, and the adapter is then saved without its LoRA weights; DeepSpeed and DDP work too")
     if resume is True:
         resume = _latest_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -506,10 +507,12 @@ def save_final(trainer, net, processor, handle, recipe: Recipe, output_dir: Path
     if recipe.lora:
         trainer.save_model(str(output_dir / ADAPTER_DIR))  # the adapter (+ the fully trained projector)
         if recipe.merge_lora:
-            if trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) and \
-                    trainer.args.hf_deepspeed_config.is_zero3():
-                print("focusvlm train: LoRA under ZeRO-3: merge the adapter with `focusvlm train --merge-lora` "
-                      "after training", file=sys.stderr)
+            zero3 = trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) and \
+                trainer.args.hf_deepspeed_config.is_zero3()
+            if zero3 or trainer.is_fsdp_enabled:  # the weights are sharded: merge from the saved adapter instead
+                if trainer.is_world_process_zero():
+                    print(f"focusvlm train: LoRA under {'ZeRO-3' if zero3 else 'FSDP'}: merge the adapter with "
+                          "`focusvlm train --merge-lora` after training", file=sys.stderr)
             else:
                 merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
                 if trainer.is_world_process_zero():

@@ -67,7 +67,8 @@ def test_lora_with_text_distillation_two_processes_match_one(tmp_path):
     recipe.write_text("lora_dropout: 0.0\nmerge_lora: false\n")  # dropout draws differ between 1 and 2 processes
     common = ["train", "--stage", "finetune", "--model", str(model), "--data", str(data), "--image-folder",
               str(tmp_path / "images"), "--recipe", str(recipe), "--lora", "--global-batch-size", "4",
-              "--max-steps", "4", "--lr", "2e-3", "--warmup-ratio", "0", "--no-gradient-checkpointing", "--no-progress", "--save-steps", "1000"]
+              "--max-steps", "4", "--lr", "2e-3", "--warmup-ratio", "0", "--no-gradient-checkpointing", "--no-progress",
+              "--save-steps", "1000"]
     distill = ["--text-distill", "1"]
     run_cli(common + distill + ["--output-dir", str(tmp_path / "one"), "--per-device-batch-size", "2"], 1, tmp_path)
     run_cli(common + distill + ["--output-dir", str(tmp_path / "two"), "--per-device-batch-size", "2"], 2, tmp_path)

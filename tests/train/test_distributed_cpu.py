@@ -99,17 +99,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S,
-         expect_failure: bool = False) -> "float | subprocess.CompletedProcess":
+def _launch(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
     # one thread per rank (2 ranks share the cores); no GPU even where there is one, since the CPU / gloo
     # path is what this test is about (DS_ACCELERATOR: DeepSpeed's own device choice)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = TIMEOUT_S) -> float:
+    """Seconds the command took; it must succeed."""
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if expect_failure:
-        return proc
+    proc = _launch(cmd, cwd, timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return time.perf_counter() - started
 
@@ -181,12 +183,12 @@ def test_fsdp_two_cpu_processes_match_one(reference):
     _check_matches(root, "fsdp", seconds, one_seconds, ["pytorch_model_fsdp.bin", "optimizer.bin"])
 
 
-def _launch_fsdp(root: Path, common: list[str], name: str, *flags: str, expect_failure: bool = False):
-    return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML),
+def _launch_fsdp(root: Path, common: list[str], name: str, *flags: str) -> subprocess.CompletedProcess:
+    return _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML),
                  "--num_processes", "2", "--main_process_port", str(_free_port()),
                  "--fsdp_sync_module_states", "false", "--mixed_precision", "no", *flags,
                  str(Path(__file__).resolve()), *common, "--per-device-batch-size", "1",
-                 "--output-dir", str(root / name)], root, expect_failure=expect_failure)
+                 "--output-dir", str(root / name)], root)
 
 
 @pytest.mark.slow
@@ -203,8 +205,7 @@ def test_lora_with_text_distillation_under_fsdp2_matches_one(reference):
     lora = [*common, "--lora", "--text-distill", "1", "--recipe", str(recipe)]
     _run([sys.executable, "-m", "focusvlm", *lora, "--per-device-batch-size", "2", "--output-dir",
           str(root / "one-lora")], root)
-    proc = _launch_fsdp(root, lora, "fsdp2-lora", "--fsdp_version", "2", "--fsdp_activation_checkpointing", "false",
-                        expect_failure=True)
+    proc = _launch_fsdp(root, lora, "fsdp2-lora", "--fsdp_version", "2", "--fsdp_activation_checkpointing", "false")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LoRA under FSDP: merge the adapter with `focusvlm train --merge-lora`" in proc.stderr
     one, two = _metrics(root / "one-lora"), _metrics(root / "fsdp2-lora")
@@ -228,7 +229,7 @@ def test_lora_under_a_renaming_fsdp_is_refused_before_training(reference, flags)
     pytest.importorskip("peft")
     root, common, _ = reference
     name = "refused-" + ("-".join(flags) or "fsdp1").replace("--", "")
-    proc = _launch_fsdp(root, [*common, "--lora"], name, *flags, expect_failure=True)
+    proc = _launch_fsdp(root, [*common, "--lora"], name, *flags)
     assert proc.returncode != 0
     assert "focusvlm train: error: LoRA under FSDP needs fsdp_version 2 with fsdp_activation_checkpointing false" \
         in proc.stderr, proc.stderr[-3000:]
